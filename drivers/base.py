@@ -1,0 +1,63 @@
+"""The Driver contract: what a device driver implements to run inside a driver host.
+
+A driver instance serves one device (``"cpu"``, ``"cuda:0"``, ...) in one worker process.
+The host calls these methods from a single compute thread, one at a time. Errors meant for
+the caller are raised as ``KernelError`` with a code; anything else fails the batch with
+INTERNAL and the host keeps running.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """What a driver reports after loading a model version."""
+
+    #: Tasks this model can run, e.g. ``["embed", "classify"]``.
+    tasks: list[str]
+    #: Class labels for ``classify`` (index order), empty if none.
+    labels: list[str] = field(default_factory=list)
+    #: Embedding width for ``embed``, 0 if none.
+    dim: int = 0
+    #: Longest input in tokens; longer inputs are truncated.
+    max_tokens: int = 0
+    parameters: int = 0
+
+
+@dataclass(slots=True)
+class TaskOutput:
+    """Row-aligned outputs of a batch: every array's first axis is the input index."""
+
+    arrays: dict[str, np.ndarray]
+    #: Tokens processed (after truncation), for accounting.
+    tokens: int = 0
+
+
+class Driver(ABC):
+    """One device, driven by one framework."""
+
+    def __init__(self, device: str, threads: int) -> None:
+        self.device = device
+        self.threads = threads
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Capacity and identity: at least ``{"device", "framework", "memory_bytes"}``."""
+
+    @abstractmethod
+    def load(self, handle: str, path: str, options: dict[str, Any]) -> LoadedModel:
+        """Load the model folder at ``path`` under ``handle`` (e.g. ``"minilm:1"``)."""
+
+    @abstractmethod
+    def unload(self, handle: str) -> None:
+        """Free a loaded model; unknown handles are ignored."""
+
+    @abstractmethod
+    def run(self, handle: str, task: str, inputs: list[str], options: dict[str, Any]) -> TaskOutput:
+        """Run ``task`` on a batch of ``inputs`` with the model loaded under ``handle``."""

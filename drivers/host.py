@@ -1,0 +1,180 @@
+"""The driver host: a worker process that runs one driver on one device for the kernel.
+
+Started by the kernel as ``python -m llmos.drivers.host``; never by hand. Two threads:
+
+* the IO thread owns the DEALER socket to the kernel's backend, sends a heartbeat every
+  ``HEARTBEAT_INTERVAL`` even while a batch computes, and exits the process if the kernel
+  (its parent) is gone;
+* the compute thread (main) constructs the driver, then runs tasks one at a time.
+
+Host wire (internal, msgpack, no pickle): ``[kind, body, *buffers]`` with kinds below.
+The first message is READY with the secret token the kernel passed in ``LLMOS_HOST_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import msgpack
+import psutil
+import zmq
+from llmos.kernel.protocol import ErrorCode, KernelError, tensor_ref
+
+from .base import Driver
+
+# host -> kernel
+READY = b"READY"
+HEARTBEAT = b"HB"
+DONE = b"DONE"
+START_FAILED = b"START_FAILED"
+# kernel -> host
+TASK = b"TASK"
+STOP = b"STOP"
+
+HOST_PROTOCOL_VERSION = 1
+HEARTBEAT_INTERVAL = 0.5
+TOKEN_ENV = "LLMOS_HOST_TOKEN"
+
+log = logging.getLogger("llmos.host")
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def import_driver(qualname: str) -> type[Driver]:
+    """The class named ``"package.module:Class"``; it must subclass Driver."""
+    module_name, _, class_name = qualname.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Driver)):
+        raise TypeError(f"{qualname} is not a llmos Driver subclass")
+    return cls
+
+
+def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process) -> list[bytes]:
+    """Execute one task and return the DONE frames (errors become an error DONE, never raise)."""
+    cpu_before = sum(process.cpu_times()[:2])
+    buffers: list[bytes] = []
+    body: dict[str, Any] = {"task": task["task"], "ok": True}
+    try:
+        op = task["op"]
+        if op == "load":
+            info = driver.load(task["handle"], task["path"], task.get("options", {}))
+            body["info"] = {"tasks": info.tasks, "labels": info.labels, "dim": info.dim,
+                            "max_tokens": info.max_tokens, "parameters": info.parameters}
+        elif op == "unload":
+            driver.unload(task["handle"])
+        elif op == "run":
+            output = driver.run(task["handle"], task["kind"], task["inputs"],
+                                task.get("options", {}))
+            body["arrays"] = {name: tensor_ref(a, buffers) for name, a in output.arrays.items()}
+            body["tokens"] = output.tokens
+        else:
+            raise KernelError(ErrorCode.INTERNAL, f"unknown host op {op!r}")
+    except KernelError as exc:
+        body.update(ok=False, code=str(exc.code), message=exc.message)
+        buffers = []
+    except Exception as exc:  # a driver bug fails this task, not the host
+        log.error("task %s failed:\n%s", task.get("task"), traceback.format_exc())
+        body.update(ok=False, code=str(ErrorCode.INTERNAL), message=f"{type(exc).__name__}: {exc}")
+        buffers = []
+    body["cpu_seconds"] = sum(process.cpu_times()[:2]) - cpu_before
+    body["rss"] = process.memory_info().rss
+    return [DONE, pack(body), *buffers]
+
+
+class _IOThread(threading.Thread):
+    """Relays between the kernel (DEALER) and the compute thread (inproc PAIR); heartbeats."""
+
+    def __init__(self, ctx: zmq.Context, address: str, identity: bytes, parent_pid: int) -> None:
+        super().__init__(name="llmos-host-io", daemon=True)
+        self.ctx, self.address, self.identity, self.parent_pid = ctx, address, identity, parent_pid
+        self.ready = threading.Event()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, self.identity)
+        dealer.setsockopt(zmq.LINGER, 1000)
+        dealer.connect(self.address)
+        pair = self.ctx.socket(zmq.PAIR)
+        pair.bind("inproc://compute")
+        self.ready.set()
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(pair, zmq.POLLIN)
+        process = psutil.Process()
+        next_beat = 0.0
+        while not self.stopped.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                if os.getppid() != self.parent_pid:  # the kernel died: nothing to serve
+                    os._exit(3)
+                dealer.send_multipart([HEARTBEAT, pack({"rss": process.memory_info().rss})])
+                next_beat = now + HEARTBEAT_INTERVAL
+            events = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
+            if dealer in events:
+                frames = dealer.recv_multipart(copy=True)
+                pair.send_multipart(frames)
+                if frames[0] == STOP:
+                    break
+            if pair in events:
+                dealer.send_multipart(pair.recv_multipart(copy=True))
+        dealer.close()
+        pair.close()
+
+
+def serve(args: argparse.Namespace) -> int:
+    token = os.environ.get(TOKEN_ENV, "")
+    ctx = zmq.Context()
+    io = _IOThread(ctx, args.connect, args.identity.encode(), os.getppid())
+    io.start()
+    io.ready.wait()
+    pair = ctx.socket(zmq.PAIR)
+    pair.connect("inproc://compute")
+    hello = {"v": HOST_PROTOCOL_VERSION, "token": token, "pid": os.getpid()}
+    try:
+        driver = import_driver(args.driver)(args.device, args.threads)
+        hello["info"] = driver.describe()
+    except Exception as exc:
+        pair.send_multipart([START_FAILED, pack({**hello, "message": f"{exc}"})])
+        time.sleep(0.5)  # let the IO thread deliver it
+        return 1
+    pair.send_multipart([READY, pack(hello)])
+    process = psutil.Process()
+    while True:
+        frames = pair.recv_multipart(copy=True)
+        if frames[0] == STOP:
+            break
+        if frames[0] == TASK:
+            pair.send_multipart(run_task(driver, unpack(frames[1]), process))
+    io.stopped.set()
+    io.join(timeout=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmos.drivers.host")
+    parser.add_argument("--connect", required=True)
+    parser.add_argument("--driver", required=True, help="qualname package.module:Class")
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--identity", required=True)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s host %(levelname)s %(message)s")
+    return serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""PyTorch driver: Hugging Face encoders in eager mode on CPU or CUDA.
+
+Tasks: ``embed`` (mean-pooled over the attention mask, L2-normalised) and ``classify``
+(softmax over the labels of a ``*ForSequenceClassification`` model). Inputs are padded to
+the longest in the batch and truncated to the model's limit. Weights load from safetensors
+only; remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+from llmos.kernel.protocol import ErrorCode, KernelError
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .base import Driver, LoadedModel, TaskOutput
+
+
+@dataclass(slots=True)
+class _Entry:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: LoadedModel
+
+
+def is_classifier(config: Any) -> bool:
+    """True for configs of ``*ForSequenceClassification`` models."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
+def load_hf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer from a local folder: safetensors only, no remote code, offline."""
+    common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    config = AutoConfig.from_pretrained(path, **common)
+    auto = AutoModelForSequenceClassification if is_classifier(config) else AutoModel
+    model = auto.from_pretrained(path, use_safetensors=True, **common)
+    tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    return model.eval(), tokenizer
+
+
+def max_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    return int(min(limit, tokenizer.model_max_length))
+
+
+class TorchDriver(Driver):
+    name = "torch"
+
+    def __init__(self, device: str, threads: int) -> None:
+        super().__init__(device, threads)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise KernelError(ErrorCode.DEVICE_FAILED, f"torch sees no CUDA device for {device}")
+        torch.set_num_threads(threads)
+        self._torch_device = torch.device(device)
+        self._models: dict[str, _Entry] = {}
+
+    def describe(self) -> dict[str, Any]:
+        if self._torch_device.type == "cuda":
+            memory = torch.cuda.get_device_properties(self._torch_device).total_memory
+        else:
+            memory = psutil.virtual_memory().total
+        return {"device": self.device, "framework": f"torch {torch.__version__}",
+                "threads": self.threads, "memory_bytes": int(memory)}
+
+    def load(self, handle: str, path: str, options: dict[str, Any]) -> LoadedModel:
+        model, tokenizer = load_hf(path)
+        model.to(self._torch_device)
+        labels: list[str] = []
+        tasks = ["embed"]
+        if is_classifier(model.config):
+            id2label = model.config.id2label
+            labels = [str(id2label[i]) for i in range(len(id2label))]
+            tasks.append("classify")
+        info = LoadedModel(
+            tasks=tasks, labels=labels, dim=int(model.config.hidden_size),
+            max_tokens=max_tokens(model, tokenizer),
+            parameters=sum(p.numel() for p in model.parameters()),
+        )
+        self._models[handle] = _Entry(model, tokenizer, info)
+        return info
+
+    def unload(self, handle: str) -> None:
+        self._models.pop(handle, None)
+        if self._torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run(self, handle: str, task: str, inputs: list[str], options: dict[str, Any]) -> TaskOutput:
+        entry = self._models.get(handle)
+        if entry is None:
+            raise KernelError(ErrorCode.NOT_FOUND, f"{handle} is not loaded on {self.device}")
+        if task not in entry.info.tasks:
+            raise KernelError(
+                ErrorCode.BAD_REQUEST,
+                f"{handle} cannot {task} (it can: {', '.join(entry.info.tasks)}); "
+                "classify needs a model with a classification head",
+            )
+        batch = entry.tokenizer(
+            inputs, padding="longest", truncation=True, max_length=entry.info.max_tokens,
+            return_tensors="pt",
+        ).to(self._torch_device)
+        tokens = int(batch["attention_mask"].sum())
+        with torch.inference_mode():
+            if task == "embed":
+                encoder = getattr(entry.model, entry.model.base_model_prefix, entry.model)
+                hidden = encoder(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out = {"embeddings": torch.nn.functional.normalize(pooled, dim=-1)}
+            else:
+                logits = entry.model(**batch).logits
+                out = {"probs": torch.softmax(logits.float(), dim=-1)}
+        return TaskOutput({k: v.float().cpu().numpy() for k, v in out.items()}, tokens)

@@ -1,0 +1,274 @@
+"""Client libraries: :class:`Client` (blocking) and :class:`AsyncClient` (asyncio).
+
+Both speak the wire protocol over one DEALER socket and expose one method per syscall
+(the same methods, shared through :class:`_Syscalls`). Many requests may be in flight on
+one client; replies are matched to requests by id. Errors are raised as
+:class:`~llmos.kernel.protocol.KernelError` with the kernel's code; a kernel that does not
+answer in time raises KernelError(TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .config import default_address
+from .protocol import (
+    ErrorCode,
+    KernelError,
+    Message,
+    decode_reply,
+    encode_request,
+    new_id,
+    tensor_from_ref,
+)
+
+DEFAULT_TIMEOUT = 300.0
+
+
+def unpack_result(reply: Message) -> dict[str, Any]:
+    """The body of an ok reply with tensor references replaced by numpy arrays."""
+    if reply.status != "ok":
+        raise KernelError(reply.body.get("code", ErrorCode.INTERNAL),
+                          str(reply.body.get("message", "unknown error")))
+    return {key: tensor_from_ref(value, reply.buffers)
+            if isinstance(value, dict) and "buffer" in value else value
+            for key, value in reply.body.items()}
+
+
+def _field(name: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda result: result[name]
+
+
+def _identity(result: dict[str, Any]) -> dict[str, Any]:
+    return result
+
+
+class _Syscalls:
+    """One method per syscall; ``_call`` is the transport (blocking or awaitable)."""
+
+    def _call(self, syscall: str, args: dict[str, Any],
+              shape: Callable[[dict[str, Any]], Any] = _identity,
+              timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    def ping(self, timeout: float = 5.0) -> Any:
+        return self._call("ping", {}, timeout=timeout)
+
+    def info(self) -> Any:
+        return self._call("info", {})
+
+    def drivers(self) -> Any:
+        return self._call("drivers", {}, _field("drivers"))
+
+    def devices(self) -> Any:
+        return self._call("devices", {}, _field("devices"))
+
+    def models(self) -> Any:
+        return self._call("models", {}, _field("models"))
+
+    def import_model(self, source: str | None = None, *, path: str | None = None,
+                     name: str | None = None) -> Any:
+        """Import a model from a named source package or a local Hugging Face folder."""
+        return self._call("import", {"source": source, "path": path, "name": name})
+
+    def load(self, model: str, *, version: int | None = None, device: str | None = None) -> Any:
+        return self._call("load", {"model": model, "version": version, "device": device})
+
+    def unload(self, model: str, *, version: int | None = None, device: str | None = None) -> Any:
+        return self._call("unload", {"model": model, "version": version, "device": device})
+
+    def infer(self, model: str, task: str, inputs: list[str], **options: Any) -> Any:
+        """The full result: model, job id, arrays as numpy, predictions for classify."""
+        return self._call("infer", {"model": model, "task": task, "inputs": inputs, **options})
+
+    def embed(self, model: str, texts: list[str], **options: Any) -> Any:
+        """Unit-norm embeddings, shape (len(texts), dim)."""
+        return self._call("infer", {"model": model, "task": "embed", "inputs": texts, **options},
+                          _field("embeddings"))
+
+    def classify(self, model: str, texts: list[str], **options: Any) -> Any:
+        """One ``{"label", "score"}`` per text."""
+        return self._call("infer", {"model": model, "task": "classify", "inputs": texts,
+                                    **options}, _field("predictions"))
+
+    def jobs(self, *, owner: str | None = None, finished: bool = True) -> Any:
+        return self._call("jobs", {"owner": owner, "finished": finished}, _field("jobs"))
+
+    def job(self, job_id: int) -> Any:
+        return self._call("job", {"id": job_id})
+
+    def cancel(self, job_id: int) -> Any:
+        return self._call("cancel", {"id": job_id})
+
+    def renice(self, job_id: int, priority: int) -> Any:
+        return self._call("renice", {"id": job_id, "priority": priority})
+
+    def stats(self) -> Any:
+        return self._call("stats", {})
+
+    def shutdown(self) -> Any:
+        return self._call("shutdown", {})
+
+
+def _clean(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def _client_name(name: str | None) -> str:
+    return name or f"{os.environ.get('USER', 'user')}-{os.getpid()}"
+
+
+class Pending:
+    """A request in flight on a :class:`Client`."""
+
+    def __init__(self, client: Client, msg_id: str, syscall: str) -> None:
+        self.client, self.msg_id, self.syscall = client, msg_id, syscall
+
+    def job_id(self, timeout: float | None = None) -> int:
+        """The job id from the ``accepted`` event (submit with ``events=True``)."""
+        event = self.client._wait_event(self.msg_id, "accepted", timeout)
+        return int(event["job"])
+
+    def reply(self, timeout: float | None = None) -> Message:
+        return self.client._wait_reply(self.msg_id, timeout)
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The unpacked result; raises KernelError for an error reply."""
+        return unpack_result(self.reply(timeout))
+
+
+class Client(_Syscalls):
+    """A blocking client. Not thread-safe: use one per thread."""
+
+    def __init__(self, address: str | None = None, *, name: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address or default_address()
+        self.name = _client_name(name)
+        self.timeout = timeout
+        self._socket = zmq.Context.instance().socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        self._socket.connect(self.address)
+        self._replies: dict[str, Message] = {}
+        self._events: dict[str, list[Message]] = defaultdict(list)
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, syscall: str, args: dict[str, Any], *, events: bool = False) -> Pending:
+        """Send a request without waiting; collect it with the returned :class:`Pending`."""
+        msg_id = new_id()
+        self._socket.send_multipart(
+            encode_request(syscall, _clean(args), client=self.name, msg_id=msg_id, events=events))
+        return Pending(self, msg_id, syscall)
+
+    def _call(self, syscall: str, args: dict[str, Any],
+              shape: Callable[[dict[str, Any]], Any] = _identity,
+              timeout: float | None = None) -> Any:
+        return shape(self.submit(syscall, args).result(timeout))
+
+    def _wait_reply(self, msg_id: str, timeout: float | None) -> Message:
+        self._pump(lambda: msg_id in self._replies, timeout)
+        self._events.pop(msg_id, None)
+        return self._replies.pop(msg_id)
+
+    def _wait_event(self, msg_id: str, name: str, timeout: float | None) -> dict[str, Any]:
+        def seen() -> bool:
+            return msg_id in self._replies or any(e.event == name for e in self._events[msg_id])
+
+        self._pump(seen, timeout)
+        for event in self._events[msg_id]:
+            if event.event == name:
+                return event.body
+        unpack_result(self._replies[msg_id])  # the request ended first: raise its error
+        raise KernelError(ErrorCode.INTERNAL, f"request {msg_id} ended without a {name} event")
+
+    def _pump(self, done: Callable[[], bool], timeout: float | None) -> None:
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._socket.poll(int(remaining * 1000) + 1):
+                if done():
+                    return
+                raise KernelError(ErrorCode.TIMEOUT, f"no reply from the kernel at "
+                                  f"{self.address} within {limit:g} s (is it running?)")
+            self._receive(self._socket.recv_multipart(copy=True))
+
+    def _receive(self, frames: list[bytes]) -> None:
+        message = decode_reply(frames)
+        if message.reply_to is None:
+            return
+        if message.kind == "event":
+            self._events[message.reply_to].append(message)
+        else:
+            self._replies[message.reply_to] = message
+
+
+class AsyncClient(_Syscalls):
+    """An asyncio client: every syscall method is a coroutine; calls may run concurrently."""
+
+    def __init__(self, address: str | None = None, *, name: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address or default_address()
+        self.name = _client_name(name)
+        self.timeout = timeout
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.address)
+        self._waiting: dict[str, asyncio.Future[Message]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self._socket.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, syscall: str, args: dict[str, Any],  # type: ignore[override]
+                    shape: Callable[[dict[str, Any]], Any] = _identity,
+                    timeout: float | None = None) -> Any:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        msg_id = new_id()
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting[msg_id] = future
+        await self._socket.send_multipart(
+            encode_request(syscall, _clean(args), client=self.name, msg_id=msg_id))
+        limit = self.timeout if timeout is None else timeout
+        try:
+            reply = await asyncio.wait_for(future, limit)
+        except TimeoutError:
+            raise KernelError(ErrorCode.TIMEOUT, f"no reply from the kernel at {self.address} "
+                              f"within {limit:g} s (is it running?)") from None
+        finally:
+            self._waiting.pop(msg_id, None)
+        return shape(unpack_result(reply))
+
+    async def _read(self) -> None:
+        while True:
+            message = decode_reply(await self._socket.recv_multipart())
+            future = self._waiting.get(message.reply_to or "")
+            if message.kind == "reply" and future is not None and not future.done():
+                future.set_result(message)
+

@@ -1,0 +1,92 @@
+"""Kernel configuration and where things live (LLMOS_HOME, the kernel's address)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode, KernelError
+from .scheduler import BatchingConfig
+
+#: Longest path a Unix socket name may have on Linux (sun_path is 108 bytes with the NUL).
+_IPC_PATH_MAX = 107
+
+
+def default_home() -> Path:
+    """``LLMOS_HOME``, else ``~/.llmos``."""
+    return Path(os.environ.get("LLMOS_HOME") or Path.home() / ".llmos").expanduser()
+
+
+def default_address(home: Path | None = None) -> str:
+    """``LLMOS_ADDRESS``, else an ipc socket under the home folder."""
+    return os.environ.get("LLMOS_ADDRESS") or f"ipc://{(home or default_home()) / 'kernel.sock'}"
+
+
+def check_local(address: str) -> str:
+    """``address`` if it is ipc or loopback TCP; KernelError(DENIED) otherwise.
+
+    Listening beyond loopback needs CURVE authentication, which this version does not
+    provide yet: the kernel refuses rather than serve an open port.
+    """
+    if address.startswith("ipc://"):
+        if len(address) - len("ipc://") > _IPC_PATH_MAX:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"ipc path too long (>{_IPC_PATH_MAX}): {address}")
+        return address
+    if address.startswith("tcp://"):
+        host = urlsplit(address).hostname or ""
+        if host == "localhost":
+            return address
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return address
+        except ValueError:
+            pass
+        raise KernelError(
+            ErrorCode.DENIED,
+            f"refusing to listen on {address}: only ipc:// and loopback tcp:// are allowed "
+            "(listening beyond loopback needs CURVE keys, not supported yet)")
+    raise KernelError(ErrorCode.BAD_REQUEST, f"address must be ipc://PATH or tcp://HOST:PORT: {address}")
+
+
+@dataclass(slots=True)
+class KernelConfig:
+    """Everything a kernel is started with. Limits bound memory: nothing grows unbounded."""
+
+    home: Path = field(default_factory=default_home)
+    address: str = ""
+    #: Scheduling policy plugin name.
+    policy: str = "priority"
+    #: Devices to start as ``driver:device`` (e.g. ``torch:cpu``); empty means every probed one.
+    devices: tuple[str, ...] = ()
+    #: Compute threads per driver host.
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Unfinished jobs one client may have; past it, BUSY at once.
+    max_jobs_per_client: int = 256
+    #: Unfinished jobs in the whole kernel.
+    max_jobs: int = 4096
+    #: Finished jobs remembered for `jobs` / `job`.
+    history: int = 1000
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: A ready host silent this long is declared dead.
+    heartbeat_timeout: float = 10.0
+    #: A host must send READY within this long of being spawned.
+    start_timeout: float = 180.0
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser().resolve()
+        self.address = check_local(self.address or default_address(self.home))
+        if self.max_jobs_per_client < 1 or self.max_jobs < 1:
+            raise ValueError("queue limits must be positive")
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets and pid file; created 0700 so other local users cannot connect."""
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"

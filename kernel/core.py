@@ -1,0 +1,582 @@
+"""The scheduling loop: admit syscalls as jobs, schedule them onto devices, collect results.
+
+:class:`KernelCore` runs on one thread and owns all job state. It never blocks on client
+sockets: requests arrive already decoded through an in-memory inbox (rung by an inproc
+doorbell), and replies leave as ready-made frames through an inproc socket that the IO
+thread drains. Work runs in driver-host processes (or, for registry imports, a small
+thread pool), so a pass of the loop takes microseconds and control syscalls never wait
+behind work.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pluggy
+import psutil
+import zmq
+
+from .config import KernelConfig
+from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task
+from .jobs import Job, JobState
+from .plugins import Extensions
+from .protocol import (
+    ErrorCode,
+    KernelError,
+    Message,
+    encode_error,
+    encode_event,
+    encode_reply,
+    tensor_from_ref,
+    tensor_ref,
+)
+from .registry import Registry, check_name
+from .scheduler import Batch, Scheduler
+from .syscalls import Syscall, check_inputs
+
+log = logging.getLogger(__name__)
+
+#: The pseudo-device that runs registry work (imports) on a kernel thread.
+KERNEL_DEVICE = "kernel"
+#: Longest a loop pass sleeps when nothing is due, in seconds.
+IDLE_POLL = 0.05
+
+DOORBELL = "inproc://llmos-doorbell"
+OUTBOX = "inproc://llmos-outbox"
+
+
+@dataclass(slots=True)
+class Request:
+    """A decoded, validated request handed from the IO thread to the core."""
+
+    identity: bytes
+    msg: Message
+    spec: Syscall
+    args: dict[str, Any]
+
+    @property
+    def owner(self) -> str:
+        return self.msg.client or self.identity.hex()
+
+
+@dataclass(slots=True)
+class Counters:
+    """Traffic counters shared by the IO thread (writer) and ``stats`` (reader)."""
+
+    received: int = 0
+    rejected: int = 0
+    replies: int = 0
+    dropped_replies: int = 0
+
+
+class KernelCore:
+    """All job state, the scheduler and the device manager; driven by :meth:`run`."""
+
+    def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
+                 registry: Registry, ctx: zmq.Context, counters: Counters,
+                 inbox: deque[Request]) -> None:
+        self.config, self.pm, self.ext, self.registry = config, pm, ext, registry
+        self.ctx, self.counters, self.inbox = ctx, counters, inbox
+        self.started = time.time()
+        self.stop_requested = threading.Event()
+        self.active: dict[int, Job] = {}
+        self.history: deque[Job] = deque(maxlen=config.history)
+        self.per_owner: Counter[str] = Counter()
+        self.finished_by_state: Counter[str] = Counter()
+        self._deadlines: list[tuple[float, int]] = []
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llmos-kernel-task")
+        self._kernel_task: tuple[Future[dict[str, Any]], Job] | None = None
+        policy = ext.policies.get(config.policy)()
+        self.scheduler = Scheduler(policy, self._batch_key, self._candidates,
+                                   lambda job: config.batching)
+        self.devices: DeviceManager | None = None
+        self._outbox: zmq.Socket | None = None
+        self._handlers: dict[str, Callable[[Request], Any]] = {
+            "drivers": self._drivers, "devices": self._devices, "models": self._models,
+            "import": self._import, "load": self._load, "unload": self._unload,
+            "infer": self._infer, "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
+            "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
+        }
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until ``shutdown``; then stop hosts, answer what is left, close sockets."""
+        doorbell = self.ctx.socket(zmq.PULL)
+        doorbell.bind(DOORBELL)
+        self._outbox = self.ctx.socket(zmq.PUSH)
+        self._outbox.setsockopt(zmq.SNDHWM, 0)
+        self._outbox.connect(OUTBOX)
+        self.devices = DeviceManager(self.ctx, self.config.run_dir, self.config.log_dir,
+                                     self.config.heartbeat_timeout, self.config.start_timeout)
+        self._start_devices()
+        poller = zmq.Poller()
+        poller.register(doorbell, zmq.POLLIN)
+        poller.register(self.devices.socket, zmq.POLLIN)
+        wake_at: float | None = None
+        try:
+            while not self.stop_requested.is_set():
+                timeout = IDLE_POLL if self._kernel_task is None else 0.01
+                if wake_at is not None:
+                    timeout = max(0.0, min(timeout, wake_at - time.monotonic()))
+                ready = dict(poller.poll(int(timeout * 1000) + (1 if timeout > 0 else 0)))
+                if doorbell in ready:
+                    while doorbell.poll(0):
+                        doorbell.recv(copy=False)
+                self._drain_inbox()
+                for event in self.devices.receive():
+                    self._on_host_event(event)
+                now = time.monotonic()
+                for event in self.devices.check(now):
+                    self._on_host_event(event)
+                self._expire(now)
+                self._collect_kernel_task()
+                wake_at = self._dispatch(now)
+        except Exception:
+            log.exception("scheduling loop crashed")
+            raise
+        finally:
+            self._close(doorbell)
+
+    def _close(self, doorbell: zmq.Socket) -> None:
+        for job in list(self.active.values()):
+            self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED, "the kernel is shutting down")
+        if self.devices is not None:
+            self.devices.stop_all()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        assert self._outbox is not None
+        self._outbox.send_multipart([b""])  # tells the IO thread nothing more is coming
+        self._outbox.close(linger=2000)
+        doorbell.close()
+
+    def _start_devices(self) -> None:
+        assert self.devices is not None
+        wanted = self.config.devices or tuple(
+            f"{name}:{device}" for name, spec in self.ext.drivers.items() for device in spec.probe()
+        )
+        for slot in wanted:
+            driver, _, device = slot.partition(":")
+            spec = self.ext.drivers.get(driver)
+            self.devices.add(spec, device or "cpu", self.config.threads)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _drain_inbox(self) -> None:
+        while self.inbox:
+            request = self.inbox.popleft()
+            try:
+                result = self._handlers[request.spec.name](request)
+            except KernelError as exc:
+                self._send(request.identity, encode_error(
+                    request.msg.msg_id, request.spec.name, exc.code, exc.message))
+                continue
+            except Exception as exc:
+                log.exception("syscall %s failed", request.spec.name)
+                self._send(request.identity, encode_error(
+                    request.msg.msg_id, request.spec.name, ErrorCode.INTERNAL,
+                    f"{type(exc).__name__}: {exc}"))
+                continue
+            if isinstance(result, Job):
+                if request.msg.events:
+                    self._send(request.identity, encode_event(
+                        request.msg.msg_id, request.spec.name, "accepted",
+                        {"job": result.id, "state": str(result.state)}))
+            else:
+                body, buffers = result if isinstance(result, tuple) else (result, [])
+                self._send(request.identity,
+                           encode_reply(request.msg.msg_id, request.spec.name, body, buffers))
+
+    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        assert self._outbox is not None
+        self._outbox.send_multipart([identity, *frames], copy=False)
+
+    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
+        """Create and queue a job, or KernelError(BUSY) past a queue limit."""
+        owner = request.owner
+        if len(self.active) >= self.config.max_jobs:
+            raise KernelError(ErrorCode.BUSY,
+                              f"the kernel has {len(self.active)} unfinished jobs "
+                              f"(limit {self.config.max_jobs}); retry later")
+        if self.per_owner[owner] >= self.config.max_jobs_per_client:
+            raise KernelError(ErrorCode.BUSY,
+                              f"client {owner!r} has {self.per_owner[owner]} unfinished jobs "
+                              f"(limit {self.config.max_jobs_per_client}); wait for replies")
+        args = {**request.args, **extra}
+        if device is not None:
+            args["device"] = device
+        job = Job(request.spec.name, owner, args, priority=args.get("priority") or 0)
+        if args.get("timeout"):
+            job.deadline = time.monotonic() + args["timeout"]
+            heapq.heappush(self._deadlines, (job.deadline, job.id))
+        job.reply_route = (request.identity, request.msg.msg_id)
+        self.active[job.id] = job
+        self.per_owner[owner] += 1
+        self.scheduler.push(job)
+        return job
+
+    # --- scheduling hooks ---------------------------------------------------------------
+
+    def _batch_key(self, job: Job) -> Hashable | None:
+        return (job.args["handle"], job.args["task"]) if job.syscall == "infer" else None
+
+    def _candidates(self, job: Job) -> list[str]:
+        if job.syscall == "import":
+            return [KERNEL_DEVICE]
+        if job.syscall == "infer":
+            assert self.devices is not None
+            handle = job.args["handle"]
+            return [h.name for h in self.devices.hosts.values() if handle in h.loaded]
+        return [job.args["device"]]
+
+    def _free_devices(self) -> set[str]:
+        assert self.devices is not None
+        free = {name for name, host in self.devices.hosts.items() if host.free}
+        if self._kernel_task is None:
+            free.add(KERNEL_DEVICE)
+        return free
+
+    def _dispatch(self, now: float) -> float | None:
+        batches, wake_at = self.scheduler.schedule(self._free_devices(), now)
+        for batch in batches:
+            for job in batch.jobs:
+                job.transition(JobState.RUNNING)
+                job.attempts += 1
+                job.device = batch.device
+            if batch.device == KERNEL_DEVICE:
+                self._start_kernel_task(batch.jobs[0])
+            else:
+                assert self.devices is not None
+                self.devices.submit(self.devices.hosts[batch.device], self._task_for(batch))
+        return wake_at
+
+    def _task_for(self, batch: Batch) -> Task:
+        first = batch.jobs[0]
+        if first.syscall == "infer":
+            inputs = [text for job in batch.jobs for text in job.args["inputs"]]
+            return Task("run", {"handle": first.args["handle"], "kind": first.args["task"],
+                                "inputs": inputs}, batch.jobs)
+        if first.syscall == "load":
+            return Task("load", {"handle": first.args["handle"], "path": first.args["path"],
+                                 "options": {}}, batch.jobs)
+        return Task("unload", {"handle": first.args["handle"]}, batch.jobs)
+
+    # --- results ----------------------------------------------------------------------
+
+    def _on_host_event(self, event: HostEvent) -> None:
+        host = event.host
+        if event.kind == "ready":
+            assert self.devices is not None
+            for handle, payload in host.wanted.items():
+                self.devices.submit(host, Task("load", {"handle": handle, **payload}))
+        elif event.kind == "died":
+            self._on_host_died(host, event.body["reason"], event.lost)
+        elif event.task is not None:
+            self._on_task_done(host, event.task, event.body, event.buffers)
+
+    def _on_host_died(self, host: DeviceHost, reason: str, lost: list[Task]) -> None:
+        for task in lost:
+            for job in task.jobs:
+                if job.state is not JobState.RUNNING:
+                    continue
+                if job.attempts >= 2:
+                    self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
+                               f"{host.name} died twice while running this job ({reason})")
+                else:
+                    job.transition(JobState.QUEUED)
+                    job.device = None
+                    self.scheduler.push(job)
+        if host.state is HostState.FAILED:
+            host.wanted.clear()
+            self._fail_orphans()
+
+    def _on_task_done(self, host: DeviceHost, task: Task, body: dict[str, Any],
+                      buffers: list[bytes]) -> None:
+        live = [job for job in task.jobs if job.state is JobState.RUNNING]
+        self._account(task, body, live)
+        handle = task.payload.get("handle", "")
+        if not body.get("ok"):
+            if task.op == "load":
+                host.wanted.pop(handle, None)
+            for job in live:
+                self._fail(job, JobState.FAILED, body.get("code", ErrorCode.INTERNAL),
+                           str(body.get("message", "driver error")))
+            return
+        if task.op == "load":
+            host.loaded[handle] = body["info"]
+            host.wanted[handle] = {"path": task.payload["path"], "options": {}}
+            for job in live:
+                self._finish(job, {"model": handle, "device": host.name, **body["info"]})
+        elif task.op == "unload":
+            host.loaded.pop(handle, None)
+            host.wanted.pop(handle, None)
+            for job in live:
+                self._finish(job, {"model": handle, "device": host.name})
+            self._fail_orphans()
+        else:
+            self._split_outputs(host, task, body, buffers, live)
+
+    def _split_outputs(self, host: DeviceHost, task: Task, body: dict[str, Any],
+                       buffers: list[bytes], live: list[Job]) -> None:
+        arrays = {name: tensor_from_ref(ref, buffers) for name, ref in body["arrays"].items()}
+        labels = host.loaded.get(task.payload["handle"], {}).get("labels", [])
+        start = 0
+        for job in task.jobs:
+            count = len(job.args["inputs"])
+            if job.state is JobState.RUNNING:
+                out_buffers: list[bytes] = []
+                result: dict[str, Any] = {"model": job.args["handle"], "task": job.args["task"]}
+                for name, array in arrays.items():
+                    result[name] = tensor_ref(array[start:start + count], out_buffers)
+                if job.args["task"] == "classify":
+                    probs = arrays["probs"][start:start + count]
+                    result["labels"] = labels
+                    result["predictions"] = [
+                        {"label": labels[int(i)] if labels else str(int(i)),
+                         "score": float(row[int(i)])}
+                        for row, i in zip(probs, np.argmax(probs, axis=1), strict=True)]
+                self._finish(job, result, out_buffers)
+            start += count
+
+    @staticmethod
+    def _account(task: Task, body: dict[str, Any], jobs: list[Job]) -> None:
+        """Charge a task's CPU time and tokens to its jobs in proportion to their inputs."""
+        sizes = [len(job.args.get("inputs") or [None]) for job in jobs]
+        total = sum(sizes) or 1
+        for job, size in zip(jobs, sizes, strict=True):
+            job.cpu_seconds += float(body.get("cpu_seconds", 0.0)) * size / total
+            job.tokens += int(body.get("tokens", 0)) * size // total
+            job.peak_memory = max(job.peak_memory, int(body.get("rss", 0)))
+
+    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        self._end(job, JobState.DONE)
+        if job.reply_route:
+            identity, msg_id = job.reply_route
+            job.reply_route = None
+            self._send(identity, encode_reply(msg_id, job.syscall, {"job": job.id, **result},
+                                              buffers))
+
+    def _fail(self, job: Job, state: JobState, code: ErrorCode | str, message: str) -> None:
+        job.error = f"{code}: {message}"
+        self._end(job, state)
+        if job.reply_route:
+            identity, msg_id = job.reply_route
+            job.reply_route = None
+            self._send(identity, encode_error(msg_id, job.syscall, code, message))
+
+    def _end(self, job: Job, state: JobState) -> None:
+        if job.state is JobState.QUEUED:
+            self.scheduler.remove(job.id)
+        job.transition(state)
+        del self.active[job.id]
+        self.per_owner[job.owner] -= 1
+        if self.per_owner[job.owner] <= 0:
+            del self.per_owner[job.owner]
+        self.history.append(job)
+        self.finished_by_state[str(state)] += 1
+        try:
+            self.pm.hook.llmos_job_finished(job=job)
+        except Exception:
+            log.exception("a llmos_job_finished hook failed")
+
+    def _fail_orphans(self) -> None:
+        """Fail queued jobs that no device can ever run (model unloaded, device failed)."""
+        assert self.devices is not None
+        hosts = self.devices.hosts
+        for job in list(self.scheduler.queue.values()):
+            if job.syscall == "infer":
+                handle = job.args["handle"]
+                if not any(handle in h.wanted or handle in h.loaded for h in hosts.values()):
+                    self._fail(job, JobState.FAILED, ErrorCode.NOT_FOUND,
+                               f"{handle} is no longer loaded on any device")
+            elif job.syscall in ("load", "unload"):
+                host = hosts.get(job.args["device"])
+                if host is None or host.state is HostState.FAILED:
+                    self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
+                               f"device {job.args['device']} has failed: "
+                               f"{host.last_error if host else 'gone'}")
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, job_id = heapq.heappop(self._deadlines)
+            job = self.active.get(job_id)
+            if job is not None:
+                self._fail(job, JobState.TIMED_OUT, ErrorCode.TIMEOUT,
+                           f"job {job.id} passed its deadline of {job.args['timeout']} s")
+
+    # --- kernel-side work (registry imports) ------------------------------------------
+
+    def _start_kernel_task(self, job: Job) -> None:
+        future = self._executor.submit(self._run_import, dict(job.args))
+        self._kernel_task = (future, job)
+
+    def _collect_kernel_task(self) -> None:
+        if self._kernel_task is None or not self._kernel_task[0].done():
+            return
+        future, job = self._kernel_task
+        self._kernel_task = None
+        if job.state is not JobState.RUNNING:
+            return
+        try:
+            self._finish(job, future.result())
+        except KernelError as exc:
+            self._fail(job, JobState.FAILED, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("import failed")
+            self._fail(job, JobState.FAILED, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def _run_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args["source"]:
+            folder = self.ext.sources.get(args["source"]).locate()
+            recipe: dict[str, Any] = {"op": "import", "source": args["source"]}
+        else:
+            folder = Path(args["path"]).expanduser()
+            recipe = {"op": "import", "path": str(folder)}
+        version, created = self.registry.import_folder(args["name"], folder, recipe)
+        return {"created": created, **version.describe()}
+
+    # --- syscall handlers ---------------------------------------------------------------
+
+    def _import(self, request: Request) -> Job:
+        source, path = request.args["source"], request.args["path"]
+        if bool(source) == bool(path):
+            raise KernelError(ErrorCode.BAD_REQUEST, "import: give exactly one of source or path")
+        if source:
+            self.ext.sources.get(source)  # NOT_FOUND with the known names
+        name = request.args["name"] or source or Path(path).name.lower()
+        return self._admit(request, name=check_name(name))
+
+    def _host(self, name: str | None) -> DeviceHost:
+        assert self.devices is not None
+        hosts = self.devices.hosts
+        if name is None:
+            usable = [h for h in hosts.values() if h.state is not HostState.FAILED]
+            if not usable:
+                raise KernelError(ErrorCode.DEVICE_FAILED, "no usable device (see `llmos devices`)")
+            return min(usable, key=lambda h: len(h.wanted))
+        if name not in hosts:
+            raise KernelError(ErrorCode.NOT_FOUND,
+                              f"unknown device {name!r} (devices: {', '.join(sorted(hosts))})")
+        if hosts[name].state is HostState.FAILED:
+            raise KernelError(ErrorCode.DEVICE_FAILED,
+                              f"device {name} has failed: {hosts[name].last_error}")
+        return hosts[name]
+
+    def _load(self, request: Request) -> Job | dict[str, Any]:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        host = self._host(request.args["device"])
+        if version.ref in host.loaded:
+            return {"model": version.ref, "device": host.name, "already_loaded": True,
+                    **host.loaded[version.ref]}
+        return self._admit(request, device=host.name, handle=version.ref, path=str(version.path))
+
+    def _unload(self, request: Request) -> Job:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        assert self.devices is not None
+        names = [request.args["device"]] if request.args["device"] else [
+            h.name for h in self.devices.hosts.values() if version.ref in h.wanted]
+        if not names:
+            raise KernelError(ErrorCode.NOT_FOUND, f"{version.ref} is not loaded on any device")
+        host = self._host(names[0])
+        return self._admit(request, device=host.name, handle=version.ref)
+
+    def _infer(self, request: Request) -> Job:
+        check_inputs(request.args["inputs"])
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        assert self.devices is not None
+        hosts = [h for h in self.devices.hosts.values()
+                 if version.ref in h.wanted or version.ref in h.loaded]
+        if not hosts:
+            raise KernelError(ErrorCode.NOT_FOUND,
+                              f"{version.ref} is not loaded (run: llmos load {version.model})")
+        task = request.args["task"]
+        info = next((h.loaded[version.ref] for h in hosts if version.ref in h.loaded), None)
+        if info is not None and task not in info["tasks"]:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"{version.ref} cannot {task} (it can: {', '.join(info['tasks'])}); "
+                              "classify needs a model with a classification head")
+        return self._admit(request, handle=version.ref)
+
+    def _drivers(self, request: Request) -> dict[str, Any]:
+        rows = []
+        for name, spec in self.ext.drivers.items():
+            devices = spec.probe()
+            rows.append({"name": name, "description": spec.description, "devices": devices,
+                         "available": bool(devices),
+                         "reason": "" if devices else spec.unavailable_reason()})
+        return {"drivers": rows}
+
+    def _devices(self, request: Request) -> dict[str, Any]:
+        assert self.devices is not None
+        return {"devices": [h.describe() for h in self.devices.hosts.values()]}
+
+    def _models(self, request: Request) -> dict[str, Any]:
+        assert self.devices is not None
+        serving = self.registry.serving()
+        rows = []
+        for version in self.registry.versions():
+            rows.append({
+                **version.describe(), "serving": serving.get(version.model) == version.version,
+                "loaded_on": [h.name for h in self.devices.hosts.values()
+                              if version.ref in h.loaded],
+            })
+        return {"models": rows}
+
+    def _jobs(self, request: Request) -> dict[str, Any]:
+        owner, finished = request.args["owner"], request.args["finished"]
+        jobs = list(self.active.values()) + (list(self.history) if finished else [])
+        rows = [j.summary() for j in jobs if owner is None or j.owner == owner]
+        return {"jobs": sorted(rows, key=lambda r: r["id"])}
+
+    def _find(self, job_id: int) -> Job:
+        job = self.active.get(job_id) or next((j for j in self.history if j.id == job_id), None)
+        if job is None:
+            raise KernelError(ErrorCode.NOT_FOUND, f"no job {job_id}")
+        return job
+
+    def _job(self, request: Request) -> dict[str, Any]:
+        return self._find(request.args["id"]).summary()
+
+    def _cancel(self, request: Request) -> dict[str, Any]:
+        job = self._find(request.args["id"])
+        if job.state.finished:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
+        self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED,
+                   f"job {job.id} was cancelled by {request.owner}")
+        return job.summary()
+
+    def _renice(self, request: Request) -> dict[str, Any]:
+        job = self._find(request.args["id"])
+        if job.state.finished:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
+        job.priority = request.args["priority"]
+        return job.summary()
+
+    def _stats(self, request: Request) -> dict[str, Any]:
+        assert self.devices is not None
+        states = Counter(str(j.state) for j in self.active.values())
+        return {
+            "uptime": time.time() - self.started, "pid": os.getpid(),
+            "rss": psutil.Process().memory_info().rss,
+            "received": self.counters.received, "rejected": self.counters.rejected,
+            "replies": self.counters.replies, "dropped_replies": self.counters.dropped_replies,
+            "queued": len(self.scheduler), "active": dict(states),
+            "finished": dict(self.finished_by_state), "clients": dict(self.per_owner),
+            "devices": {h.name: {"state": str(h.state), "inflight": len(h.inflight),
+                                 "restarts": h.restarts, "rss": h.rss}
+                        for h in self.devices.hosts.values()},
+        }
+
+    def _shutdown(self, request: Request) -> dict[str, Any]:
+        self.stop_requested.set()
+        return {"stopping": True}

@@ -1,0 +1,262 @@
+"""Driver hosts: spawn one worker process per device, watch it, restart it when it dies.
+
+The :class:`DeviceManager` lives on the kernel's scheduling thread and owns the backend
+ROUTER socket the hosts connect to. It knows processes, heartbeats and tasks in flight; it
+knows nothing of jobs' meaning. Deaths are reported to the caller with the tasks that were
+in flight, so the caller (the core) decides to requeue or fail them. Each incarnation of a
+host has its own socket identity, so late messages from a dead one are ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+from llmos.drivers import host as hostwire
+
+from .jobs import Job
+from .registries import DriverSpec
+
+log = logging.getLogger(__name__)
+
+_task_ids = itertools.count(1)
+
+
+class HostState(enum.StrEnum):
+    STARTING = "STARTING"
+    READY = "READY"
+    RESTARTING = "RESTARTING"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+
+@dataclass(slots=True)
+class Task:
+    """One message to a host and what it was for; ``jobs`` is empty for internal reloads."""
+
+    op: str
+    payload: dict[str, Any]
+    jobs: list[Job] = field(default_factory=list)
+    id: int = field(default_factory=lambda: next(_task_ids))
+    sent_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class DeviceHost:
+    """One device slot (``driver:device``) and the worker process serving it."""
+
+    name: str
+    spec: DriverSpec
+    device: str
+    threads: int
+    state: HostState = HostState.STARTING
+    process: subprocess.Popen[bytes] | None = None
+    identity: bytes = b""
+    token: str = ""
+    generation: int = 0
+    spawned_at: float = 0.0
+    last_seen: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+    rss: int = 0
+    inflight: dict[int, Task] = field(default_factory=dict)
+    #: handle -> what the driver reported when it loaded it.
+    loaded: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: handle -> load payload; reloaded after a restart.
+    wanted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    restarts: int = 0
+    crashes_in_a_row: int = 0
+    restart_at: float = 0.0
+    last_error: str = ""
+
+    @property
+    def free(self) -> bool:
+        return self.state is HostState.READY and not self.inflight
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "driver": self.spec.name, "device": self.device,
+            "state": str(self.state), "pid": self.process.pid if self.process else None,
+            "threads": self.threads, "rss": self.rss, "info": self.info,
+            "loaded": sorted(self.loaded), "inflight": len(self.inflight),
+            "restarts": self.restarts, "last_error": self.last_error,
+        }
+
+
+@dataclass(slots=True)
+class HostEvent:
+    """What happened to a host: ``ready``, ``done`` (a task finished) or ``died``."""
+
+    kind: str
+    host: DeviceHost
+    task: Task | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    buffers: list[bytes] = field(default_factory=list)
+    #: For ``died``: every task that was in flight.
+    lost: list[Task] = field(default_factory=list)
+
+
+class DeviceManager:
+    """Spawns and supervises driver hosts; call :meth:`receive` and :meth:`check` each pass."""
+
+    #: A host that dies this many times in a row without finishing a task is given up.
+    MAX_CRASHES_IN_A_ROW = 5
+
+    def __init__(self, ctx: zmq.Context, run_dir: Path, log_dir: Path,
+                 heartbeat_timeout: float, start_timeout: float) -> None:
+        self.hosts: dict[str, DeviceHost] = {}
+        self.heartbeat_timeout = heartbeat_timeout
+        self.start_timeout = start_timeout
+        self.log_dir = log_dir
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        path = run_dir / f"backend-{os.getpid()}.sock"
+        if len(str(path)) <= 100:
+            self.socket.bind(f"ipc://{path}")
+        else:
+            self.socket.bind("tcp://127.0.0.1:*")
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._by_identity: dict[bytes, DeviceHost] = {}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def add(self, spec: DriverSpec, device: str, threads: int) -> DeviceHost:
+        host = DeviceHost(f"{spec.name}:{device}", spec, device, threads)
+        self.hosts[host.name] = host
+        self._spawn(host)
+        return host
+
+    def _spawn(self, host: DeviceHost) -> None:
+        host.generation += 1
+        host.identity = f"{host.name}#{host.generation}".encode()
+        host.token = secrets.token_hex(16)
+        host.state = HostState.STARTING
+        host.spawned_at = host.last_seen = time.monotonic()
+        self._by_identity = {h.identity: h for h in self.hosts.values()}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        logfile = open(self.log_dir / f"host-{host.name.replace(':', '-')}.log", "ab")  # noqa: SIM115
+        env = {**os.environ, hostwire.TOKEN_ENV: host.token}
+        host.process = subprocess.Popen(
+            [sys.executable, "-m", "llmos.drivers.host", "--connect", self.address,
+             "--driver", host.spec.qualname, "--device", host.device,
+             "--identity", host.identity.decode(), "--threads", str(host.threads)],
+            stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+        )
+        logfile.close()
+        log.info("spawned %s pid %d", host.name, host.process.pid)
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        for host in self.hosts.values():
+            if host.process and host.process.poll() is None:
+                self._send(host, [hostwire.STOP])
+            host.state = HostState.STOPPED
+        deadline = time.monotonic() + timeout
+        for host in self.hosts.values():
+            if host.process is None:
+                continue
+            try:
+                host.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                host.process.kill()
+                host.process.wait()
+        self.socket.close()
+
+    # --- traffic ----------------------------------------------------------------------
+
+    def submit(self, host: DeviceHost, task: Task) -> None:
+        """Send ``task`` to ``host`` and track it until DONE or the host dies."""
+        host.inflight[task.id] = task
+        self._send(host, [hostwire.TASK, hostwire.pack({"task": task.id, "op": task.op,
+                                                        **task.payload})])
+
+    def _send(self, host: DeviceHost, frames: list[bytes]) -> None:
+        try:
+            self.socket.send_multipart([host.identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # not connected (yet/anymore): check() will notice
+            log.warning("send to %s failed: %s", host.name, exc)
+
+    def receive(self) -> list[HostEvent]:
+        """Drain the backend socket without blocking; the events for the core."""
+        events: list[HostEvent] = []
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return events
+            host = self._by_identity.get(frames[0])
+            if host is None or len(frames) < 3:
+                continue  # a dead incarnation, or not a host at all
+            kind = frames[1]
+            try:
+                body = msgpack.unpackb(frames[2], raw=False)
+            except Exception:
+                continue
+            if not isinstance(body, dict):
+                continue
+            host.last_seen = time.monotonic()
+            if kind == hostwire.HEARTBEAT:
+                host.rss = int(body.get("rss", 0))
+            elif kind == hostwire.READY and host.state is HostState.STARTING:
+                if body.get("token") != host.token or body.get("v") != hostwire.HOST_PROTOCOL_VERSION:
+                    log.error("host %s sent a bad READY; ignoring it", host.name)
+                    continue
+                host.state = HostState.READY
+                host.info = body.get("info", {})
+                events.append(HostEvent("ready", host))
+            elif kind == hostwire.START_FAILED:
+                host.last_error = str(body.get("message", "driver failed to start"))
+                events.extend(self._kill(host, host.last_error, give_up=True))
+            elif kind == hostwire.DONE:
+                task = host.inflight.pop(body.get("task", -1), None)
+                if task is not None:
+                    host.crashes_in_a_row = 0
+                    host.rss = int(body.get("rss", host.rss))
+                    events.append(HostEvent("done", host, task, body, frames[3:]))
+
+    def check(self, now: float) -> list[HostEvent]:
+        """Detect dead or silent hosts (reported as ``died``) and restart those due."""
+        events: list[HostEvent] = []
+        for host in self.hosts.values():
+            if host.state in (HostState.STARTING, HostState.READY):
+                code = host.process.poll() if host.process else None
+                if code is not None:
+                    events.extend(self._kill(host, f"driver host exited with status {code}"))
+                elif host.state is HostState.READY and now - host.last_seen > self.heartbeat_timeout:
+                    events.extend(self._kill(host, "driver host stopped sending heartbeats"))
+                elif host.state is HostState.STARTING and now - host.spawned_at > self.start_timeout:
+                    events.extend(self._kill(host, "driver host did not become ready in time"))
+            elif host.state is HostState.RESTARTING and now >= host.restart_at:
+                host.restarts += 1
+                self._spawn(host)
+        return events
+
+    def _kill(self, host: DeviceHost, reason: str, give_up: bool = False) -> list[HostEvent]:
+        if host.process and host.process.poll() is None:
+            host.process.kill()
+            host.process.wait()
+        lost = list(host.inflight.values())
+        host.inflight.clear()
+        host.loaded.clear()
+        host.last_error = reason
+        host.crashes_in_a_row += 1
+        if give_up or host.crashes_in_a_row >= self.MAX_CRASHES_IN_A_ROW:
+            host.state = HostState.FAILED
+            log.error("%s failed for good: %s", host.name, reason)
+        else:
+            host.state = HostState.RESTARTING
+            host.restart_at = time.monotonic() + min(10.0, 0.25 * 2 ** (host.crashes_in_a_row - 1))
+            log.warning("%s died (%s); restarting", host.name, reason)
+        return [HostEvent("died", host, body={"reason": reason}, lost=lost)]

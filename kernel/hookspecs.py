@@ -1,0 +1,69 @@
+"""Every hook llmos calls, in one place (documented for plugin authors in docs/hooks.md).
+
+Hooks are called with keyword arguments. A plugin implements any subset with
+``@llmos.hookimpl``; built-in plugins use exactly the same hooks. Plugins register from the
+``llmos`` entry-point group (point it at a module, not a class).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .jobs import Job
+    from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
+
+hookspec = pluggy.HookspecMarker("llmos")
+
+
+# --- registration: called once per kernel, at start-up -----------------------------------
+
+
+@hookspec
+def llmos_register_drivers(drivers: DriverRegistry) -> None:
+    """Add device drivers with ``drivers.add(DriverSpec(...))``.
+
+    A :class:`~llmos.kernel.registries.DriverSpec` names the driver class by qualname
+    (``"package.module:Class"``), so heavy imports happen only in the driver-host worker that
+    runs it. ``probe()`` must be cheap (no heavy import); it returns the device names the
+    driver can serve here, or an empty list with the reason in ``unavailable_reason``.
+
+    :param drivers: the kernel's driver registry.
+    """
+
+
+@hookspec
+def llmos_register_policies(policies: PolicyRegistry) -> None:
+    """Add scheduling policies with ``policies.add(name, factory)``.
+
+    ``factory(**options)`` returns an object with ``rank(job, now) -> tuple``: the scheduler
+    runs queued jobs in ascending rank order. The kernel's ``--policy`` option picks one.
+
+    :param policies: the kernel's policy registry.
+    """
+
+
+@hookspec
+def llmos_register_model_sources(sources: SourceRegistry) -> None:
+    """Add named model sources for ``models import NAME`` with ``sources.add(ModelSource(...))``.
+
+    A source locates a Hugging Face folder (config.json, safetensors, tokenizer) shipped
+    inside an installed package; nothing is ever downloaded.
+
+    :param sources: the kernel's model-source registry.
+    """
+
+
+# --- notifications -----------------------------------------------------------------------
+
+
+@hookspec
+def llmos_job_finished(job: Job) -> None:
+    """Called in the kernel's scheduling thread when a job reaches a final state.
+
+    Must return quickly (it runs on the scheduling loop); exceptions are logged and ignored.
+
+    :param job: the finished job (state DONE, FAILED, CANCELLED or TIMED_OUT).
+    """

@@ -1,0 +1,114 @@
+"""Jobs: the kernel's processes, with an explicit table of allowed state transitions."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import ErrorCode, KernelError
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    PREEMPTED = "PREEMPTED"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT})
+
+#: Every transition a job may make. RUNNING -> QUEUED is the requeue after a driver host died.
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset(
+        {JobState.RUNNING, JobState.CANCELLED, JobState.TIMED_OUT, JobState.FAILED}
+    ),
+    JobState.RUNNING: frozenset({
+        JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT,
+        JobState.PREEMPTED, JobState.QUEUED,
+    }),
+    JobState.PREEMPTED: frozenset(
+        {JobState.RUNNING, JobState.QUEUED, JobState.CANCELLED, JobState.TIMED_OUT,
+         JobState.FAILED}
+    ),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+    JobState.TIMED_OUT: frozenset(),
+}
+
+#: Nice values, as in Unix: lower runs first.
+MIN_PRIORITY, MAX_PRIORITY = -20, 19
+
+_job_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class Job:
+    """One unit of work submitted by a client.
+
+    ``priority`` is a nice value (-20 most urgent .. 19 least); ``deadline`` is an absolute
+    ``time.monotonic()`` value or None. Resource fields are filled by the driver host.
+    """
+
+    syscall: str
+    owner: str
+    args: dict[str, Any]
+    priority: int = 0
+    deadline: float | None = None
+    id: int = field(default_factory=lambda: next(_job_ids))
+    state: JobState = JobState.QUEUED
+    created_at: float = field(default_factory=time.time)
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+    device: str | None = None
+    attempts: int = 0
+    cpu_seconds: float = 0.0
+    peak_memory: int = 0
+    tokens: int = 0
+    error: str | None = None
+    #: Who to answer: (peer identity, request id); None once answered.
+    reply_route: tuple[bytes, str] | None = None
+
+    def transition(self, new: JobState) -> None:
+        """Move to ``new``; raises KernelError(INTERNAL) for a transition the table forbids."""
+        if new not in ALLOWED_TRANSITIONS[self.state]:
+            raise KernelError(ErrorCode.INTERNAL, f"job {self.id}: {self.state} -> {new} not allowed")
+        self.state = new
+        if new is JobState.RUNNING:
+            self.started_at = time.time()
+        elif new is JobState.QUEUED:
+            self.queued_at = time.monotonic()
+        elif new.finished:
+            self.finished_at = time.time()
+
+    def summary(self) -> dict[str, Any]:
+        """What `jobs` and `job` report (no inputs, which may be private or large)."""
+        return {
+            "id": self.id, "owner": self.owner, "syscall": self.syscall,
+            "model": self.args.get("model"), "priority": self.priority, "state": str(self.state),
+            "device": self.device, "created_at": self.created_at, "started_at": self.started_at,
+            "finished_at": self.finished_at, "attempts": self.attempts,
+            "cpu_seconds": round(self.cpu_seconds, 4), "peak_memory": self.peak_memory,
+            "tokens": self.tokens, "error": self.error,
+        }
+
+
+def check_priority(value: int) -> int:
+    """``value`` if it is a valid nice value, else KernelError(BAD_REQUEST)."""
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise KernelError(
+            ErrorCode.BAD_REQUEST,
+            f"priority {value} is out of range [{MIN_PRIORITY}, {MAX_PRIORITY}] (nice values)",
+        )
+    return value

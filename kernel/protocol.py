@@ -1,0 +1,244 @@
+"""The wire contract between clients and the kernel (docs/protocol.md is the authority).
+
+A message is a list of ZeroMQ frames::
+
+    [MAGIC, header, body, *buffers]
+
+``MAGIC`` is ``b"LLMOS"``; ``header`` and ``body`` are msgpack maps; ``buffers`` are raw tensor
+bytes that the body refers to by index (``{"buffer": i, "dtype": "float32", "shape": [...]}``).
+A ROUTER socket prepends the peer identity frame on receipt; nothing else is added.
+
+Nothing here unpickles anything: msgpack only, with size limits on every container.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAGIC = b"LLMOS"
+
+#: Largest request a kernel accepts by default (all frames together), in bytes.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Most frames one message may have (magic, header, body and buffers).
+MAX_FRAMES = 64
+
+
+class ErrorCode(enum.StrEnum):
+    """The closed list of error codes a reply may carry."""
+
+    BAD_REQUEST = "BAD_REQUEST"
+    UNKNOWN_SYSCALL = "UNKNOWN_SYSCALL"
+    NOT_FOUND = "NOT_FOUND"
+    BUSY = "BUSY"
+    DENIED = "DENIED"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    DEVICE_FAILED = "DEVICE_FAILED"
+    INTERNAL = "INTERNAL"
+
+
+class KernelError(Exception):
+    """An error with a code from :class:`ErrorCode`; raised by handlers and by clients."""
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = ErrorCode(code)
+        self.message = message
+
+
+class ProtocolError(KernelError):
+    """A message that breaks the wire contract (always BAD_REQUEST)."""
+
+    def __init__(self, message: str, msg_id: str | None = None) -> None:
+        super().__init__(ErrorCode.BAD_REQUEST, message)
+        #: The id of the request this error answers, when its header could be read.
+        self.msg_id = msg_id
+
+
+@dataclass(slots=True)
+class Message:
+    """A decoded message: header fields plus the body and raw buffers."""
+
+    syscall: str
+    body: dict[str, Any]
+    msg_id: str
+    client: str = ""
+    #: ``"request"``, ``"reply"`` or ``"event"``.
+    kind: str = "request"
+    #: For replies and events: the id of the request they answer.
+    reply_to: str | None = None
+    #: For replies: ``"ok"`` or ``"error"``.
+    status: str | None = None
+    #: Request option: also send ``accepted``/progress events for this request.
+    events: bool = False
+    #: For events: the event name (``accepted``, ``progress``, ...).
+    event: str | None = None
+    buffers: list[bytes] = field(default_factory=list)
+
+
+def new_id() -> str:
+    """A fresh message id."""
+    return uuid.uuid4().hex
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(raw: bytes, max_len: int) -> Any:
+    return msgpack.unpackb(
+        raw,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=max_len,
+        max_bin_len=max_len,
+        max_array_len=1_000_000,
+        max_map_len=100_000,
+        max_ext_len=0,
+    )
+
+
+def encode_request(
+    syscall: str, body: dict[str, Any], *, client: str = "", msg_id: str | None = None,
+    events: bool = False, buffers: list[bytes] | None = None,
+) -> list[bytes]:
+    """Frames for a request (without the identity frame a DEALER never sends)."""
+    header = {"v": PROTOCOL_VERSION, "id": msg_id or new_id(), "kind": "request",
+              "syscall": syscall, "client": client}
+    if events:
+        header["events"] = True
+    return [MAGIC, _pack(header), _pack(body), *(buffers or [])]
+
+
+def encode_reply(
+    reply_to: str | None, syscall: str, result: Any, buffers: list[bytes] | None = None
+) -> list[bytes]:
+    """Frames for a successful reply."""
+    header = {"v": PROTOCOL_VERSION, "id": new_id(), "kind": "reply", "re": reply_to,
+              "syscall": syscall, "status": "ok"}
+    return [MAGIC, _pack(header), _pack(result), *(buffers or [])]
+
+
+def encode_error(
+    reply_to: str | None, syscall: str, code: ErrorCode | str, message: str
+) -> list[bytes]:
+    """Frames for an error reply; the body is ``{"code": ..., "message": ...}``."""
+    header = {"v": PROTOCOL_VERSION, "id": new_id(), "kind": "reply", "re": reply_to,
+              "syscall": syscall, "status": "error"}
+    return [MAGIC, _pack(header), _pack({"code": str(code), "message": message})]
+
+
+def encode_event(reply_to: str, syscall: str, event: str, data: dict[str, Any]) -> list[bytes]:
+    """Frames for an event about a request still in progress (accepted, progress, token)."""
+    header = {"v": PROTOCOL_VERSION, "id": new_id(), "kind": "event", "re": reply_to,
+              "syscall": syscall, "event": event}
+    return [MAGIC, _pack(header), _pack(data)]
+
+
+def decode(frames: list[bytes], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Decode and validate frames (identity already removed) into a :class:`Message`.
+
+    Raises :class:`ProtocolError` (BAD_REQUEST) with a message a person can act on, carrying
+    the request id when the header could be read.
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames (magic, header, body), got {len(frames)}")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"too many frames: {len(frames)} > {MAX_FRAMES}")
+    size = sum(len(f) for f in frames)
+    if size > max_bytes:
+        raise ProtocolError(f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
+    if frames[0] != MAGIC:
+        raise ProtocolError("first frame must be the protocol magic b'LLMOS'")
+    try:
+        header = _unpack(frames[1], max_bytes)
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    msg_id = header.get("id") if isinstance(header.get("id"), str) else None
+    error = _check_header(header)
+    if error:
+        raise ProtocolError(error, msg_id)
+    try:
+        body = _unpack(frames[2], max_bytes)
+    except Exception as exc:
+        raise ProtocolError(f"body is not valid msgpack: {exc}", msg_id) from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"body must be a map, got {type(body).__name__}", msg_id)
+    return Message(
+        syscall=header["syscall"], body=body, msg_id=msg_id, client=header.get("client", ""),
+        kind=header.get("kind", "request"), reply_to=header.get("re"),
+        status=header.get("status"), events=bool(header.get("events", False)),
+        buffers=list(frames[3:]),
+    )
+
+
+def _check_header(header: dict[str, Any]) -> str | None:
+    """The first problem with a header, or None when it is valid."""
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        return f"protocol version {version!r} is not supported; this kernel speaks {PROTOCOL_VERSION}"
+    if not isinstance(header.get("id"), str) or not header["id"]:
+        return "header field 'id' must be a non-empty string"
+    if not isinstance(header.get("syscall"), str) or not header["syscall"]:
+        return "header field 'syscall' must be a non-empty string"
+    if not isinstance(header.get("client", ""), str):
+        return "header field 'client' must be a string"
+    if header.get("kind", "request") not in ("request", "reply", "event"):
+        return "header field 'kind' must be 'request', 'reply' or 'event'"
+    return None
+
+
+# --- tensors as raw frames -------------------------------------------------------------
+
+_DTYPES = {"float32", "float16", "int64", "int32", "int8", "uint8"}
+
+
+def tensor_ref(array: np.ndarray, buffers: list[bytes]) -> dict[str, Any]:
+    """Append ``array``'s bytes to ``buffers`` and return the body entry that points to it."""
+    array = np.ascontiguousarray(array)
+    buffers.append(array.tobytes())
+    return {"buffer": len(buffers) - 1, "dtype": str(array.dtype), "shape": list(array.shape)}
+
+
+def tensor_from_ref(ref: Any, buffers: list[bytes]) -> np.ndarray:
+    """The array a body entry points to; ProtocolError if the reference is invalid."""
+    if not isinstance(ref, dict) or not {"buffer", "dtype", "shape"} <= ref.keys():
+        raise ProtocolError("tensor reference must be a map with buffer, dtype and shape")
+    index, dtype, shape = ref["buffer"], ref["dtype"], ref["shape"]
+    if not isinstance(index, int) or not 0 <= index < len(buffers):
+        raise ProtocolError(f"tensor buffer index {index!r} is out of range")
+    if dtype not in _DTYPES:
+        raise ProtocolError(f"tensor dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError("tensor shape must be a list of non-negative integers")
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if len(buffers[index]) != expected:
+        raise ProtocolError(
+            f"tensor buffer has {len(buffers[index])} bytes, shape {shape} {dtype} needs {expected}"
+        )
+    return np.frombuffer(buffers[index], dtype=dtype).reshape(shape)
+
+
+def decode_reply(frames: list[bytes]) -> Message:
+    """Decode a reply or event from the kernel (client side: msgpack only, size-limited)."""
+    if len(frames) < 3 or frames[0] != MAGIC:
+        raise ProtocolError("malformed reply from the kernel")
+    header = _unpack(frames[1], DEFAULT_MAX_MESSAGE_BYTES)
+    body = _unpack(frames[2], DEFAULT_MAX_MESSAGE_BYTES)
+    if not isinstance(header, dict) or header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"reply speaks protocol {header!r}, this client speaks {PROTOCOL_VERSION}")
+    return Message(
+        syscall=header.get("syscall", ""), body=body if isinstance(body, dict) else {},
+        msg_id=header.get("id", ""), kind=header.get("kind", "reply"),
+        reply_to=header.get("re"), status=header.get("status"), event=header.get("event"),
+        buffers=list(frames[3:]),
+    )

@@ -1,0 +1,224 @@
+"""The model registry: versions on disk in Hugging Face layout, indexed in SQLite (WAL).
+
+Layout under LLMOS_HOME::
+
+    registry.db                       versions and serving pointers
+    models/<name>/v<version>/         config.json, *.safetensors, tokenizer files
+
+A version directory is written under a temporary name and renamed into place, so a crash
+never leaves a half-written version that the index points to. Only safetensors weights are
+copied: pickle-based weight files (.bin, .pt, .pkl) are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .protocol import ErrorCode, KernelError
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+#: Files copied from a Hugging Face folder; everything else is ignored.
+_ALLOWED_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|.*\.safetensors|model\.safetensors\.index\.json|"
+    r"tokenizer(_config)?\.json|special_tokens_map\.json|vocab\.(txt|json)|merges\.txt|"
+    r"added_tokens\.json|chat_template\.(jinja|json))$"
+)
+_PICKLE_WEIGHTS = re.compile(r".*\.(bin|pt|pth|pkl|ckpt)$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    parent TEXT,
+    recipe TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (model, version)
+);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    serving INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One immutable version of a model."""
+
+    model: str
+    version: int
+    path: Path
+    parent: str | None
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+    sha256: str
+    created_at: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}:{self.version}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "version": self.version, "path": str(self.path),
+            "parent": self.parent, "recipe": self.recipe, "metrics": self.metrics,
+            "sha256": self.sha256, "created_at": self.created_at,
+        }
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid model name, else KernelError(BAD_REQUEST)."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise KernelError(
+            ErrorCode.BAD_REQUEST,
+            f"invalid model name {name!r}: use 1-64 of a-z 0-9 . _ - starting with a letter/digit",
+        )
+    return name
+
+
+class Registry:
+    """Versions of models under ``home``; safe to use from several threads."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.models_dir = self.home / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.home / "registry.db", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._db.commit()
+        self._remove_orphans()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- queries ----------------------------------------------------------------------
+
+    def versions(self, model: str | None = None) -> list[ModelVersion]:
+        sql = "SELECT * FROM versions" + (" WHERE model = ?" if model else "")
+        sql += " ORDER BY model, version"
+        with self._lock:
+            rows = self._db.execute(sql, (model,) if model else ()).fetchall()
+        return [self._row(r) for r in rows]
+
+    def serving(self) -> dict[str, int]:
+        """Model name -> the version that serves it."""
+        with self._lock:
+            return dict(self._db.execute("SELECT name, serving FROM models").fetchall())
+
+    def resolve(self, model: str, version: int | None = None) -> ModelVersion:
+        """The named version, or the serving one; KernelError(NOT_FOUND) if there is none."""
+        check_name(model)
+        with self._lock:
+            if version is None:
+                row = self._db.execute(
+                    "SELECT v.* FROM versions v JOIN models m ON v.model = m.name "
+                    "AND v.version = m.serving WHERE m.name = ?", (model,)).fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT * FROM versions WHERE model = ? AND version = ?", (model, version)
+                ).fetchone()
+        if row is None:
+            what = f"model {model!r}" + (f" version {version}" if version is not None else "")
+            raise KernelError(
+                ErrorCode.NOT_FOUND, f"{what} is not in the registry (see `llmos models`)"
+            )
+        return self._row(row)
+
+    # --- writes -----------------------------------------------------------------------
+
+    def import_folder(
+        self, name: str, source: Path, recipe: dict[str, Any], parent: str | None = None
+    ) -> tuple[ModelVersion, bool]:
+        """Copy a Hugging Face folder in as a new version of ``name``.
+
+        Returns (version, created). Importing weights identical to an existing version of
+        ``name`` returns that version with created=False.
+        """
+        check_name(name)
+        files = _select_files(Path(source))
+        digest = _digest(files)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM versions WHERE model = ? AND sha256 = ?", (name, digest)
+            ).fetchone()
+        if row is not None:
+            return self._row(row), False
+        target_dir = self.models_dir / name
+        target_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target_dir))
+        try:
+            for file in files:
+                shutil.copy2(file, staging / file.name)
+            with self._lock:
+                version = 1 + (self._db.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM versions WHERE model = ?", (name,)
+                ).fetchone()[0])
+                final = target_dir / f"v{version}"
+                staging.rename(final)
+                record = ModelVersion(name, version, final, parent, recipe, {}, digest, time.time())
+                self._db.execute(
+                    "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, version, str(final), parent, json.dumps(recipe), "{}", digest,
+                     record.created_at))
+                self._db.execute(
+                    "INSERT INTO models VALUES (?, ?) ON CONFLICT(name) DO NOTHING", (name, version)
+                )
+                self._db.commit()
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return record, True
+
+    # --- internals --------------------------------------------------------------------
+
+    def _row(self, row: tuple[Any, ...]) -> ModelVersion:
+        model, version, path, parent, recipe, metrics, sha256, created_at = row
+        return ModelVersion(model, version, Path(path), parent, json.loads(recipe),
+                            json.loads(metrics), sha256, created_at)
+
+    def _remove_orphans(self) -> None:
+        """Delete staging folders left by a crash mid-import (never indexed, never served)."""
+        for staging in self.models_dir.glob("*/.staging-*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _select_files(source: Path) -> list[Path]:
+    """The files of a Hugging Face folder that llmos keeps; errors if it is not usable."""
+    if not source.is_dir():
+        raise KernelError(ErrorCode.NOT_FOUND, f"model folder {str(source)!r} does not exist")
+    if not (source / "config.json").is_file():
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{source} has no config.json")
+    names = sorted(p.name for p in source.iterdir() if p.is_file())
+    if not any(n.endswith(".safetensors") for n in names):
+        pickled = [n for n in names if _PICKLE_WEIGHTS.match(n)]
+        hint = f" (found {', '.join(pickled)}: pickle-based weights are refused)" if pickled else ""
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{source} has no .safetensors weights{hint}")
+    return [source / n for n in names if _ALLOWED_FILES.match(n)]
+
+
+def _digest(files: list[Path]) -> str:
+    sha = hashlib.sha256()
+    for file in files:
+        sha.update(file.name.encode())
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+    return sha.hexdigest()

@@ -1,0 +1,131 @@
+"""The scheduler: ranks queued jobs with a policy plugin and forms batches for free devices.
+
+Called once per pass of the kernel's scheduling loop; it never touches sockets. The policy
+decides order; this module decides grouping (dynamic batching of compatible ``infer`` jobs,
+Triton's max batch size and max queue delay) and placement onto free devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..jobs import Job
+
+
+class Policy(Protocol):
+    """A scheduling policy: queued jobs run in ascending ``rank`` order."""
+
+    name: str
+
+    def rank(self, job: Job, now: float) -> tuple[float, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """Dynamic batching knobs for one model (the Triton names)."""
+
+    #: Most inputs (texts) in one batch.
+    max_batch_size: int = 32
+    #: How long the oldest job may wait for more jobs to fill a batch, in seconds.
+    max_queue_delay: float = 0.002
+
+
+@dataclass(slots=True)
+class Batch:
+    """Jobs that run together on one device."""
+
+    device: str
+    jobs: list[Job]
+    key: Hashable
+
+    @property
+    def size(self) -> int:
+        return sum(_inputs(job) for job in self.jobs)
+
+
+@dataclass(slots=True)
+class Scheduler:
+    """Holds the run queue.
+
+    ``batch_key(job)`` returns a key shared by jobs that may run in one batch, or None for a
+    job that runs alone. ``candidates(job)`` lists the devices that can run it now (e.g. where
+    its model is loaded). ``batching(job)`` gives the knobs for its model.
+    """
+
+    policy: Policy
+    batch_key: Callable[[Job], Hashable | None]
+    candidates: Callable[[Job], list[str]]
+    batching: Callable[[Job], BatchingConfig]
+    queue: dict[int, Job] = field(default_factory=dict)
+
+    def push(self, job: Job) -> None:
+        self.queue[job.id] = job
+
+    def remove(self, job_id: int) -> Job | None:
+        return self.queue.pop(job_id, None)
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def schedule(self, free_devices: set[str], now: float) -> tuple[list[Batch], float | None]:
+        """Batches to dispatch now, and the time at which a waiting batch becomes ready.
+
+        A free device takes the highest-ranked job it can run, plus compatible jobs in rank
+        order up to ``max_batch_size`` inputs. If that batch is not full and its oldest job
+        has waited less than ``max_queue_delay``, the device waits for it rather than giving
+        the slot to a lower-ranked job.
+        """
+        batches: list[Batch] = []
+        wake_at: float | None = None
+        if not free_devices or not self.queue:
+            return batches, wake_at
+        ranked = sorted(self.queue.values(), key=lambda job: self.policy.rank(job, now))
+        free = set(free_devices)
+        taken: set[int] = set()
+        for job in ranked:
+            if not free:
+                break
+            if job.id in taken:
+                continue
+            devices = [d for d in self.candidates(job) if d in free]
+            if not devices:
+                continue
+            device = devices[0]
+            key = self.batch_key(job)
+            members = [job] if key is None else self._fill(job, key, ranked, taken)
+            config = self.batching(job)
+            batch = Batch(device, members, key if key is not None else ("job", job.id))
+            oldest = min(m.queued_at for m in members)
+            ready_at = oldest + config.max_queue_delay
+            if key is not None and batch.size < config.max_batch_size and ready_at > now:
+                free.discard(device)  # hold the device for this batch; do not let others jump
+                wake_at = ready_at if wake_at is None else min(wake_at, ready_at)
+                taken.update(m.id for m in members)
+                continue
+            free.discard(device)
+            taken.update(m.id for m in members)
+            for member in members:
+                del self.queue[member.id]
+            batches.append(batch)
+        return batches, wake_at
+
+    def _fill(self, first: Job, key: Hashable, ranked: list[Job], taken: set[int]) -> list[Job]:
+        limit = self.batching(first).max_batch_size
+        members, size = [first], _inputs(first)
+        for job in ranked:
+            if size >= limit:
+                break
+            if job is first or job.id in taken or self.batch_key(job) != key:
+                continue
+            if size + _inputs(job) > limit:
+                continue
+            members.append(job)
+            size += _inputs(job)
+        return members
+
+
+def _inputs(job: Job) -> int:
+    inputs: Any = job.args.get("inputs")
+    return len(inputs) if isinstance(inputs, list) else 1

@@ -1,0 +1,231 @@
+"""The kernel process: the client socket on an IO thread, the scheduling loop on another.
+
+The IO thread owns the client-facing ROUTER. It decodes and validates every message
+(malformed ones are answered with BAD_REQUEST/UNKNOWN_SYSCALL right there), answers
+``ping`` and ``info`` itself, hands other requests to the core through an in-memory inbox,
+and forwards the core's ready-made replies. The main thread only waits for a signal or
+for the core to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+import llmos
+
+from .config import KernelConfig
+from .core import DOORBELL, OUTBOX, Counters, KernelCore, Request
+from .plugins import collect, disabled_from_env, get_plugin_manager, plugin_names
+from .protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    KernelError,
+    decode,
+    encode_error,
+    encode_reply,
+)
+from .registry import Registry
+from .syscalls import SYSCALLS
+
+log = logging.getLogger(__name__)
+
+#: Replies queued per client connection before ZeroMQ would drop them. Admission control
+#: keeps each client far below this (max_jobs_per_client), so a reply is never dropped
+#: silently; a send that fails anyway (peer gone, peer not reading) is counted.
+FRONTEND_HWM = 100_000
+
+
+def pid_file(config: KernelConfig) -> Path:
+    return config.run_dir / "kernel.json"
+
+
+def read_pid_file(home: Path) -> dict[str, Any] | None:
+    """The running kernel's {pid, address} recorded under ``home``, if its process lives."""
+    try:
+        record = json.loads((home / "run" / "kernel.json").read_text())
+        os.kill(int(record["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+class KernelServer:
+    """One kernel: plugins, registry, IO thread and scheduling loop."""
+
+    def __init__(self, config: KernelConfig) -> None:
+        self.config = config
+        config.home.mkdir(parents=True, exist_ok=True)
+        config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(config.run_dir, 0o700)
+        running = read_pid_file(config.home)
+        if running and running["pid"] != os.getpid():
+            raise KernelError(ErrorCode.BUSY, f"a kernel (pid {running['pid']}) is already "
+                              f"running at {running['address']} for {config.home}")
+        self.pm = get_plugin_manager(disabled_from_env())
+        self.ext = collect(self.pm)
+        self.ext.policies.get(config.policy)  # fail fast on an unknown policy
+        self.registry = Registry(config.home)
+        self.ctx = zmq.Context()
+        self.counters = Counters()
+        self.inbox: deque[Request] = deque()
+        self.core = KernelCore(config, self.pm, self.ext, self.registry, self.ctx,
+                               self.counters, self.inbox)
+        self.started = time.time()
+        self._info = {
+            "version": llmos.__version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+            "address": config.address, "home": str(config.home), "policy": config.policy,
+            "plugins": plugin_names(self.pm),
+        }
+        self._io_ready = threading.Event()
+        self._io_error: BaseException | None = None
+
+    def serve(self) -> None:
+        """Run until ``shutdown`` or SIGTERM/SIGINT; clean up the pid file."""
+        core = threading.Thread(target=self.core.run, name="llmos-core")
+        core.start()
+        io = threading.Thread(target=self._io_loop, name="llmos-io")
+        io.start()
+        self._io_ready.wait()
+        if self._io_error is not None:
+            self.core.stop_requested.set()
+            core.join()
+            io.join()
+            raise self._io_error
+        pid_file(self.config).write_text(
+            json.dumps({"pid": os.getpid(), "address": self.config.address}))
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.core.stop_requested.set())
+        log.info("llmos kernel %s listening on %s", llmos.__version__, self.config.address)
+        try:
+            while core.is_alive():
+                core.join(0.2)
+        finally:
+            self.core.stop_requested.set()
+            core.join()
+            io.join()
+            pid_file(self.config).unlink(missing_ok=True)
+            self.registry.close()
+            self.ctx.term()
+
+    # --- the IO thread ----------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        try:
+            frontend = self.ctx.socket(zmq.ROUTER)
+            frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            frontend.setsockopt(zmq.SNDHWM, FRONTEND_HWM)
+            frontend.setsockopt(zmq.RCVHWM, FRONTEND_HWM)
+            # Hard cap per frame: a peer sending more is disconnected by libzmq before we
+            # allocate it. Below the cap, oversize messages get a BAD_REQUEST reply.
+            frontend.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_message_bytes)
+            frontend.setsockopt(zmq.LINGER, 1000)
+            frontend.bind(self.config.address)
+            if self.config.address.startswith("ipc://"):
+                os.chmod(self.config.address[len("ipc://"):], 0o600)
+            outbox = self.ctx.socket(zmq.PULL)
+            outbox.bind(OUTBOX)
+            doorbell = self.ctx.socket(zmq.PUSH)
+            doorbell.connect(DOORBELL)
+        except Exception as exc:
+            self._io_error = exc
+            self._io_ready.set()
+            return
+        self._io_ready.set()
+        poller = zmq.Poller()
+        poller.register(frontend, zmq.POLLIN)
+        poller.register(outbox, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if outbox in ready:
+                frames = outbox.recv_multipart(copy=True)
+                if frames == [b""]:
+                    break
+                self._send(frontend, frames)
+            if frontend in ready:
+                self._on_frames(frontend, doorbell, frontend.recv_multipart(copy=True))
+        frontend.close()
+        outbox.close()
+        doorbell.close()
+
+    def _on_frames(self, frontend: zmq.Socket, doorbell: zmq.Socket, frames: list[bytes]) -> None:
+        self.counters.received += 1
+        identity, rest = frames[0], frames[1:]
+        msg_id: str | None = None
+        syscall = ""
+        try:
+            msg = decode(rest, self.config.max_message_bytes)
+            msg_id, syscall = msg.msg_id, msg.syscall
+            if msg.kind != "request":
+                raise KernelError(ErrorCode.BAD_REQUEST, f"expected a request, got a {msg.kind}")
+            spec = SYSCALLS.get(msg.syscall)
+            if spec is None:
+                raise KernelError(ErrorCode.UNKNOWN_SYSCALL,
+                                  f"unknown syscall {msg.syscall!r}; known: {', '.join(SYSCALLS)}")
+            args = spec.parse(msg.body)
+        except KernelError as exc:
+            self.counters.rejected += 1
+            self._send(frontend, [identity, *encode_error(
+                msg_id or getattr(exc, "msg_id", None), syscall, exc.code, exc.message)])
+            return
+        if syscall == "ping":
+            self._send(frontend, [identity, *encode_reply(msg_id, syscall, {"pong": True})])
+        elif syscall == "info":
+            info = {**self._info, "uptime": time.time() - self.started}
+            self._send(frontend, [identity, *encode_reply(msg_id, syscall, info)])
+        else:
+            self.inbox.append(Request(identity, msg, spec, args))
+            doorbell.send(b"", zmq.NOBLOCK)
+
+    def _send(self, frontend: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            frontend.send_multipart(frames, flags=zmq.NOBLOCK)
+            self.counters.replies += 1
+        except zmq.ZMQError:  # peer gone (EHOSTUNREACH) or not reading (EAGAIN)
+            self.counters.dropped_replies += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llmos.kernel``: run a kernel in the foreground."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m llmos.kernel")
+    add_kernel_options(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    KernelServer(config_from_args(args)).serve()
+    return 0
+
+
+def add_kernel_options(parser: Any) -> None:
+    parser.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
+    parser.add_argument("--listen", help="ipc://PATH or tcp://127.0.0.1:PORT")
+    parser.add_argument("--policy", default="priority", help="scheduling policy plugin")
+    parser.add_argument("--devices", default="", help="comma list of driver:device slots")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-jobs-per-client", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+
+
+def config_from_args(args: Any) -> KernelConfig:
+    from .config import default_home
+    from .scheduler import BatchingConfig
+
+    home = Path(args.home).expanduser() if args.home else default_home()
+    return KernelConfig(
+        home=home, address=args.listen or "", policy=args.policy,
+        devices=tuple(d for d in args.devices.split(",") if d), threads=args.threads,
+        max_jobs_per_client=args.max_jobs_per_client,
+        batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms / 1000),
+    )

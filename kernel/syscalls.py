@@ -1,0 +1,148 @@
+"""The syscall table: every syscall's arguments, checked at the boundary before any work.
+
+docs/protocol.md documents each entry (a test keeps the two in step). Handlers live in
+:mod:`llmos.kernel.core`; this module is pure data plus validation, so the IO thread can
+reject bad requests without touching the scheduling loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .jobs import MAX_PRIORITY, MIN_PRIORITY
+from .protocol import ErrorCode, KernelError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    """One argument: ``kind`` is str, int, float, bool, strs (list of str) or map."""
+
+    name: str
+    kind: str
+    required: bool = False
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def parse(self, syscall: str, value: Any) -> Any:
+        where = f"{syscall}: argument {self.name!r}"
+        if not _KIND_CHECKS[self.kind](value):
+            raise KernelError(
+                ErrorCode.BAD_REQUEST, f"{where} must be {_KIND_NAMES[self.kind]}, "
+                f"got {type(value).__name__}")
+        if self.choices and value not in self.choices:
+            raise KernelError(
+                ErrorCode.BAD_REQUEST, f"{where} must be one of {', '.join(self.choices)}, "
+                f"got {value!r}")
+        size = len(value) if self.kind in ("str", "strs") else value
+        if self.minimum is not None and size < self.minimum:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be >= {self.minimum}")
+        if self.maximum is not None and size > self.maximum:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be <= {self.maximum}")
+        return float(value) if self.kind == "float" else value
+
+
+_KIND_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "strs": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+    "map": lambda v: isinstance(v, dict),
+}
+_KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
+               "strs": "a list of strings", "map": "a map"}
+
+
+@dataclass(frozen=True, slots=True)
+class Syscall:
+    """A syscall's contract. ``job`` syscalls create a job and reply when it ends."""
+
+    name: str
+    args: tuple[Arg, ...]
+    doc: str
+    job: bool = False
+
+    def parse(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Validated arguments with defaults filled in; KernelError(BAD_REQUEST) otherwise."""
+        known = {a.name for a in self.args}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise KernelError(
+                ErrorCode.BAD_REQUEST,
+                f"{self.name}: unknown argument(s) {', '.join(map(repr, unknown))}; "
+                f"expected {', '.join(sorted(known)) or 'none'}")
+        parsed: dict[str, Any] = {}
+        for arg in self.args:
+            value = body.get(arg.name, _MISSING)
+            if value is _MISSING or value is None:
+                if arg.required:
+                    raise KernelError(
+                        ErrorCode.BAD_REQUEST, f"{self.name}: missing argument {arg.name!r}")
+                parsed[arg.name] = arg.default
+            else:
+                parsed[arg.name] = arg.parse(self.name, value)
+        return parsed
+
+
+#: Limits that apply to every kernel (the per-kernel ones are in KernelConfig).
+MAX_INPUTS_PER_JOB = 256
+MAX_TEXT_CHARS = 100_000
+
+_JOB_OPTIONS = (
+    Arg("priority", "int", default=0, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
+    Arg("timeout", "float", minimum=0.001, maximum=7 * 24 * 3600),
+)
+_MODEL = Arg("model", "str", required=True, minimum=1, maximum=64)
+_VERSION = Arg("version", "int", minimum=1)
+
+SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
+    Syscall("ping", (), "Liveness check; answered on the IO thread."),
+    Syscall("info", (), "Kernel version, protocol, address, policy, plugins, uptime."),
+    Syscall("drivers", (), "Registered drivers, their devices, and why any is unavailable."),
+    Syscall("devices", (), "Driver hosts: state, pid, memory, loaded models, restarts."),
+    Syscall("models", (), "Registry versions, which version serves each name, where loaded."),
+    Syscall("import", (
+        Arg("source", "str", minimum=1, maximum=64),
+        Arg("path", "str", minimum=1, maximum=4096),
+        Arg("name", "str", minimum=1, maximum=64),
+        *_JOB_OPTIONS,
+    ), "Import a model from a named source (a package) or a local Hugging Face folder.",
+        job=True),
+    Syscall("load", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
+            "Load a model version onto a device (the first available if not named).", job=True),
+    Syscall("unload", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
+            "Unload a model version from a device (every device if not named).", job=True),
+    Syscall("infer", (
+        _MODEL, _VERSION,
+        Arg("task", "str", required=True, choices=("embed", "classify")),
+        Arg("inputs", "strs", required=True, minimum=1, maximum=MAX_INPUTS_PER_JOB),
+        *_JOB_OPTIONS,
+    ), "Run embed or classify on a list of texts; batched with compatible jobs.", job=True),
+    Syscall("jobs", (Arg("owner", "str"), Arg("finished", "bool", default=True)),
+            "List jobs (ps): unfinished ones and recent finished ones."),
+    Syscall("job", (Arg("id", "int", required=True, minimum=1),), "One job's status."),
+    Syscall("cancel", (Arg("id", "int", required=True, minimum=1),),
+            "Cancel (kill) a job; its submitter gets CANCELLED."),
+    Syscall("renice", (
+        Arg("id", "int", required=True, minimum=1),
+        Arg("priority", "int", required=True, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
+    ), "Change a queued or running job's priority (nice value, lower runs first)."),
+    Syscall("stats", (), "Counters: requests, errors, drops, queue depth, jobs, memory."),
+    Syscall("shutdown", (), "Stop the kernel: reply, stop driver hosts, exit."),
+)}
+
+
+def check_inputs(inputs: list[str]) -> None:
+    """KernelError(BAD_REQUEST) for empty or oversized texts."""
+    for i, text in enumerate(inputs):
+        if not text.strip():
+            raise KernelError(ErrorCode.BAD_REQUEST, f"infer: input {i} is empty")
+        if len(text) > MAX_TEXT_CHARS:
+            raise KernelError(
+                ErrorCode.BAD_REQUEST,
+                f"infer: input {i} has {len(text)} characters (limit {MAX_TEXT_CHARS})")
