@@ -218,6 +218,15 @@ def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
 
 
+def kernel_argv(args: Any) -> list[str]:
+    """The options of :func:`add_kernel_options` back as command-line arguments."""
+    argv = ["--policy", args.policy, "--devices", args.devices, "--threads", str(args.threads),
+            "--max-jobs-per-client", str(args.max_jobs_per_client),
+            "--max-batch-size", str(args.max_batch_size),
+            "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    return argv + (["--listen", args.listen] if args.listen else [])
+
+
 def config_from_args(args: Any) -> KernelConfig:
     from .config import default_home
     from .scheduler import BatchingConfig

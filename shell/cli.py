@@ -1,0 +1,276 @@
+"""The ``llmos`` command: kernel control and one subcommand per everyday syscall."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from llmos.kernel.client import Client
+from llmos.kernel.config import default_address, default_home
+from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.server import (
+    KernelServer,
+    add_kernel_options,
+    config_from_args,
+    kernel_argv,
+    read_pid_file,
+)
+
+from . import render
+
+
+def resolve_address(args: argparse.Namespace) -> str:
+    """--address, else LLMOS_ADDRESS, else the running kernel's record, else the default."""
+    if args.address:
+        return args.address
+    if os.environ.get("LLMOS_ADDRESS"):
+        return os.environ["LLMOS_ADDRESS"]
+    home = Path(args.home).expanduser() if args.home else default_home()
+    record = read_pid_file(home)
+    return record["address"] if record else default_address(home)
+
+
+def start_detached(home: Path, extra: list[str], wait: float = 120.0) -> dict[str, Any]:
+    """Start ``python -m llmos.kernel`` in its own session; return its record once it pings."""
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    log = open(home / "logs" / "kernel.log", "ab")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmos.kernel", "--home", str(home), *extra],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise KernelError(ErrorCode.INTERNAL, f"the kernel exited with status "
+                              f"{process.returncode}; see {home / 'logs' / 'kernel.log'}")
+        record = read_pid_file(home)
+        if record:
+            with Client(record["address"]) as client:
+                try:
+                    client.ping(timeout=1.0)
+                    return record
+                except KernelError:
+                    pass
+        time.sleep(0.1)
+    process.kill()
+    raise KernelError(ErrorCode.TIMEOUT, f"the kernel did not answer within {wait:g} s")
+
+
+def stop_kernel(address: str, home: Path, wait: float = 60.0) -> bool:
+    """Ask the kernel to shut down and wait for its process to go; False if none answered."""
+    record = read_pid_file(home)
+    with Client(address) as client:
+        try:
+            client.shutdown()
+        except KernelError as exc:
+            if exc.code is ErrorCode.TIMEOUT:
+                return False
+            raise
+    deadline = time.monotonic() + wait
+    while record and _alive(int(record["pid"])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie left by our own Popen counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    home = Path(args.home).expanduser() if args.home else default_home()
+    if args.kernel_command == "start":
+        if not args.detach:
+            logging.basicConfig(level=logging.INFO,
+                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
+            KernelServer(config_from_args(args)).serve()
+            return 0
+        record = start_detached(home, kernel_argv(args))
+        render.console.print(f"kernel pid {record['pid']} listening on {record['address']}")
+        return 0
+    address = resolve_address(args)
+    if args.kernel_command == "status":
+        with Client(address) as client:
+            info = client.info()
+        if args.json:
+            render.as_json(info)
+        else:
+            render.table("kernel", ["KEY", "VALUE"], sorted(info.items()))
+        return 0
+    if not stop_kernel(address, home):
+        render.errors.print(f"no kernel answered at {address}")
+        return 1
+    render.console.print("kernel stopped")
+    return 0
+
+
+def _show(args: argparse.Namespace, client: Client) -> int:
+    command = args.command
+    if command == "ping":
+        started = time.perf_counter()
+        client.ping()
+        render.console.print(f"pong from {client.address} in "
+                             f"{(time.perf_counter() - started) * 1000:.2f} ms")
+        return 0
+    data: Any = {
+        "info": client.info, "drivers": client.drivers, "devices": client.devices,
+        "stats": client.stats, "jobs": lambda: client.jobs(finished=not args.running),
+    }[command]()
+    if args.json:
+        render.as_json(data)
+    elif command == "jobs":
+        render.jobs_table(data)
+    elif command == "drivers":
+        render.table("drivers", ["NAME", "DEVICES", "AVAILABLE", "DESCRIPTION / REASON"],
+                     [(d["name"], ", ".join(d["devices"]), d["available"],
+                       d["description"] if d["available"] else d["reason"]) for d in data])
+    elif command == "devices":
+        render.table("devices", ["NAME", "STATE", "PID", "THREADS", "RSS", "LOADED", "RESTARTS"],
+                     [(d["name"], d["state"], d["pid"], d["threads"], render.human_bytes(d["rss"]),
+                       ", ".join(d["loaded"]) or "-", d["restarts"]) for d in data])
+    else:
+        render.table(command, ["KEY", "VALUE"], sorted(data.items()))
+    return 0
+
+
+def _models(args: argparse.Namespace, client: Client) -> int:
+    if args.models_command == "import":
+        if not args.source and not args.path:
+            raise KernelError(ErrorCode.BAD_REQUEST, "models import: give a source NAME or --path")
+        result = client.import_model(args.source, path=args.path, name=args.name)
+        if args.json:
+            render.as_json(result)
+        else:
+            verb = "imported" if result["created"] else "already imported as"
+            render.console.print(f"{verb} {result['model']}:{result['version']} ({result['path']})")
+        return 0
+    models = client.models()
+    if args.json:
+        render.as_json(models)
+    else:
+        render.table("models", ["MODEL", "VERSION", "SERVING", "PARENT", "RECIPE", "LOADED ON"],
+                     [(m["model"], m["version"], "*" if m["serving"] else "", m["parent"],
+                       m["recipe"].get("op"), ", ".join(m["loaded_on"]) or "-") for m in models])
+    return 0
+
+
+def _work(args: argparse.Namespace, client: Client) -> int:
+    command = args.command
+    options = {"priority": args.priority, "timeout": args.timeout}
+    if command in ("load", "unload"):
+        result = getattr(client, command)(args.model, version=args.version, device=args.device)
+        message = f"{command}ed {result['model']} on {result['device']}"
+    elif command == "embed":
+        vectors = client.embed(args.model, args.texts, version=args.version, **options)
+        result = {"embeddings": vectors}
+        message = "\n".join(f"[{i}] dim {v.shape[0]}: {' '.join(f'{x:+.3f}' for x in v[:6])} ..."
+                            for i, v in enumerate(vectors))
+    elif command == "classify":
+        result = {"predictions": client.classify(args.model, args.texts, version=args.version,
+                                                 **options)}
+        if not args.json:
+            render.table("predictions", ["TEXT", "LABEL", "SCORE"],
+                         [(t, p["label"], f"{p['score']:.3f}")
+                          for t, p in zip(args.texts, result["predictions"], strict=True)])
+            return 0
+        message = ""
+    elif command == "cancel":
+        result = client.cancel(args.id)
+        message = f"job {args.id} cancelled"
+    elif command == "renice":
+        result = client.renice(args.id, args.priority_value)
+        message = f"job {args.id} priority {args.priority_value}"
+    else:  # job
+        result = client.job(args.id)
+        if not args.json:
+            render.table(f"job {args.id}", ["KEY", "VALUE"], sorted(result.items()))
+            return 0
+        message = ""
+    if args.json:
+        render.as_json(result)
+    else:
+        render.console.print(message)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmos", description="Talk to (or run) an llmos kernel.")
+    parser.add_argument("--address", help="kernel address (default: LLMOS_ADDRESS or the home's)")
+    parser.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    kernel = sub.add_parser("kernel", help="start, inspect or stop a kernel")
+    ksub = kernel.add_subparsers(dest="kernel_command", required=True)
+    start = ksub.add_parser("start", help="run a kernel (foreground unless --detach)")
+    add_kernel_options(start)
+    start.add_argument("--detach", action="store_true", help="run in the background")
+    ksub.add_parser("status", help="show the running kernel's info")
+    ksub.add_parser("stop", help="shut the kernel down")
+
+    for name, text in (("ping", "check the kernel answers"), ("info", "kernel information"),
+                       ("drivers", "registered drivers"), ("devices", "driver hosts"),
+                       ("stats", "kernel counters")):
+        sub.add_parser(name, help=text)
+    jobs = sub.add_parser("jobs", help="list jobs (ps)")
+    jobs.add_argument("--running", action="store_true", help="only unfinished jobs")
+
+    models = sub.add_parser("models", help="list or import models")
+    msub = models.add_subparsers(dest="models_command")
+    msub.add_parser("list", help="list registry versions")
+    imp = msub.add_parser("import", help="import a bundled model or a local folder")
+    imp.add_argument("source", nargs="?", help="a named source, e.g. minilm")
+    imp.add_argument("--path", help="a local Hugging Face folder (safetensors)")
+    imp.add_argument("--name", help="registry name (default: the source or folder name)")
+
+    for name in ("load", "unload"):
+        p = sub.add_parser(name, help=f"{name} a model version")
+        p.add_argument("model")
+        p.add_argument("--version", type=int)
+        p.add_argument("--device", help="driver:device, e.g. torch:cpu")
+    for name in ("embed", "classify"):
+        p = sub.add_parser(name, help=f"{name} texts")
+        p.add_argument("model")
+        p.add_argument("texts", nargs="+")
+        p.add_argument("--version", type=int)
+        p.add_argument("--priority", type=int, help="nice value, -20 (first) .. 19")
+        p.add_argument("--timeout", type=float, help="deadline in seconds")
+    for name in ("job", "cancel"):
+        sub.add_parser(name, help=f"{name} a job").add_argument("id", type=int)
+    renice = sub.add_parser("renice", help="change a job's priority")
+    renice.add_argument("id", type=int)
+    renice.add_argument("priority_value", type=int, metavar="PRIORITY")
+    sub.add_parser("demo", help="start a kernel, run the main job, stop it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "kernel":
+            return _kernel(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo()
+        with Client(resolve_address(args)) as client:
+            if args.command == "models":
+                return _models(args, client)
+            if args.command in ("ping", "info", "drivers", "devices", "stats", "jobs"):
+                return _show(args, client)
+            return _work(args, client)
+    except KernelError as exc:
+        render.errors.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        return 2
+    except KeyboardInterrupt:
+        return 130

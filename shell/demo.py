@@ -1,0 +1,57 @@
+"""The main job behind ``make demo``: a kernel, the bundled encoder, a ranked search.
+
+Starts a kernel in a fresh home, imports and loads MiniLM from its package, embeds a
+customer-service question and a small knowledge base, ranks the answers by cosine
+similarity, shows the jobs table and stops the kernel. Exits 0 only if every step worked.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from llmos.kernel.client import Client
+
+from . import render
+from .cli import start_detached, stop_kernel
+
+QUESTION = "I forgot my password and cannot log in to my account."
+KNOWLEDGE_BASE = [
+    "To reset your password, click 'Forgot password' on the sign-in page.",
+    "Refunds are issued to the original payment method within 5 business days.",
+    "Our support team is available from 9am to 5pm, Monday to Friday.",
+    "You can change the email address on your account in the profile settings.",
+    "If your account is locked after failed log-ins, wait 15 minutes and try again.",
+    "Shipping is free for orders over 50 euros.",
+]
+
+
+def run_demo() -> int:
+    home = Path(tempfile.mkdtemp(prefix="llmos-demo-"))
+    render.console.rule("llmos demo")
+    started = time.perf_counter()
+    record = start_detached(home, [])
+    render.console.print(f"kernel pid {record['pid']} on {record['address']} "
+                         f"(home {home}) up in {time.perf_counter() - started:.1f} s")
+    try:
+        with Client(record["address"], name="demo") as client:
+            imported = client.import_model("minilm")
+            render.console.print(f"imported minilm:{imported['version']} "
+                                 f"(sha256 {imported['sha256'][:12]}...)")
+            loaded = client.load("minilm")
+            render.console.print(f"loaded {loaded['model']} on {loaded['device']}: "
+                                 f"{loaded['parameters'] / 1e6:.1f}M parameters, {loaded['dim']} dims")
+            vectors = client.embed("minilm", [QUESTION, *KNOWLEDGE_BASE])
+            scores = vectors[1:] @ vectors[0]
+            order = np.argsort(-scores)
+            render.console.print(f"\n[bold]question:[/bold] {QUESTION}")
+            render.table("answers ranked by cosine similarity", ["RANK", "SCORE", "ANSWER"],
+                         [(rank + 1, f"{scores[i]:.3f}", KNOWLEDGE_BASE[i])
+                          for rank, i in enumerate(order)])
+            render.jobs_table(client.jobs())
+    finally:
+        stop_kernel(record["address"], home)
+    render.console.print(f"done in {time.perf_counter() - started:.1f} s; kernel stopped")
+    return 0
