@@ -1,0 +1,81 @@
+"""Helpers for testing against a real kernel process (for llmos and plugin authors).
+
+``with running_kernel(home) as kernel:`` starts ``python -m llmos.kernel`` on an ipc socket
+under ``home``, waits until it answers ``ping`` and its driver hosts are ready, and shuts it
+down afterwards (killing it if it does not stop).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .client import Client
+from .protocol import KernelError
+
+
+@dataclass(slots=True)
+class KernelProcess:
+    home: Path
+    address: str
+    process: subprocess.Popen[bytes]
+
+    def client(self, name: str = "test", timeout: float = 120.0) -> Client:
+        return Client(self.address, name=name, timeout=timeout)
+
+    def log(self) -> str:
+        logs = sorted((self.home / "logs").glob("*.log"))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in logs)
+
+
+@contextmanager
+def running_kernel(home: Path, *options: str, start_timeout: float = 180.0) -> Iterator[KernelProcess]:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+    address = f"ipc://{home / 'kernel.sock'}"
+    with open(home / "logs" / "kernel.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmos.kernel", "--home", str(home), "--listen", address,
+             *options], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    kernel = KernelProcess(home, address, process)
+    try:
+        _wait_ready(kernel, start_timeout)
+        yield kernel
+    finally:
+        _stop(kernel)
+
+
+def _wait_ready(kernel: KernelProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with kernel.client() as client:
+        while time.monotonic() < deadline:
+            if kernel.process.poll() is not None:
+                raise RuntimeError(f"kernel exited with {kernel.process.returncode}\n{kernel.log()}")
+            try:
+                devices = client.devices()
+            except KernelError:
+                time.sleep(0.1)
+                continue
+            if devices and all(d["state"] != "STARTING" for d in devices):
+                return
+            time.sleep(0.1)
+    raise RuntimeError(f"kernel not ready within {timeout} s\n{kernel.log()}")
+
+
+def _stop(kernel: KernelProcess) -> None:
+    if kernel.process.poll() is None:
+        with kernel.client() as client:
+            try:
+                client.shutdown()
+            except KernelError:
+                pass
+        try:
+            kernel.process.wait(30)
+        except subprocess.TimeoutExpired:
+            kernel.process.kill()
+            kernel.process.wait()

@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.registry import Registry
+from safetensors.numpy import save_file
+
+
+def hf_folder(path, weight=1.0):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    save_file({"w": np.full((2, 2), weight, dtype=np.float32)}, str(path / "model.safetensors"))
+    (path / "vocab.txt").write_text("[PAD]\n")
+    (path / "notes.md").write_text("not copied")
+    return path
+
+
+def test_import_copies_only_allowed_files_and_is_idempotent(tmp_path):
+    registry = Registry(tmp_path / "home")
+    version, created = registry.import_folder("m", hf_folder(tmp_path / "src"), {"op": "import"})
+    assert created and version.version == 1
+    assert sorted(p.name for p in version.path.iterdir()) == [
+        "config.json", "model.safetensors", "vocab.txt"]
+    again, created = registry.import_folder("m", tmp_path / "src", {"op": "import"})
+    assert not created and again.version == 1
+    v2, _ = registry.import_folder("m", hf_folder(tmp_path / "src2", 2.0), {"op": "import"})
+    assert v2.version == 2
+    assert registry.resolve("m").version == 1  # the first import keeps serving
+    assert registry.resolve("m", 2).path == v2.path
+
+
+def test_registry_survives_a_restart(tmp_path):
+    Registry(tmp_path / "home").import_folder("m", hf_folder(tmp_path / "src"), {"op": "import"})
+    reopened = Registry(tmp_path / "home")
+    assert [v.ref for v in reopened.versions()] == ["m:1"]
+
+
+def test_pickle_weights_and_missing_folders_are_refused(tmp_path):
+    registry = Registry(tmp_path / "home")
+    src = tmp_path / "pickled"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(KernelError, match="pickle-based weights are refused"):
+        registry.import_folder("p", src, {})
+    with pytest.raises(KernelError) as info:
+        registry.import_folder("p", tmp_path / "nowhere", {})
+    assert info.value.code is ErrorCode.NOT_FOUND
+    assert registry.versions() == []
+    assert not list((tmp_path / "home" / "models").glob("*/v*"))
+
+
+def test_bad_names_and_unknown_models(tmp_path):
+    registry = Registry(tmp_path / "home")
+    with pytest.raises(KernelError, match="invalid model name"):
+        registry.import_folder("../evil", hf_folder(tmp_path / "src"), {})
+    with pytest.raises(KernelError) as info:
+        registry.resolve("missing")
+    assert info.value.code is ErrorCode.NOT_FOUND
+
+
+def test_staging_left_by_a_crash_is_removed_on_open(tmp_path):
+    home = tmp_path / "home"
+    Registry(home)
+    staging = home / "models" / "m" / ".staging-123"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"partial")
+    Registry(home)
+    assert not staging.exists()

@@ -1,0 +1,78 @@
+from llmos.kernel.jobs import Job
+from llmos.kernel.scheduler import BatchingConfig, Scheduler
+from llmos.kernel.scheduler.fifo import FifoPolicy
+from llmos.kernel.scheduler.priority import PriorityPolicy
+
+
+def infer_job(model="m", n=1, priority=0, queued_at=0.0):
+    job = Job("infer", "c", {"handle": model, "task": "embed", "inputs": ["x"] * n},
+              priority=priority)
+    job.queued_at = queued_at
+    return job
+
+
+def make(policy, max_batch=4, delay=0.0):
+    return Scheduler(
+        policy,
+        batch_key=lambda j: (j.args["handle"], j.args["task"]) if j.syscall == "infer" else None,
+        candidates=lambda j: ["dev"],
+        batching=lambda j: BatchingConfig(max_batch, delay),
+    )
+
+
+def test_fifo_batches_compatible_jobs_up_to_the_size_limit():
+    sched = make(FifoPolicy(), max_batch=4)
+    jobs = [infer_job(n=1) for _ in range(3)] + [infer_job(n=2)]
+    for job in jobs:
+        sched.push(job)
+    batches, _ = sched.schedule({"dev"}, now=1.0)
+    assert len(batches) == 1
+    assert [j.id for j in batches[0].jobs] == [j.id for j in jobs[:3]]  # 3 + 2 > 4
+    assert len(sched) == 1
+
+
+def test_incompatible_jobs_are_not_batched_together():
+    sched = make(FifoPolicy(), max_batch=8)
+    a, b = infer_job("a"), infer_job("b")
+    sched.push(a)
+    sched.push(b)
+    batches, _ = sched.schedule({"dev"}, now=1.0)
+    assert [j.id for j in batches[0].jobs] == [a.id]
+
+
+def test_priority_runs_lower_nice_first():
+    sched = make(PriorityPolicy(), max_batch=1)
+    low, high = infer_job("a", priority=10), infer_job("b", priority=-5)
+    sched.push(low)
+    sched.push(high)
+    batches, _ = sched.schedule({"dev"}, now=0.0)
+    assert batches[0].jobs == [high]
+
+
+def test_aging_lets_a_starved_job_overtake():
+    policy = PriorityPolicy(aging_seconds=1.0)
+    old_low = infer_job("a", priority=10, queued_at=0.0)
+    new_high = infer_job("b", priority=-5, queued_at=100.0)
+    assert policy.rank(old_low, now=100.0) < policy.rank(new_high, now=100.0)
+
+
+def test_a_partial_batch_waits_for_the_queue_delay_and_holds_the_device():
+    sched = make(FifoPolicy(), max_batch=4, delay=0.010)
+    first = infer_job("a", queued_at=1.0)
+    sched.push(first)
+    batches, wake_at = sched.schedule({"dev"}, now=1.001)
+    assert batches == [] and abs(wake_at - 1.010) < 1e-9
+    sched.push(infer_job("b", queued_at=1.002))  # lower-ranked, other model: must not jump ahead
+    batches, _ = sched.schedule({"dev"}, now=1.003)
+    assert batches == []
+    batches, _ = sched.schedule({"dev"}, now=1.011)
+    assert batches[0].jobs == [first]
+
+
+def test_a_full_batch_goes_at_once_and_busy_devices_get_nothing():
+    sched = make(FifoPolicy(), max_batch=2, delay=10.0)
+    for _ in range(2):
+        sched.push(infer_job("a", queued_at=0.0))
+    assert sched.schedule(set(), now=0.0) == ([], None)
+    batches, _ = sched.schedule({"dev"}, now=0.0)
+    assert batches[0].size == 2
