@@ -131,14 +131,25 @@ class Pending:
 
     def __init__(self, client: Client, msg_id: str, syscall: str) -> None:
         self.client, self.msg_id, self.syscall = client, msg_id, syscall
+        self._job_id: int | None = None
+        self._reply: Message | None = None
 
     def job_id(self, timeout: float | None = None) -> int:
         """The job id from the ``accepted`` event (submit with ``events=True``)."""
-        event = self.client._wait_event(self.msg_id, "accepted", timeout)
-        return int(event["job"])
+        if self._job_id is None:
+            if self._reply is not None:
+                raise KernelError(ErrorCode.BAD_REQUEST, "no accepted event was received "
+                                  "(submit with events=True)")
+            self._job_id = int(self.client._wait_event(self.msg_id, "accepted", timeout)["job"])
+        return self._job_id
 
     def reply(self, timeout: float | None = None) -> Message:
-        return self.client._wait_reply(self.msg_id, timeout)
+        if self._reply is None:
+            self._reply, events = self.client._wait_reply(self.msg_id, timeout)
+            accepted = [e for e in events if e.event == "accepted"]
+            if accepted and self._job_id is None:
+                self._job_id = int(accepted[0].body["job"])
+        return self._reply
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """The unpacked result; raises KernelError for an error reply."""
@@ -182,10 +193,10 @@ class Client(_Syscalls):
               timeout: float | None = None) -> Any:
         return shape(self.submit(syscall, args).result(timeout))
 
-    def _wait_reply(self, msg_id: str, timeout: float | None) -> Message:
+    def _wait_reply(self, msg_id: str, timeout: float | None) -> tuple[Message, list[Message]]:
+        """The reply to ``msg_id`` and the events that preceded it (both forgotten here)."""
         self._pump(lambda: msg_id in self._replies, timeout)
-        self._events.pop(msg_id, None)
-        return self._replies.pop(msg_id)
+        return self._replies.pop(msg_id), self._events.pop(msg_id, [])
 
     def _wait_event(self, msg_id: str, name: str, timeout: float | None) -> dict[str, Any]:
         def seen() -> bool:

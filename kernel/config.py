@@ -21,8 +21,9 @@ def default_home() -> Path:
 
 
 def default_address(home: Path | None = None) -> str:
-    """``LLMOS_ADDRESS``, else an ipc socket under the home folder."""
-    return os.environ.get("LLMOS_ADDRESS") or f"ipc://{(home or default_home()) / 'kernel.sock'}"
+    """``LLMOS_ADDRESS``, else an ipc socket in the home's private (0700) run folder."""
+    home = home or default_home()
+    return os.environ.get("LLMOS_ADDRESS") or f"ipc://{home / 'run' / 'kernel.sock'}"
 
 
 def check_local(address: str) -> str:

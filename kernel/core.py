@@ -120,12 +120,12 @@ class KernelCore:
         self._outbox.connect(OUTBOX)
         self.devices = DeviceManager(self.ctx, self.config.run_dir, self.config.log_dir,
                                      self.config.heartbeat_timeout, self.config.start_timeout)
-        self._start_devices()
         poller = zmq.Poller()
         poller.register(doorbell, zmq.POLLIN)
         poller.register(self.devices.socket, zmq.POLLIN)
         wake_at: float | None = None
         try:
+            self._start_devices()
             while not self.stop_requested.is_set():
                 timeout = IDLE_POLL if self._kernel_task is None else 0.01
                 if wake_at is not None:
@@ -135,10 +135,8 @@ class KernelCore:
                     while doorbell.poll(0):
                         doorbell.recv(copy=False)
                 self._drain_inbox()
-                for event in self.devices.receive():
-                    self._on_host_event(event)
                 now = time.monotonic()
-                for event in self.devices.check(now):
+                for event in self.devices.receive() + self.devices.check(now):
                     self._on_host_event(event)
                 self._expire(now)
                 self._collect_kernel_task()
@@ -178,6 +176,7 @@ class KernelCore:
             try:
                 result = self._handlers[request.spec.name](request)
             except KernelError as exc:
+                self.counters.rejected += 1
                 self._send(request.identity, encode_error(
                     request.msg.msg_id, request.spec.name, exc.code, exc.message))
                 continue
@@ -274,6 +273,17 @@ class KernelCore:
     # --- results ----------------------------------------------------------------------
 
     def _on_host_event(self, event: HostEvent) -> None:
+        """Apply one host event; a malformed result fails its jobs, never the loop."""
+        try:
+            self._apply_host_event(event)
+        except Exception as exc:
+            log.exception("bad %s event from %s", event.kind, event.host.name)
+            for job in event.task.jobs if event.task else []:
+                if job.state is JobState.RUNNING:
+                    self._fail(job, JobState.FAILED, ErrorCode.INTERNAL,
+                               f"{event.host.name} sent an unusable result: {exc}")
+
+    def _apply_host_event(self, event: HostEvent) -> None:
         host = event.host
         if event.kind == "ready":
             assert self.devices is not None
@@ -289,9 +299,10 @@ class KernelCore:
             for job in task.jobs:
                 if job.state is not JobState.RUNNING:
                     continue
-                if job.attempts >= 2:
+                if job.attempts >= 2 or host.state is HostState.FAILED:
                     self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
-                               f"{host.name} died twice while running this job ({reason})")
+                               f"{host.name} died while running this job ({reason}); "
+                               f"attempts: {job.attempts}")
                 else:
                     job.transition(JobState.QUEUED)
                     job.device = None
@@ -306,11 +317,12 @@ class KernelCore:
         self._account(task, body, live)
         handle = task.payload.get("handle", "")
         if not body.get("ok"):
-            if task.op == "load":
-                host.wanted.pop(handle, None)
             for job in live:
                 self._fail(job, JobState.FAILED, body.get("code", ErrorCode.INTERNAL),
                            str(body.get("message", "driver error")))
+            if task.op == "load":
+                host.wanted.pop(handle, None)
+                self._fail_orphans()
             return
         if task.op == "load":
             host.loaded[handle] = body["info"]

@@ -16,6 +16,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,10 +125,9 @@ class DeviceManager:
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         path = run_dir / f"backend-{os.getpid()}.sock"
-        if len(str(path)) <= 100:
-            self.socket.bind(f"ipc://{path}")
-        else:
-            self.socket.bind("tcp://127.0.0.1:*")
+        if len(str(path)) > 100:  # too long for a Unix socket: a private (0700) temp folder
+            path = Path(tempfile.mkdtemp(prefix="llmos-")) / "backend.sock"
+        self.socket.bind(f"ipc://{path}")
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._by_identity: dict[bytes, DeviceHost] = {}
 

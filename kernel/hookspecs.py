@@ -38,7 +38,7 @@ def llmos_register_drivers(drivers: DriverRegistry) -> None:
 def llmos_register_policies(policies: PolicyRegistry) -> None:
     """Add scheduling policies with ``policies.add(name, factory)``.
 
-    ``factory(**options)`` returns an object with ``rank(job, now) -> tuple``: the scheduler
+    ``factory()`` returns an object with ``rank(job, now) -> tuple``: the scheduler
     runs queued jobs in ascending rank order. The kernel's ``--policy`` option picks one.
 
     :param policies: the kernel's policy registry.

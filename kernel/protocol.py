@@ -48,6 +48,8 @@ class KernelError(Exception):
     """An error with a code from :class:`ErrorCode`; raised by handlers and by clients."""
 
     def __init__(self, code: ErrorCode | str, message: str) -> None:
+        if code not in ErrorCode.__members__:
+            code, message = ErrorCode.INTERNAL, f"(unknown error code {code!r}) {message}"
         super().__init__(f"{code}: {message}")
         self.code = ErrorCode(code)
         self.message = message

@@ -195,9 +195,12 @@ class Registry:
                             json.loads(metrics), sha256, created_at)
 
     def _remove_orphans(self) -> None:
-        """Delete staging folders left by a crash mid-import (never indexed, never served)."""
-        for staging in self.models_dir.glob("*/.staging-*"):
-            shutil.rmtree(staging, ignore_errors=True)
+        """Delete what a crash mid-import left: staging folders, and version folders renamed
+        into place whose index row was never committed (never indexed, so never served)."""
+        indexed = {Path(v.path) for v in self.versions()}
+        for leftover in [*self.models_dir.glob("*/.staging-*"), *self.models_dir.glob("*/v*")]:
+            if leftover.is_dir() and leftover not in indexed:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _select_files(source: Path) -> list[Path]:

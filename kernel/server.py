@@ -73,7 +73,9 @@ class KernelServer:
                               f"running at {running['address']} for {config.home}")
         self.pm = get_plugin_manager(disabled_from_env())
         self.ext = collect(self.pm)
-        self.ext.policies.get(config.policy)  # fail fast on an unknown policy
+        self.ext.policies.get(config.policy)  # fail fast on an unknown policy or driver
+        for slot in config.devices:
+            self.ext.drivers.get(slot.partition(":")[0])
         self.registry = Registry(config.home)
         self.ctx = zmq.Context()
         self.counters = Counters()
@@ -136,6 +138,7 @@ class KernelServer:
             outbox = self.ctx.socket(zmq.PULL)
             outbox.bind(OUTBOX)
             doorbell = self.ctx.socket(zmq.PUSH)
+            doorbell.setsockopt(zmq.SNDHWM, 0)  # a ring is an empty frame; never block or drop
             doorbell.connect(DOORBELL)
         except Exception as exc:
             self._io_error = exc
@@ -178,6 +181,12 @@ class KernelServer:
             self._send(frontend, [identity, *encode_error(
                 msg_id or getattr(exc, "msg_id", None), syscall, exc.code, exc.message)])
             return
+        except Exception as exc:  # a bug in validation must not take the IO thread down
+            log.exception("could not validate a request")
+            self.counters.rejected += 1
+            self._send(frontend, [identity, *encode_error(
+                msg_id, syscall, ErrorCode.BAD_REQUEST, f"malformed request ({type(exc).__name__})")])
+            return
         if syscall == "ping":
             self._send(frontend, [identity, *encode_reply(msg_id, syscall, {"pong": True})])
         elif syscall == "info":
@@ -185,7 +194,7 @@ class KernelServer:
             self._send(frontend, [identity, *encode_reply(msg_id, syscall, info)])
         else:
             self.inbox.append(Request(identity, msg, spec, args))
-            doorbell.send(b"", zmq.NOBLOCK)
+            doorbell.send(b"")
 
     def _send(self, frontend: zmq.Socket, frames: list[bytes]) -> None:
         try:

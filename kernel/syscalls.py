@@ -7,6 +7,7 @@ reject bad requests without touching the scheduling loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ class Arg:
             raise KernelError(
                 ErrorCode.BAD_REQUEST, f"{where} must be one of {', '.join(self.choices)}, "
                 f"got {value!r}")
+        if self.kind == "float" and not math.isfinite(value):
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be a finite number")
         size = len(value) if self.kind in ("str", "strs") else value
         if self.minimum is not None and size < self.minimum:
             raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be >= {self.minimum}")
@@ -70,7 +73,7 @@ class Syscall:
     def parse(self, body: dict[str, Any]) -> dict[str, Any]:
         """Validated arguments with defaults filled in; KernelError(BAD_REQUEST) otherwise."""
         known = {a.name for a in self.args}
-        unknown = sorted(set(body) - known)
+        unknown = sorted(str(key) for key in set(body) - known)
         if unknown:
             raise KernelError(
                 ErrorCode.BAD_REQUEST,
@@ -116,7 +119,7 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     Syscall("load", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
             "Load a model version onto a device (the first available if not named).", job=True),
     Syscall("unload", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
-            "Unload a model version from a device (every device if not named).", job=True),
+            "Unload a model version from a device (where it is loaded if not named).", job=True),
     Syscall("infer", (
         _MODEL, _VERSION,
         Arg("task", "str", required=True, choices=("embed", "classify")),

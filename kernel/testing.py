@@ -37,7 +37,7 @@ class KernelProcess:
 def running_kernel(home: Path, *options: str, start_timeout: float = 180.0) -> Iterator[KernelProcess]:
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
-    address = f"ipc://{home / 'kernel.sock'}"
+    address = f"ipc://{home / 'run' / 'kernel.sock'}"
     with open(home / "logs" / "kernel.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "llmos.kernel", "--home", str(home), "--listen", address,

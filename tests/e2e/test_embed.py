@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from llmos.kernel.sources import _minilm_path
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from llmos import AsyncClient, ErrorCode, KernelError
-from llmos.kernel.sources import _minilm_path
 
 
 def test_paraphrases_are_closer_than_unrelated_sentences(minilm_kernel):

@@ -3,7 +3,6 @@ import textwrap
 
 import pluggy
 import pytest
-
 from llmos.kernel.plugins import BUILTIN_PLUGINS, collect, get_plugin_manager, plugin_names
 
 PLUGIN = textwrap.dedent('''

@@ -90,6 +90,8 @@ def test_syscall_arguments_are_validated():
         ({"model": "m", "task": "embed", "inputs": ["a"], "priority": 99}, "<= 19"),
         ({"model": "m", "task": "embed", "inputs": ["a"], "priority": True}, "an integer"),
         ({"model": "m", "task": "embed", "inputs": ["a"], "colour": 1}, "unknown argument"),
+        ({"model": "m", "task": "embed", "inputs": ["a"], "timeout": float("nan")}, "finite"),
+        ({"model": "m", "task": "embed", "inputs": ["a"], "timeout": float("inf")}, "finite"),
     ]
     for body, fragment in cases:
         with pytest.raises(KernelError) as info:

@@ -60,11 +60,16 @@ def test_bad_names_and_unknown_models(tmp_path):
     assert info.value.code is ErrorCode.NOT_FOUND
 
 
-def test_staging_left_by_a_crash_is_removed_on_open(tmp_path):
+def test_leftovers_of_a_crash_are_removed_on_open(tmp_path):
     home = tmp_path / "home"
-    Registry(home)
+    registry = Registry(home)
+    registry.import_folder("m", hf_folder(tmp_path / "src"), {"op": "import"})
     staging = home / "models" / "m" / ".staging-123"
-    staging.mkdir(parents=True)
-    (staging / "model.safetensors").write_bytes(b"partial")
-    Registry(home)
-    assert not staging.exists()
+    unindexed = home / "models" / "m" / "v2"  # renamed into place, index row never committed
+    for folder in (staging, unindexed):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"partial")
+    reopened = Registry(home)
+    assert not staging.exists() and not unindexed.exists()
+    v2, created = reopened.import_folder("m", hf_folder(tmp_path / "src2", 2.0), {"op": "import"})
+    assert created and v2.version == 2 and (v2.path / "model.safetensors").stat().st_size > 7
