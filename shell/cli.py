@@ -108,7 +108,7 @@ def _kernel(args: argparse.Namespace) -> int:
             render.table("kernel", ["KEY", "VALUE"], sorted(info.items()))
         return 0
     if not stop_kernel(address, home):
-        render.errors.print(f"no kernel answered at {address}")
+        render.error("TIMEOUT", f"no kernel answered at {address}")
         return 1
     render.console.print("kernel stopped")
     return 0
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _show(args, client)
             return _work(args, client)
     except KernelError as exc:
-        render.errors.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        render.error(exc.code, exc.message)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -63,3 +63,9 @@ def jobs_table(jobs: list[dict[str, Any]]) -> None:
           [(j["id"], j["owner"], j["syscall"], j["model"], j["state"], j["priority"], j["device"],
             f"{j['cpu_seconds']:.2f}", human_bytes(j["peak_memory"]), age(j["created_at"]),
             j["error"] or "") for j in jobs])
+
+
+def error(code: str, message: str) -> None:
+    """One line on stderr: the error code and the kernel's message, never wrapped."""
+    errors.print(f"error {code}: {message}", style="red", markup=False, highlight=False,
+                 soft_wrap=True)
