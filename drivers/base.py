@@ -28,6 +28,8 @@ class LoadedModel:
     #: Longest input in tokens; longer inputs are truncated.
     max_tokens: int = 0
     parameters: int = 0
+    #: Precision the model computes in, e.g. ``"f32"`` or ``"bf16"``.
+    precision: str = "f32"
 
 
 @dataclass(slots=True)

@@ -34,3 +34,17 @@ def llmos_register_drivers(drivers: DriverRegistry) -> None:
         description="PyTorch eager on CPU and CUDA",
         unavailable_reason=lambda: "" if _installed("torch") else "torch is not installed",
     ))
+    drivers.add(DriverSpec(
+        name="onnxruntime",
+        qualname="llmos.drivers.onnxruntime:OnnxRuntimeDriver",
+        probe=lambda: ["cpu"] if _installed("onnxruntime") else [],
+        description="ONNX Runtime on the model's ONNX export (fp32)",
+        unavailable_reason=lambda: "" if _installed("onnxruntime") else "onnxruntime is not installed",
+    ))
+    drivers.add(DriverSpec(
+        name="openvino",
+        qualname="llmos.drivers.openvino:OpenVinoDriver",
+        probe=lambda: ["cpu"] if _installed("openvino") else [],
+        description="OpenVINO on the model's IR (fp32; load option precision=bf16)",
+        unavailable_reason=lambda: "" if _installed("openvino") else "openvino is not installed",
+    ))

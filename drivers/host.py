@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import asdict
 from typing import Any
 
 import msgpack
@@ -29,6 +30,7 @@ import zmq
 from llmos.kernel.protocol import ErrorCode, KernelError, tensor_ref
 
 from .base import Driver
+from .tuning import time_shapes
 
 # host -> kernel
 READY = b"READY"
@@ -71,9 +73,10 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process) -> l
     try:
         op = task["op"]
         if op == "load":
-            info = driver.load(task["handle"], task["path"], task.get("options", {}))
-            body["info"] = {"tasks": info.tasks, "labels": info.labels, "dim": info.dim,
-                            "max_tokens": info.max_tokens, "parameters": info.parameters}
+            options = task.get("options", {})
+            body["info"] = asdict(driver.load(task["handle"], task["path"], options))
+            if options.get("tune"):
+                body["info"]["timings"] = time_shapes(driver, task["handle"], options["tune"])
         elif op == "unload":
             driver.unload(task["handle"])
         elif op == "run":

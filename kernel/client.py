@@ -79,8 +79,15 @@ class _Syscalls:
         """Import a model from a named source package or a local Hugging Face folder."""
         return self._call("import", {"source": source, "path": path, "name": name})
 
-    def load(self, model: str, *, version: int | None = None, device: str | None = None) -> Any:
-        return self._call("load", {"model": model, "version": version, "device": device})
+    def load(self, model: str, *, version: int | None = None, device: str | None = None,
+             driver: str | None = None, precision: str | None = None) -> Any:
+        """Load onto one device, one driver's devices, or (default) every driver, autotuned."""
+        return self._call("load", {"model": model, "version": version, "device": device,
+                                   "driver": driver, "precision": precision})
+
+    def export(self, model: str, to: str, *, version: int | None = None) -> Any:
+        """Export to ``onnx`` or ``openvino``; the artifact is cached per version."""
+        return self._call("export", {"model": model, "format": to, "version": version})
 
     def unload(self, model: str, *, version: int | None = None, device: str | None = None) -> Any:
         return self._call("unload", {"model": model, "version": version, "device": device})

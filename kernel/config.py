@@ -72,6 +72,8 @@ class KernelConfig:
     #: Finished jobs remembered for `jobs` / `job`.
     history: int = 1000
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: Bytes of models per hardware; None means 80% of its memory.
+    memory_budget: int | None = None
     #: A ready host silent this long is declared dead.
     heartbeat_timeout: float = 10.0
     #: A host must send READY within this long of being spawned.

@@ -19,7 +19,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,8 +27,10 @@ import psutil
 import zmq
 
 from .config import KernelConfig
-from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task
+from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
 from .jobs import Job, JobState
+from .models import ModelSyscalls
+from .placement import CostModel
 from .plugins import Extensions
 from .protocol import (
     ErrorCode,
@@ -41,7 +42,7 @@ from .protocol import (
     tensor_from_ref,
     tensor_ref,
 )
-from .registry import Registry, check_name
+from .registry import Registry
 from .scheduler import Batch, Scheduler
 from .syscalls import Syscall, check_inputs
 
@@ -80,7 +81,7 @@ class Counters:
     dropped_replies: int = 0
 
 
-class KernelCore:
+class KernelCore(ModelSyscalls):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -97,14 +98,18 @@ class KernelCore:
         self._deadlines: list[tuple[float, int]] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llmos-kernel-task")
         self._kernel_task: tuple[Future[dict[str, Any]], Job] | None = None
+        self.costs = CostModel()
+        self.memory_budget = config.memory_budget
         policy = ext.policies.get(config.policy)()
         self.scheduler = Scheduler(policy, self._batch_key, self._candidates,
-                                   lambda job: config.batching)
+                                   lambda job: config.batching, cost=self._cost,
+                                   hardware=hardware_of)
         self.devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         self._handlers: dict[str, Callable[[Request], Any]] = {
             "drivers": self._drivers, "devices": self._devices, "models": self._models,
-            "import": self._import, "load": self._load, "unload": self._unload,
+            "import": self._import, "export": self._export, "load": self._load,
+            "unload": self._unload,
             "infer": self._infer, "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
             "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
         }
@@ -230,17 +235,19 @@ class KernelCore:
         return (job.args["handle"], job.args["task"]) if job.syscall == "infer" else None
 
     def _candidates(self, job: Job) -> list[str]:
-        if job.syscall == "import":
+        if job.syscall in ("import", "export"):
             return [KERNEL_DEVICE]
         if job.syscall == "infer":
             assert self.devices is not None
             handle = job.args["handle"]
             return [h.name for h in self.devices.hosts.values() if handle in h.loaded]
-        return [job.args["device"]]
+        return [job.args["targets"][0]]
 
     def _free_devices(self) -> set[str]:
         assert self.devices is not None
-        free = {name for name, host in self.devices.hosts.items() if host.free}
+        hosts = self.devices.hosts.values()
+        busy = {host.hardware for host in hosts if host.inflight}
+        free = {host.name for host in hosts if host.free and host.hardware not in busy}
         if self._kernel_task is None:
             free.add(KERNEL_DEVICE)
         return free
@@ -265,10 +272,9 @@ class KernelCore:
             inputs = [text for job in batch.jobs for text in job.args["inputs"]]
             return Task("run", {"handle": first.args["handle"], "kind": first.args["task"],
                                 "inputs": inputs}, batch.jobs)
-        if first.syscall == "load":
-            return Task("load", {"handle": first.args["handle"], "path": first.args["path"],
-                                 "options": {}}, batch.jobs)
-        return Task("unload", {"handle": first.args["handle"]}, batch.jobs)
+        assert self.devices is not None
+        op, payload = self._placement_payload(first, self.devices.hosts[batch.device])
+        return Task(op, payload, batch.jobs)
 
     # --- results ----------------------------------------------------------------------
 
@@ -324,17 +330,8 @@ class KernelCore:
                 host.wanted.pop(handle, None)
                 self._fail_orphans()
             return
-        if task.op == "load":
-            host.loaded[handle] = body["info"]
-            host.wanted[handle] = {"path": task.payload["path"], "options": {}}
-            for job in live:
-                self._finish(job, {"model": handle, "device": host.name, **body["info"]})
-        elif task.op == "unload":
-            host.loaded.pop(handle, None)
-            host.wanted.pop(handle, None)
-            for job in live:
-                self._finish(job, {"model": handle, "device": host.name})
-            self._fail_orphans()
+        if task.op in ("load", "unload"):
+            self._on_placed(host, task.op, task.payload, body.get("info", {}), live)
         else:
             self._split_outputs(host, task, body, buffers, live)
 
@@ -412,11 +409,10 @@ class KernelCore:
                     self._fail(job, JobState.FAILED, ErrorCode.NOT_FOUND,
                                f"{handle} is no longer loaded on any device")
             elif job.syscall in ("load", "unload"):
-                host = hosts.get(job.args["device"])
-                if host is None or host.state is HostState.FAILED:
+                host = hosts[job.args["targets"][0]]
+                if host.state is HostState.FAILED:
                     self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
-                               f"device {job.args['device']} has failed: "
-                               f"{host.last_error if host else 'gone'}")
+                               f"device {host.name} has failed: {host.last_error}")
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -426,11 +422,7 @@ class KernelCore:
                 self._fail(job, JobState.TIMED_OUT, ErrorCode.TIMEOUT,
                            f"job {job.id} passed its deadline of {job.args['timeout']} s")
 
-    # --- kernel-side work (registry imports) ------------------------------------------
-
-    def _start_kernel_task(self, job: Job) -> None:
-        future = self._executor.submit(self._run_import, dict(job.args))
-        self._kernel_task = (future, job)
+    # --- kernel-side work (imports, exports) ------------------------------------------
 
     def _collect_kernel_task(self) -> None:
         if self._kernel_task is None or not self._kernel_task[0].done():
@@ -444,63 +436,10 @@ class KernelCore:
         except KernelError as exc:
             self._fail(job, JobState.FAILED, exc.code, exc.message)
         except Exception as exc:
-            log.exception("import failed")
+            log.exception("%s failed", job.syscall)
             self._fail(job, JobState.FAILED, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def _run_import(self, args: dict[str, Any]) -> dict[str, Any]:
-        if args["source"]:
-            folder = self.ext.sources.get(args["source"]).locate()
-            recipe: dict[str, Any] = {"op": "import", "source": args["source"]}
-        else:
-            folder = Path(args["path"]).expanduser()
-            recipe = {"op": "import", "path": str(folder)}
-        version, created = self.registry.import_folder(args["name"], folder, recipe)
-        return {"created": created, **version.describe()}
-
     # --- syscall handlers ---------------------------------------------------------------
-
-    def _import(self, request: Request) -> Job:
-        source, path = request.args["source"], request.args["path"]
-        if bool(source) == bool(path):
-            raise KernelError(ErrorCode.BAD_REQUEST, "import: give exactly one of source or path")
-        if source:
-            self.ext.sources.get(source)  # NOT_FOUND with the known names
-        name = request.args["name"] or source or Path(path).name.lower()
-        return self._admit(request, name=check_name(name))
-
-    def _host(self, name: str | None) -> DeviceHost:
-        assert self.devices is not None
-        hosts = self.devices.hosts
-        if name is None:
-            usable = [h for h in hosts.values() if h.state is not HostState.FAILED]
-            if not usable:
-                raise KernelError(ErrorCode.DEVICE_FAILED, "no usable device (see `llmos devices`)")
-            return min(usable, key=lambda h: len(h.wanted))
-        if name not in hosts:
-            raise KernelError(ErrorCode.NOT_FOUND,
-                              f"unknown device {name!r} (devices: {', '.join(sorted(hosts))})")
-        if hosts[name].state is HostState.FAILED:
-            raise KernelError(ErrorCode.DEVICE_FAILED,
-                              f"device {name} has failed: {hosts[name].last_error}")
-        return hosts[name]
-
-    def _load(self, request: Request) -> Job | dict[str, Any]:
-        version = self.registry.resolve(request.args["model"], request.args["version"])
-        host = self._host(request.args["device"])
-        if version.ref in host.loaded:
-            return {"model": version.ref, "device": host.name, "already_loaded": True,
-                    **host.loaded[version.ref]}
-        return self._admit(request, device=host.name, handle=version.ref, path=str(version.path))
-
-    def _unload(self, request: Request) -> Job:
-        version = self.registry.resolve(request.args["model"], request.args["version"])
-        assert self.devices is not None
-        names = [request.args["device"]] if request.args["device"] else [
-            h.name for h in self.devices.hosts.values() if version.ref in h.wanted]
-        if not names:
-            raise KernelError(ErrorCode.NOT_FOUND, f"{version.ref} is not loaded on any device")
-        host = self._host(names[0])
-        return self._admit(request, device=host.name, handle=version.ref)
 
     def _infer(self, request: Request) -> Job:
         check_inputs(request.args["inputs"])
@@ -531,18 +470,6 @@ class KernelCore:
     def _devices(self, request: Request) -> dict[str, Any]:
         assert self.devices is not None
         return {"devices": [h.describe() for h in self.devices.hosts.values()]}
-
-    def _models(self, request: Request) -> dict[str, Any]:
-        assert self.devices is not None
-        serving = self.registry.serving()
-        rows = []
-        for version in self.registry.versions():
-            rows.append({
-                **version.describe(), "serving": serving.get(version.model) == version.version,
-                "loaded_on": [h.name for h in self.devices.hosts.values()
-                              if version.ref in h.loaded],
-            })
-        return {"models": rows}
 
     def _jobs(self, request: Request) -> dict[str, Any]:
         owner, finished = request.args["owner"], request.args["finished"]

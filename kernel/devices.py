@@ -42,6 +42,11 @@ class HostState(enum.StrEnum):
     STOPPED = "STOPPED"
 
 
+def hardware_of(device: str) -> str:
+    """``cpu`` for every CPU slot; an accelerator is its own hardware (``cuda:0``, ``gpu``)."""
+    return "cpu" if device == "cpu" or device.startswith("cpu:") else device
+
+
 @dataclass(slots=True)
 class Task:
     """One message to a host and what it was for; ``jobs`` is empty for internal reloads."""
@@ -84,11 +89,16 @@ class DeviceHost:
     def free(self) -> bool:
         return self.state is HostState.READY and not self.inflight
 
+    @property
+    def hardware(self) -> str:
+        """The physical device this slot runs on; slots on one hardware run one at a time."""
+        return hardware_of(self.device)
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name, "driver": self.spec.name, "device": self.device,
             "state": str(self.state), "pid": self.process.pid if self.process else None,
-            "threads": self.threads, "rss": self.rss, "info": self.info,
+            "hardware": self.hardware, "threads": self.threads, "rss": self.rss, "info": self.info,
             "loaded": sorted(self.loaded), "inflight": len(self.inflight),
             "restarts": self.restarts, "last_error": self.last_error,
         }

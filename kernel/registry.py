@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY,
     serving INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tuning (
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    timings TEXT NOT NULL,
+    PRIMARY KEY (model, version, host, machine)
+);
 """
 
 
@@ -154,7 +162,7 @@ class Registry:
         """
         check_name(name)
         files = _select_files(Path(source))
-        digest = _digest(files)
+        digest = digest_files(files)
         with self._lock:
             row = self._db.execute(
                 "SELECT * FROM versions WHERE model = ? AND sha256 = ?", (name, digest)
@@ -187,6 +195,22 @@ class Registry:
                 shutil.rmtree(staging, ignore_errors=True)
         return record, True
 
+    def save_tuning(self, version: ModelVersion, host: str, machine: str,
+                    timings: dict[str, float]) -> None:
+        """Remember a driver host's measured timings for a version on this machine."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO tuning VALUES (?, ?, ?, ?, ?)",
+                             (version.model, version.version, host, machine, json.dumps(timings)))
+            self._db.commit()
+
+    def tuning(self, version: ModelVersion, machine: str) -> dict[str, dict[str, float]]:
+        """Host name -> timings measured for ``version`` on ``machine`` (empty if none)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT host, timings FROM tuning WHERE model = ? AND version = ? AND machine = ?",
+                (version.model, version.version, machine)).fetchall()
+        return {host: json.loads(timings) for host, timings in rows}
+
     # --- internals --------------------------------------------------------------------
 
     def _row(self, row: tuple[Any, ...]) -> ModelVersion:
@@ -217,7 +241,8 @@ def _select_files(source: Path) -> list[Path]:
     return [source / n for n in names if _ALLOWED_FILES.match(n)]
 
 
-def _digest(files: list[Path]) -> str:
+def digest_files(files: list[Path]) -> str:
+    """sha256 over the names and contents of ``files``, in order."""
     sha = hashlib.sha256()
     for file in files:
         sha.update(file.name.encode())

@@ -225,6 +225,7 @@ def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--max-jobs-per-client", type=int, default=256)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--memory-budget-mb", type=int, help="model memory per hardware")
 
 
 def kernel_argv(args: Any) -> list[str]:
@@ -233,6 +234,8 @@ def kernel_argv(args: Any) -> list[str]:
             "--max-jobs-per-client", str(args.max_jobs_per_client),
             "--max-batch-size", str(args.max_batch_size),
             "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    if args.memory_budget_mb is not None:
+        argv += ["--memory-budget-mb", str(args.memory_budget_mb)]
     return argv + (["--listen", args.listen] if args.listen else [])
 
 
@@ -246,4 +249,5 @@ def config_from_args(args: Any) -> KernelConfig:
         devices=tuple(d for d in args.devices.split(",") if d), threads=args.threads,
         max_jobs_per_client=args.max_jobs_per_client,
         batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms / 1000),
+        memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
     )

@@ -116,8 +116,15 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         *_JOB_OPTIONS,
     ), "Import a model from a named source (a package) or a local Hugging Face folder.",
         job=True),
-    Syscall("load", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
-            "Load a model version onto a device (the first available if not named).", job=True),
+    Syscall("export", (
+        _MODEL, _VERSION, Arg("format", "str", required=True, choices=("onnx", "openvino")),
+        *_JOB_OPTIONS,
+    ), "Export a model version to ONNX or OpenVINO IR (cached per version).", job=True),
+    Syscall("load", (
+        _MODEL, _VERSION, Arg("device", "str", maximum=128), Arg("driver", "str", maximum=64),
+        Arg("precision", "str", default="f32", choices=("f32", "bf16")), *_JOB_OPTIONS,
+    ), "Load a model version: onto one device, one driver's, or (default) every driver, "
+       "timing each so batches go where they run fastest.", job=True),
     Syscall("unload", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
             "Unload a model version from a device (where it is loaded if not named).", job=True),
     Syscall("infer", (

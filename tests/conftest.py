@@ -25,9 +25,10 @@ def home() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def minilm_kernel() -> Iterator[KernelProcess]:
-    """One kernel for the session with the bundled MiniLM imported and loaded."""
+    """One kernel for the session with the bundled MiniLM imported and loaded (PyTorch only:
+    placement across drivers has its own tests)."""
     path = short_home()
-    with running_kernel(path) as kernel:
+    with running_kernel(path, "--devices", "torch:cpu") as kernel:
         with kernel.client() as client:
             client.import_model("minilm")
             client.load("minilm")

@@ -51,13 +51,17 @@ class Scheduler:
 
     ``batch_key(job)`` returns a key shared by jobs that may run in one batch, or None for a
     job that runs alone. ``candidates(job)`` lists the devices that can run it now (e.g. where
-    its model is loaded). ``batching(job)`` gives the knobs for its model.
+    its model is loaded). ``batching(job)`` gives the knobs for its model. ``cost(jobs,
+    device)`` predicts a batch's run time on a device (the cheapest free one is chosen), and
+    ``hardware(device)`` names what a device runs on: one batch at a time per hardware.
     """
 
     policy: Policy
     batch_key: Callable[[Job], Hashable | None]
     candidates: Callable[[Job], list[str]]
     batching: Callable[[Job], BatchingConfig]
+    cost: Callable[[list[Job], str], float] = lambda jobs, device: 0.0
+    hardware: Callable[[str], str] = lambda device: device
     queue: dict[int, Job] = field(default_factory=dict)
 
     def push(self, job: Job) -> None:
@@ -92,20 +96,20 @@ class Scheduler:
             devices = [d for d in self.candidates(job) if d in free]
             if not devices:
                 continue
-            device = devices[0]
             key = self.batch_key(job)
             members = [job] if key is None else self._fill(job, key, ranked, taken)
+            device = min(devices, key=lambda d: self.cost(members, d))
             config = self.batching(job)
             batch = Batch(device, members, key if key is not None else ("job", job.id))
             oldest = min(m.queued_at for m in members)
             ready_at = oldest + config.max_queue_delay
-            if key is not None and batch.size < config.max_batch_size and ready_at > now:
-                free.discard(device)  # hold the device for this batch; do not let others jump
-                wake_at = ready_at if wake_at is None else min(wake_at, ready_at)
-                taken.update(m.id for m in members)
-                continue
-            free.discard(device)
+            hardware = self.hardware(device)
+            free = {d for d in free if self.hardware(d) != hardware}  # held or used now
             taken.update(m.id for m in members)
+            if key is not None and batch.size < config.max_batch_size and ready_at > now:
+                # hold the hardware for this batch; lower-ranked jobs must not jump ahead
+                wake_at = ready_at if wake_at is None else min(wake_at, ready_at)
+                continue
             for member in members:
                 del self.queue[member.id]
             batches.append(batch)

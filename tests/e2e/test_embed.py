@@ -107,9 +107,9 @@ def test_jobs_record_device_and_resources(minilm_kernel):
 def test_models_survive_a_kernel_restart(home):
     from llmos.kernel.testing import running_kernel
 
-    with running_kernel(home) as kernel, kernel.client() as client:
+    with running_kernel(home, "--devices", "torch:cpu") as kernel, kernel.client() as client:
         client.import_model("minilm")
-    with running_kernel(home) as kernel, kernel.client() as client:
+    with running_kernel(home, "--devices", "torch:cpu") as kernel, kernel.client() as client:
         assert [m["version"] for m in client.models()] == [1]
         assert client.import_model("minilm")["created"] is False
     shutil.rmtree(home, ignore_errors=True)

@@ -11,7 +11,7 @@ from llmos.kernel.testing import running_kernel
 
 
 def test_killed_driver_host_loses_no_request(home):
-    with running_kernel(home) as kernel:
+    with running_kernel(home, "--devices", "torch:cpu") as kernel:
         with kernel.client() as client:
             client.import_model("minilm")
             client.load("minilm")

@@ -21,7 +21,7 @@ def busy_kernel():
 
     home = short_home()
     with running_kernel(home, "--max-jobs-per-client", "5", "--max-batch-size", "8",
-                        "--policy", "priority") as kernel:
+                        "--policy", "priority", "--devices", "torch:cpu") as kernel:
         with kernel.client() as client:
             client.import_model("minilm")
             client.load("minilm")

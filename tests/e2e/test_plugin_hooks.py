@@ -30,7 +30,7 @@ def test_job_finished_hook_runs_in_the_kernel(home, tmp_path, monkeypatch):
     log = tmp_path / "jobs.jsonl"
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setenv("JOB_LOG", str(log))
-    with running_kernel(home) as kernel, kernel.client() as client:
+    with running_kernel(home, "--devices", "torch:cpu") as kernel, kernel.client() as client:
         assert "joblog" in client.info()["plugins"]
         imported = client.import_model("minilm")
         with pytest.raises(KernelError):  # refused at admission: never a job, no hook call

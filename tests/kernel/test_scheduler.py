@@ -76,3 +76,19 @@ def test_a_full_batch_goes_at_once_and_busy_devices_get_nothing():
     assert sched.schedule(set(), now=0.0) == ([], None)
     batches, _ = sched.schedule({"dev"}, now=0.0)
     assert batches[0].size == 2
+
+
+def test_the_cheapest_free_device_is_chosen_and_its_hardware_is_then_busy():
+    costs = {"torch:cpu": 3.0, "openvino:cpu": 1.0, "torch:cuda:0": 2.0}
+    sched = Scheduler(
+        FifoPolicy(), batch_key=lambda j: (j.args["handle"], j.args["task"]),
+        candidates=lambda j: list(costs), batching=lambda j: BatchingConfig(1, 0.0),
+        cost=lambda jobs, device: costs[device],
+        hardware=lambda device: "cpu" if device.endswith(":cpu") else device)
+    jobs = [infer_job("a"), infer_job("a"), infer_job("a")]
+    for job in jobs:
+        sched.push(job)
+    batches, _ = sched.schedule(set(costs), now=0.0)
+    assert [(b.device, b.jobs) for b in batches] == [
+        ("openvino:cpu", [jobs[0]]), ("torch:cuda:0", [jobs[1]])]  # one batch per hardware
+    assert len(sched) == 1

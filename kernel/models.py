@@ -1,0 +1,243 @@
+"""Model syscalls: import, export, load, unload, models; placement and memory budgets.
+
+A mixin of :class:`~llmos.kernel.core.KernelCore` (it shares the core's state and runs on
+its thread). ``load`` and ``unload`` may touch several driver hosts: such a job visits its
+``targets`` one after another (RUNNING on one host, back to QUEUED for the next) and ends
+when the last is done. Registry imports and exports run on the kernel pseudo-device; an
+export runs in a subprocess (``python -m llmos.drivers.export``) so the kernel process
+never imports a framework.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from .devices import DeviceHost, DeviceManager, HostState
+from .jobs import Job, JobState
+from .placement import TUNE_SHAPES, CostModel, batch_shape, machine_id, memory_need
+from .protocol import ErrorCode, KernelError
+from .registry import ModelVersion, Registry, check_name
+
+if TYPE_CHECKING:
+    from .core import Request
+    from .plugins import Extensions
+    from .scheduler import Scheduler
+
+#: Share of a hardware's memory that loaded models may use (CPU: of RAM).
+MEMORY_FRACTION = 0.8
+
+
+class ModelSyscalls:
+    """Handlers and completion logic for everything that changes where models live."""
+
+    registry: Registry
+    ext: Extensions
+    devices: DeviceManager | None
+    scheduler: Scheduler
+    costs: CostModel
+    memory_budget: int | None
+    _executor: ThreadPoolExecutor
+    _kernel_task: tuple[Future[dict[str, Any]], Job] | None
+
+    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
+        raise NotImplementedError
+
+    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        raise NotImplementedError
+
+    def _fail_orphans(self) -> None:
+        raise NotImplementedError
+
+    # --- import and export (kernel pseudo-device) -------------------------------------
+
+    def _import(self, request: Request) -> Job:
+        source, path = request.args["source"], request.args["path"]
+        if bool(source) == bool(path):
+            raise KernelError(ErrorCode.BAD_REQUEST, "import: give exactly one of source or path")
+        if source:
+            self.ext.sources.get(source)  # NOT_FOUND with the known names
+        name = request.args["name"] or source or Path(path).name.lower()
+        return self._admit(request, name=check_name(name))
+
+    def _export(self, request: Request) -> Job:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        return self._admit(request, path=str(version.path), handle=version.ref)
+
+    def _start_kernel_task(self, job: Job) -> None:
+        work = self._run_import if job.syscall == "import" else self._run_export
+        self._kernel_task = (self._executor.submit(work, dict(job.args)), job)
+
+    def _run_import(self, args: dict[str, Any]) -> dict[str, Any]:
+        if args["source"]:
+            folder = self.ext.sources.get(args["source"]).locate()
+            recipe: dict[str, Any] = {"op": "import", "source": args["source"]}
+        else:
+            folder = Path(args["path"]).expanduser()
+            recipe = {"op": "import", "path": str(folder)}
+        version, created = self.registry.import_folder(args["name"], folder, recipe)
+        return {"created": created, **version.describe()}
+
+    def _run_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        command = [sys.executable, "-m", "llmos.drivers.export", args["path"], "--to", args["format"]]
+        done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                              timeout=args["timeout"] or 3600)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 2:
+            raise KernelError(ErrorCode.BAD_REQUEST, (done.stderr.strip() or "export failed")[-500:])
+        if done.returncode != 0 or not lines:
+            raise KernelError(ErrorCode.INTERNAL, f"export exited with {done.returncode}: "
+                              f"{done.stderr.strip()[-500:]}")
+        return {"model": args["handle"], "format": args["format"], **json.loads(lines[-1])}
+
+    # --- load and unload --------------------------------------------------------------
+
+    def _hosts(self) -> dict[str, DeviceHost]:
+        assert self.devices is not None
+        return self.devices.hosts
+
+    def _targets(self, device: str | None, driver: str | None) -> list[DeviceHost]:
+        """The hosts a load may use: one named device, one driver's, or every usable one."""
+        hosts = self._hosts()
+        if device is not None:
+            if device not in hosts:
+                raise KernelError(ErrorCode.NOT_FOUND,
+                                  f"unknown device {device!r} (devices: {', '.join(sorted(hosts))})")
+            chosen = [hosts[device]]
+        elif driver is not None:
+            spec = self.ext.drivers.get(driver)  # NOT_FOUND with the known drivers
+            chosen = [h for h in hosts.values() if h.spec.name == driver]
+            if not chosen:
+                reason = spec.unavailable_reason() or "it was not started (see --devices)"
+                raise KernelError(ErrorCode.DEVICE_FAILED,
+                                  f"driver {driver!r} has no device here: {reason}")
+        else:
+            chosen = list(hosts.values())
+        usable = [h for h in chosen if h.state is not HostState.FAILED]
+        if not usable:
+            errors = "; ".join(f"{h.name}: {h.last_error}" for h in chosen) or "none started"
+            raise KernelError(ErrorCode.DEVICE_FAILED, f"no usable device ({errors})")
+        return usable
+
+    def _check_memory(self, version: ModelVersion, hosts: list[DeviceHost]) -> int:
+        """Bytes the load needs per host; KernelError(BUSY) if a hardware would overflow."""
+        need = memory_need(version.path)
+        for hardware in {h.hardware for h in hosts}:
+            adding = need * sum(1 for h in hosts if h.hardware == hardware)
+            used = sum(p.get("memory", 0) for h in self._hosts().values()
+                       if h.hardware == hardware for p in h.wanted.values())
+            budget = self._budget(hardware, hosts)
+            if used + adding > budget:
+                raise KernelError(
+                    ErrorCode.BUSY,
+                    f"loading {version.ref} needs ~{adding / 2**20:.0f} MiB on {hardware}, "
+                    f"{used / 2**20:.0f} MiB of its {budget / 2**20:.0f} MiB budget are in use; "
+                    "unload a model or load onto fewer drivers (--driver)")
+        return need
+
+    def _budget(self, hardware: str, hosts: list[DeviceHost]) -> int:
+        if self.memory_budget is not None:
+            return self.memory_budget
+        if hardware == "cpu":
+            return int(psutil.virtual_memory().total * MEMORY_FRACTION)
+        memory = max(int(h.info.get("memory_bytes", 0)) for h in hosts if h.hardware == hardware)
+        return int(memory * MEMORY_FRACTION)
+
+    def _load(self, request: Request) -> Job | dict[str, Any]:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        hosts = self._targets(request.args["device"], request.args["driver"])
+        todo = [h for h in hosts if version.ref not in h.wanted]
+        if not todo:
+            return self._placements(version.ref, hosts)
+        need = self._check_memory(version, todo)
+        cached = self.registry.tuning(version, machine_id())
+        for host in todo:
+            if host.name in cached:
+                self.costs.record(version.ref, host.name, cached[host.name])
+        return self._admit(
+            request, handle=version.ref, path=str(version.path), memory=need,
+            targets=[h.name for h in todo], tune=[h.name for h in todo if h.name not in cached],
+            done=[h.name for h in hosts if h not in todo])
+
+    def _unload(self, request: Request) -> Job:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        hosts = [h for h in self._hosts().values() if version.ref in h.wanted
+                 and request.args["device"] in (None, h.name)]
+        if not hosts:
+            where = request.args["device"] or "any device"
+            raise KernelError(ErrorCode.NOT_FOUND, f"{version.ref} is not loaded on {where}")
+        return self._admit(request, handle=version.ref, targets=[h.name for h in hosts], done=[])
+
+    def _placement_payload(self, job: Job, host: DeviceHost) -> tuple[str, dict[str, Any]]:
+        """The host task for this step of a load or unload job."""
+        if job.syscall == "unload":
+            return "unload", {"handle": job.args["handle"]}
+        options: dict[str, Any] = {"precision": job.args["precision"]}
+        if host.name in job.args["tune"]:
+            options["tune"] = [list(shape) for shape in TUNE_SHAPES]
+        return "load", {"handle": job.args["handle"], "path": job.args["path"],
+                        "options": options, "memory": job.args["memory"]}
+
+    def _on_placed(self, host: DeviceHost, op: str, payload: dict[str, Any],
+                   info: dict[str, Any], jobs: list[Job]) -> None:
+        """A load or unload finished on ``host``: update state, then advance its jobs."""
+        handle = payload["handle"]
+        if op == "load":
+            timings = info.pop("timings", None)
+            host.loaded[handle] = info
+            host.wanted[handle] = {"path": payload["path"], "memory": payload["memory"],
+                                   "options": {k: v for k, v in payload["options"].items()
+                                               if k != "tune"}}
+            if timings:
+                self.costs.record(handle, host.name, timings)
+                name, _, number = handle.rpartition(":")
+                self.registry.save_tuning(self.registry.resolve(name, int(number)), host.name,
+                                          machine_id(), timings)
+        else:
+            host.loaded.pop(handle, None)
+            host.wanted.pop(handle, None)
+            self.costs.forget(handle, host.name)
+            self._fail_orphans()
+        for job in jobs:
+            job.args["done"].append(job.args["targets"].pop(0))
+            if job.args["targets"]:
+                job.transition(JobState.QUEUED)  # on to the next host
+                job.attempts = 0
+                self.scheduler.push(job)
+            elif op == "load":
+                self._finish(job, self._placements(handle, [self._hosts()[n]
+                                                            for n in job.args["done"]]))
+            else:
+                self._finish(job, {"model": handle, "devices": job.args["done"]})
+
+    def _placements(self, handle: str, hosts: list[DeviceHost]) -> dict[str, Any]:
+        loaded = [h for h in hosts if handle in h.loaded]
+        info = loaded[0].loaded[handle] if loaded else {}
+        return {"model": handle, "devices": [h.name for h in loaded],
+                "precision": {h.name: h.loaded[handle].get("precision", "f32") for h in loaded},
+                **{k: v for k, v in info.items() if k != "precision"}}
+
+    def _cost(self, jobs: list[Job], device: str) -> float:
+        """Predicted ms of a batch on a device (0 for work that is not an infer batch)."""
+        first = jobs[0]
+        if first.syscall != "infer":
+            return 0.0
+        return self.costs.predict(first.args["handle"], device, *batch_shape(jobs))
+
+    def _models(self, request: Request) -> dict[str, Any]:
+        serving = self.registry.serving()
+        rows = []
+        for version in self.registry.versions():
+            rows.append({
+                **version.describe(), "serving": serving.get(version.model) == version.version,
+                "loaded_on": [h.name for h in self._hosts().values() if version.ref in h.loaded],
+                "timings_ms": {host: table for (handle, host), table in self.costs.timings.items()
+                               if handle == version.ref},
+            })
+        return {"models": rows}

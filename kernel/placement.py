@@ -1,0 +1,84 @@
+"""Placement: where a batch runs fastest, and whether a model fits in memory.
+
+When a model is loaded without naming a driver, every available driver host loads it and
+times a grid of representative shapes (:data:`TUNE_SHAPES`: batch size x tokens). The
+timings are cached per model version and machine in the registry, so the autotune runs
+once. Each batch then goes to the host with the lowest predicted time for its shape.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .jobs import Job
+
+BATCH_BUCKETS = (1, 8, 32)
+TOKEN_BUCKETS = (16, 64, 128)
+#: Shapes each driver times at load (batch size, tokens per input).
+TUNE_SHAPES = tuple((b, t) for b in BATCH_BUCKETS for t in TOKEN_BUCKETS)
+#: Resident memory per byte of weights on disk (weights, activations, framework overhead).
+MEMORY_PER_WEIGHT_BYTE = 1.5
+
+
+def shape_key(batch: int, tokens: int) -> str:
+    return f"{batch}x{tokens}"
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens of a text without a tokenizer (WordPiece/BPE average ~4 characters a token)."""
+    return len(text) // 4 + 2
+
+
+def batch_shape(jobs: list[Job]) -> tuple[int, int]:
+    """(inputs, longest input in estimated tokens) of the batch these jobs would form."""
+    texts = [text for job in jobs for text in job.args.get("inputs", [])]
+    return len(texts), max((estimate_tokens(t) for t in texts), default=1)
+
+
+def _bucket(buckets: tuple[int, ...], value: int) -> tuple[int, float]:
+    """The smallest bucket >= value, or the largest with a linear scale factor beyond it."""
+    index = bisect.bisect_left(buckets, value)
+    if index < len(buckets):
+        return buckets[index], 1.0
+    return buckets[-1], value / buckets[-1]
+
+
+@dataclass(slots=True)
+class CostModel:
+    """Measured milliseconds per (model handle, host) and shape."""
+
+    timings: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+
+    def record(self, handle: str, host: str, timings: dict[str, float]) -> None:
+        self.timings[(handle, host)] = dict(timings)
+
+    def forget(self, handle: str, host: str) -> None:
+        self.timings.pop((handle, host), None)
+
+    def predict(self, handle: str, host: str, batch: int, tokens: int) -> float:
+        """Predicted ms for a batch; +inf when this host was never timed for the model."""
+        table = self.timings.get((handle, host))
+        if not table:
+            return float("inf")
+        b, b_scale = _bucket(BATCH_BUCKETS, batch)
+        t, t_scale = _bucket(TOKEN_BUCKETS, tokens)
+        measured = table.get(shape_key(b, t))
+        return float("inf") if measured is None else measured * b_scale * t_scale
+
+
+def machine_id() -> str:
+    """What tuning results are valid for: host name, processor, CPU count."""
+    return f"{platform.node()}/{platform.processor() or platform.machine()}/{os.cpu_count()}"
+
+
+def weights_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
+
+def memory_need(model_dir: Path) -> int:
+    """Estimated resident bytes one driver needs to serve the model in ``model_dir``."""
+    return int(weights_bytes(model_dir) * MEMORY_PER_WEIGHT_BYTE)
