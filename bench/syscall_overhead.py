@@ -38,6 +38,7 @@ from typing import Any
 
 import msgpack
 import zmq
+
 from llmos.kernel.client import Client
 from llmos.kernel.protocol import MAGIC, decode_reply, encode_request
 

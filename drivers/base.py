@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from llmos.kernel.protocol import ErrorCode, KernelError
+
 
 @dataclass(slots=True)
 class LoadedModel:
@@ -63,3 +65,15 @@ class Driver(ABC):
     @abstractmethod
     def run(self, handle: str, task: str, inputs: list[str], options: dict[str, Any]) -> TaskOutput:
         """Run ``task`` on a batch of ``inputs`` with the model loaded under ``handle``."""
+
+
+def check_task(handle: str, info: LoadedModel | None, task: str, device: str) -> LoadedModel:
+    """``info`` if the model is loaded and can run ``task``; KernelError otherwise."""
+    if info is None:
+        raise KernelError(ErrorCode.NOT_FOUND, f"{handle} is not loaded on {device}")
+    if task not in info.tasks:
+        raise KernelError(
+            ErrorCode.BAD_REQUEST,
+            f"{handle} cannot {task} (it can: {', '.join(info.tasks)}); "
+            "classify needs a model with a classification head")
+    return info

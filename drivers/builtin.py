@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+from collections.abc import Callable
 
 from llmos.kernel import hookimpl
 from llmos.kernel.registries import DriverRegistry, DriverSpec
@@ -25,26 +26,21 @@ def _torch_devices() -> list[str]:
     return ["cpu", *(f"cuda:{i}" for i in range(len(gpus)))]
 
 
+def _spec(name: str, qualname: str, module: str, description: str,
+          devices: Callable[[], list[str]] | None = None) -> DriverSpec:
+    """A driver needing ``module``: unavailable, with the reason, when it is not installed."""
+    return DriverSpec(
+        name=name, qualname=qualname, description=description,
+        probe=devices or (lambda: ["cpu"] if _installed(module) else []),
+        unavailable_reason=lambda: "" if _installed(module) else f"{module} is not installed",
+    )
+
+
 @hookimpl
 def llmos_register_drivers(drivers: DriverRegistry) -> None:
-    drivers.add(DriverSpec(
-        name="torch",
-        qualname="llmos.drivers.pytorch:TorchDriver",
-        probe=_torch_devices,
-        description="PyTorch eager on CPU and CUDA",
-        unavailable_reason=lambda: "" if _installed("torch") else "torch is not installed",
-    ))
-    drivers.add(DriverSpec(
-        name="onnxruntime",
-        qualname="llmos.drivers.onnxruntime:OnnxRuntimeDriver",
-        probe=lambda: ["cpu"] if _installed("onnxruntime") else [],
-        description="ONNX Runtime on the model's ONNX export (fp32)",
-        unavailable_reason=lambda: "" if _installed("onnxruntime") else "onnxruntime is not installed",
-    ))
-    drivers.add(DriverSpec(
-        name="openvino",
-        qualname="llmos.drivers.openvino:OpenVinoDriver",
-        probe=lambda: ["cpu"] if _installed("openvino") else [],
-        description="OpenVINO on the model's IR (fp32; load option precision=bf16)",
-        unavailable_reason=lambda: "" if _installed("openvino") else "openvino is not installed",
-    ))
+    drivers.add(_spec("torch", "llmos.drivers.pytorch:TorchDriver", "torch",
+                      "PyTorch eager on CPU and CUDA", _torch_devices))
+    drivers.add(_spec("onnxruntime", "llmos.drivers.onnxruntime:OnnxRuntimeDriver", "onnxruntime",
+                      "ONNX Runtime on the model's ONNX export (fp32)"))
+    drivers.add(_spec("openvino", "llmos.drivers.openvino:OpenVinoDriver", "openvino",
+                      "OpenVINO on the model's IR (fp32; load option precision=bf16)"))

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from llmos.kernel.protocol import ErrorCode, KernelError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from .base import Driver, LoadedModel, TaskOutput
+from .base import Driver, LoadedModel, TaskOutput, check_task
 from .export import ensure_artifact, read_meta
 
 #: ``run(feeds, output_names)`` -> ``{output_name: array}``.
@@ -120,14 +119,8 @@ class ExportedGraphDriver(Driver):
 
     def run(self, handle: str, task: str, inputs: list[str], options: dict[str, Any]) -> TaskOutput:
         entry = self._models.get(handle)
-        if entry is None:
-            raise KernelError(ErrorCode.NOT_FOUND, f"{handle} is not loaded on {self.device}")
-        if task not in entry.info.tasks:
-            raise KernelError(
-                ErrorCode.BAD_REQUEST,
-                f"{handle} cannot {task} (it can: {', '.join(entry.info.tasks)}); "
-                "classify needs a model with a classification head",
-            )
+        check_task(handle, entry.info if entry else None, task, self.device)
+        assert entry is not None
         feeds, tokens = tokenize(entry.tokenizer, inputs, entry.info.max_tokens, entry.graph.inputs)
         if task == "embed":
             hidden = entry.graph.run(feeds, ["last_hidden_state"])["last_hidden_state"]

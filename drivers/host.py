@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 import psutil
 import zmq
+
 from llmos.kernel.protocol import ErrorCode, KernelError, tensor_ref
 
 from .base import Driver

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import psutil
+
 from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .common import ExportedGraphDriver, Graph

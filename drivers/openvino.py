@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import openvino
 import psutil
+
 from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .common import ExportedGraphDriver, Graph

@@ -13,7 +13,6 @@ from typing import Any
 
 import psutil
 import torch
-from llmos.kernel.protocol import ErrorCode, KernelError
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -23,7 +22,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .base import Driver, LoadedModel, TaskOutput
+from llmos.kernel.protocol import ErrorCode, KernelError
+
+from .base import Driver, LoadedModel, TaskOutput, check_task
+from .common import max_tokens
 
 
 @dataclass(slots=True)
@@ -46,11 +48,6 @@ def load_hf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = auto.from_pretrained(path, use_safetensors=True, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     return model.eval(), tokenizer
-
-
-def max_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or 512
-    return int(min(limit, tokenizer.model_max_length))
 
 
 class TorchDriver(Driver):
@@ -83,7 +80,7 @@ class TorchDriver(Driver):
             tasks.append("classify")
         info = LoadedModel(
             tasks=tasks, labels=labels, dim=int(model.config.hidden_size),
-            max_tokens=max_tokens(model, tokenizer),
+            max_tokens=max_tokens(model.config, tokenizer),
             parameters=sum(p.numel() for p in model.parameters()),
         )
         self._models[handle] = _Entry(model, tokenizer, info)
@@ -96,14 +93,8 @@ class TorchDriver(Driver):
 
     def run(self, handle: str, task: str, inputs: list[str], options: dict[str, Any]) -> TaskOutput:
         entry = self._models.get(handle)
-        if entry is None:
-            raise KernelError(ErrorCode.NOT_FOUND, f"{handle} is not loaded on {self.device}")
-        if task not in entry.info.tasks:
-            raise KernelError(
-                ErrorCode.BAD_REQUEST,
-                f"{handle} cannot {task} (it can: {', '.join(entry.info.tasks)}); "
-                "classify needs a model with a classification head",
-            )
+        check_task(handle, entry.info if entry else None, task, self.device)
+        assert entry is not None
         batch = entry.tokenizer(
             inputs, padding="longest", truncation=True, max_length=entry.info.max_tokens,
             return_tensors="pt",

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 import zmq
+
 from llmos.drivers import host as hostwire
 
 from .jobs import Job

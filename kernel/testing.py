@@ -79,3 +79,19 @@ def _stop(kernel: KernelProcess) -> None:
         except subprocess.TimeoutExpired:
             kernel.process.kill()
             kernel.process.wait()
+
+
+def build_tiny_classifier(folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:
+    """A random 1-layer BERT sentiment classifier (hidden 32) with another model's tokenizer,
+    saved as safetensors: a real model small enough for any test."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=2,
+                        id2label={0: "negative", 1: "positive"},
+                        label2id={"negative": 0, "positive": 1})
+    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return folder

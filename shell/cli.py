@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from llmos.kernel.client import Client
 from llmos.kernel.config import default_address, default_home
 from llmos.kernel.protocol import ErrorCode, KernelError
@@ -167,9 +168,18 @@ def _models(args: argparse.Namespace, client: Client) -> int:
 def _work(args: argparse.Namespace, client: Client) -> int:
     command = args.command
     options = {"priority": args.priority, "timeout": args.timeout}
-    if command in ("load", "unload"):
-        result = getattr(client, command)(args.model, version=args.version, device=args.device)
-        message = f"{command}ed {result['model']} on {result['device']}"
+    if command == "load":
+        result = client.load(args.model, version=args.version, device=args.device,
+                             driver=args.driver, precision=args.precision)
+        message = f"loaded {result['model']} on " + ", ".join(
+            f"{d} ({result['precision'][d]})" for d in result["devices"])
+    elif command == "unload":
+        result = client.unload(args.model, version=args.version, device=args.device)
+        message = f"unloaded {result['model']} from {', '.join(result['devices'])}"
+    elif command == "export":
+        result = client.export(args.model, args.to, version=args.version)
+        state = "exported" if result["created"] else "already exported"
+        message = f"{state} {result['model']} to {result['path']}"
     elif command == "embed":
         vectors = client.embed(args.model, args.texts, version=args.version, **options)
         result = {"embeddings": vectors}
@@ -238,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model")
         p.add_argument("--version", type=int)
         p.add_argument("--device", help="driver:device, e.g. torch:cpu")
+        if name == "load":
+            p.add_argument("--driver", help="only this driver (default: every driver, autotuned)")
+            p.add_argument("--precision", choices=("f32", "bf16"), help="allow bf16 (OpenVINO)")
+    export = sub.add_parser("export", help="export a model version to ONNX or OpenVINO IR")
+    export.add_argument("model")
+    export.add_argument("--to", required=True, choices=("onnx", "openvino"))
+    export.add_argument("--version", type=int)
     for name in ("embed", "classify"):
         p = sub.add_parser(name, help=f"{name} texts")
         p.add_argument("model")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from llmos.kernel.client import Client
 
 from . import render
@@ -41,8 +42,9 @@ def run_demo() -> int:
             render.console.print(f"imported minilm:{imported['version']} "
                                  f"(sha256 {imported['sha256'][:12]}...)")
             loaded = client.load("minilm")
-            render.console.print(f"loaded {loaded['model']} on {loaded['device']}: "
-                                 f"{loaded['parameters'] / 1e6:.1f}M parameters, {loaded['dim']} dims")
+            render.console.print(f"loaded {loaded['model']} ({loaded['parameters'] / 1e6:.1f}M "
+                                 f"parameters, {loaded['dim']} dims) on {', '.join(loaded['devices'])}"
+                                 ", each timed on 9 shapes; batches go to the fastest")
             vectors = client.embed("minilm", [QUESTION, *KNOWLEDGE_BASE])
             scores = vectors[1:] @ vectors[0]
             order = np.argsort(-scores)

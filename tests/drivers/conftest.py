@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+
 from llmos.kernel.sources import _minilm_path
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from llmos.kernel.testing import build_tiny_classifier
 
 #: The files of a Hugging Face folder the drivers read (never the package's other files).
 MODEL_FILES = ("config.json", "*.safetensors", "tokenizer*", "vocab.txt", "special_tokens_map.json")
@@ -39,12 +39,4 @@ def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT classifier (hidden 32, 1 layer, seed 0) with MiniLM's tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-clf") / "model"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, num_labels=2,
-                        id2label={0: "negative", 1: "positive"},
-                        label2id={"negative": 0, "positive": 1})
-    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(_minilm_path()).save_pretrained(folder)
-    return folder
+    return build_tiny_classifier(tmp_path_factory.mktemp("tiny-clf") / "model", _minilm_path())

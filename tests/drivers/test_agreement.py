@@ -9,13 +9,13 @@ import onnxruntime
 import openvino
 import psutil
 import pytest
+
+from llmos import ErrorCode, KernelError
 from llmos.drivers.base import Driver, LoadedModel
 from llmos.drivers.host import DONE, run_task, unpack
 from llmos.drivers.onnxruntime import OnnxRuntimeDriver
 from llmos.drivers.openvino import OpenVinoDriver
 from llmos.drivers.pytorch import TorchDriver
-
-from llmos import ErrorCode, KernelError
 
 SENTENCES = [
     "Hi.",

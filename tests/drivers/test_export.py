@@ -12,11 +12,11 @@ from pathlib import Path
 import onnxruntime
 import openvino
 import pytest
-from llmos.drivers.export import artifact_dir, ensure_artifact, read_meta
-from llmos.kernel.registry import digest_files
 from safetensors.numpy import load_file, save_file
 
 from llmos import ErrorCode, KernelError
+from llmos.drivers.export import artifact_dir, ensure_artifact, read_meta
+from llmos.kernel.registry import digest_files
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from llmos.kernel.server import read_pid_file
 
 

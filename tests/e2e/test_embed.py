@@ -6,11 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from llmos.kernel.sources import _minilm_path
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from llmos import AsyncClient, ErrorCode, KernelError
+from llmos.kernel.sources import _minilm_path
+from llmos.kernel.testing import build_tiny_classifier
 
 
 def test_paraphrases_are_closer_than_unrelated_sentences(minilm_kernel):
@@ -55,14 +54,7 @@ def test_async_client_runs_calls_concurrently(minilm_kernel):
 
 def test_classify_on_a_model_with_a_head(minilm_kernel, tmp_path):
     """A tiny BERT classifier built from a config, with MiniLM's tokenizer, imported by path."""
-    folder = tmp_path / "tiny-clf"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, num_labels=2,
-                        id2label={0: "negative", 1: "positive"},
-                        label2id={"negative": 0, "positive": 1})
-    BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
-    AutoTokenizer.from_pretrained(_minilm_path()).save_pretrained(folder)
+    folder = build_tiny_classifier(tmp_path / "tiny-clf", _minilm_path())
     with minilm_kernel.client() as client:
         client.import_model(path=str(folder), name="tiny-clf")
         client.load("tiny-clf")

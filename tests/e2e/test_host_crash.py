@@ -6,6 +6,7 @@ import time
 from collections import Counter
 
 import zmq
+
 from llmos.kernel.protocol import decode_reply, encode_request
 from llmos.kernel.testing import running_kernel
 

@@ -8,9 +8,9 @@ behind it stay QUEUED long enough to act on them. Batches are limited to 8 texts
 import time
 
 import pytest
-from llmos.kernel.testing import running_kernel
 
 from llmos import ErrorCode, KernelError
+from llmos.kernel.testing import running_kernel
 
 LONG_TEXT = "the committee discussed the quarterly budget and the new hiring plan " * 12
 

@@ -5,6 +5,7 @@ import random
 import msgpack
 import psutil
 import zmq
+
 from llmos.kernel.protocol import MAGIC, PROTOCOL_VERSION, decode_reply
 
 

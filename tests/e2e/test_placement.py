@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+
+from llmos import ErrorCode, KernelError
 from llmos.kernel.jobs import Job
 from llmos.kernel.placement import batch_shape
 from llmos.kernel.testing import running_kernel
-
-from llmos import ErrorCode, KernelError
 
 SENTENCES = ["A man is playing a guitar.", "The weather is lovely today, warm and sunny.",
              "Stocks fell sharply after the central bank raised rates by half a point."]

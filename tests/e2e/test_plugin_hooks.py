@@ -5,9 +5,9 @@ import json
 import textwrap
 
 import pytest
-from llmos.kernel.testing import running_kernel
 
 from llmos import KernelError
+from llmos.kernel.testing import running_kernel
 
 PLUGIN = textwrap.dedent('''
     import json, os

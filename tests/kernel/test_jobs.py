@@ -1,4 +1,5 @@
 import pytest
+
 from llmos.kernel.jobs import ALLOWED_TRANSITIONS, Job, JobState
 from llmos.kernel.protocol import KernelError
 

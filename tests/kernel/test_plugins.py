@@ -3,6 +3,7 @@ import textwrap
 
 import pluggy
 import pytest
+
 from llmos.kernel.plugins import BUILTIN_PLUGINS, collect, get_plugin_manager, plugin_names
 
 PLUGIN = textwrap.dedent('''

@@ -1,6 +1,7 @@
 import msgpack
 import numpy as np
 import pytest
+
 from llmos.kernel.protocol import (
     MAGIC,
     PROTOCOL_VERSION,

@@ -2,9 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
 from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.registry import Registry
-from safetensors.numpy import save_file
 
 
 def hf_folder(path, weight=1.0):

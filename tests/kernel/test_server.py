@@ -1,4 +1,5 @@
 import pytest
+
 from llmos.kernel.config import KernelConfig, check_local
 from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.server import KernelServer
