@@ -8,8 +8,9 @@ characters so lengths vary as in real traffic, sampled with a fixed seed. Conten
 
 * ``hf-eager-1by1``: Hugging Face ``AutoModel`` fp32 on the bundled MiniLM, one request at a
   time (tokenize one sentence, forward, mean-pool, normalise), 2 torch threads;
-* ``in-process-batched``: one llmos driver (``--driver``; ``auto`` takes the host the
-  kernel's autotune timed fastest at 32x64) on a private copy of the model folder, fed by the
+* ``in-process-batched``: one llmos driver (``--driver``; ``auto`` is OpenVINO for bf16, the
+  only driver that computes in it, else the host the kernel's autotune timed fastest at
+  32x64) on a private copy of the model folder, fed by the
   kernel's own ``Scheduler`` (FifoPolicy, max batch 32, max queue delay 2 ms) in one worker
   thread: the kernel's batching with no sockets and no processes;
 * ``llmos-kernel``: a real kernel (``running_kernel``: every driver, automatic placement),
@@ -58,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from llmos.drivers.base import Driver
 from llmos.drivers.common import max_tokens
@@ -78,6 +80,7 @@ MODEL_FILES = ("config.json", "*.safetensors", "tokenizer*.json", "vocab.txt",
 HANDLE = "minilm:1"
 NAMES = ("hf-eager-1by1", "in-process-batched", "llmos-kernel")
 Embed = Callable[[str], np.ndarray]
+Request = tuple[str, Future[np.ndarray]]
 
 
 def reviews(chars: int) -> list[str]:
@@ -120,7 +123,7 @@ class Server:
     """One worker thread serving a request queue; each client blocks on its own Future."""
 
     def __init__(self) -> None:
-        self.inbox: queue.SimpleQueue[tuple[str, Future[np.ndarray]] | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -158,6 +161,7 @@ class Batched(Server):
 
     def __init__(self, driver: Driver, config: BatchingConfig) -> None:
         self.driver, self.config = driver, config
+        self.sizes: list[int] = []  # requests per batch run
         super().__init__()
 
     def serve(self) -> None:
@@ -168,7 +172,8 @@ class Batched(Server):
         wake_at: float | None = None
         while True:
             timeout = None if not len(scheduler) else max(0.0, (wake_at or 0.0) - time.monotonic())
-            items, block = [], True
+            items: list[Request | None] = []
+            block = True
             while True:  # wait for the first request (or the batch deadline), then drain
                 try:
                     items.append(self.inbox.get(block=block, timeout=timeout))
@@ -184,6 +189,7 @@ class Batched(Server):
             batches, wake_at = scheduler.schedule({"cpu"}, time.monotonic())
             for batch in batches:
                 futures = [waiting.pop(job.id) for job in batch.jobs]
+                self.sizes.append(len(futures))
                 try:
                     rows = self.driver.run(HANDLE, "embed", [job.args["inputs"][0] for job in
                                                              batch.jobs], {}).arrays["embeddings"]
@@ -245,8 +251,10 @@ def cosine(got: list[Any], reference: list[np.ndarray]) -> dict[str, float]:
     return {"min": float(cos.min()), "mean": float(cos.mean())}
 
 
-def fastest_host(timings: dict[str, dict[str, float]]) -> str:
-    """The driver whose host the autotune timed fastest at 32x64 (openvino if none)."""
+def pick_driver(precision: str, timings: dict[str, dict[str, float]]) -> str:
+    """OpenVINO for bf16; else the driver whose host the autotune timed fastest at 32x64."""
+    if precision == "bf16":
+        return "openvino"
     timed = {host: table["32x64"] for host, table in timings.items() if "32x64" in table}
     return min(timed, key=lambda host: timed[host]).partition(":")[0] if timed else "openvino"
 
@@ -268,7 +276,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             admin.import_model("minilm")
             res["kernel_load"] = admin.load("minilm", precision=args.precision)
             res["kernel_timings_ms"] = admin.models()[0]["timings_ms"]
-        driver_name = fastest_host(res["kernel_timings_ms"]) if args.driver == "auto" else args.driver
+        driver_name = (pick_driver(args.precision, res["kernel_timings_ms"])
+                       if args.driver == "auto" else args.driver)
         module, _, cls = DRIVERS[driver_name].partition(":")
         driver: Driver = getattr(importlib.import_module(module), cls)("cpu", args.threads)
         options = {"precision": args.precision} if driver_name == "openvino" else {}
@@ -277,7 +286,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"(b) uses {driver_name} computing in {info.precision}; kernel precisions: "
               f"{res['kernel_load'].get('precision')}", file=sys.stderr)
         eager = HfEager(model_dir, args.threads)
-        servers = [Sequential(eager), Batched(driver, BatchingConfig(32, 0.002))]
+        batched = Batched(driver, BatchingConfig(max_batch_size=32, max_queue_delay=0.002))
+        servers = [Sequential(eager), batched]
         clients = [kernel.client(f"bench-{i}", timeout=300.0) for i in range(args.clients)]
         callers: dict[str, list[Embed]] = {
             NAMES[0]: [servers[0].embed] * args.clients, NAMES[1]: [servers[1].embed] * args.clients,
@@ -288,6 +298,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                                    reference) for name in NAMES[1:]}
             for name in NAMES:
                 closed_loop(callers[name], texts[:args.warmup])
+            batched.sizes.clear()
             elapsed: dict[str, list[float]] = {name: [] for name in NAMES}
             latencies: dict[str, list[float]] = {name: [] for name in NAMES}
             for r in range(args.rounds):
@@ -297,6 +308,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     latencies[name] += lat
                 print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                     f"{n} {args.requests / elapsed[n][-1]:.1f} req/s" for n in NAMES), file=sys.stderr)
+            res["inprocess"]["mean_batch"] = sum(batched.sizes) / max(1, len(batched.sizes))
             with kernel.client("bench-admin") as admin:
                 res["kernel_devices_used"] = dict(Counter(
                     str(job["device"]) for job in admin.jobs() if job["syscall"] == "infer"))
@@ -319,7 +331,8 @@ def report(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = [f"embedding serving, MiniLM {s['precision']}: {s['clients']} closed-loop clients, "
              f"{s['rounds']} rounds x {s['requests']} requests per contender; (b) = "
-             f"{res['inprocess']['driver']} in {res['inprocess']['precision']}", "",
+             f"{res['inprocess']['driver']} in {res['inprocess']['precision']}, mean batch "
+             f"{res['inprocess']['mean_batch']:.1f}", "",
              f"{'contender':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"]
     for name in NAMES:
         r = res[name]
@@ -333,8 +346,11 @@ def report(res: dict[str, Any]) -> str:
         verdict = "above" if cos["min"] > MIN_COSINE else "NOT above"
         lines.append(f"cosine vs fp32 eager, {name}: min {cos['min']:.5f}, mean {cos['mean']:.5f} "
                      f"({verdict} {MIN_COSINE})")
-    lines.append(f"kernel infer jobs by device (last {sum(res['kernel_devices_used'].values())}): "
-                 + ", ".join(f"{d} {n}" for d, n in res["kernel_devices_used"].items()))
+    used, precisions = res["kernel_devices_used"], res["kernel_load"].get("precision", {})
+    lines.append(f"kernel infer jobs by device (last {sum(used.values())}): " + ", ".join(
+        f"{d} {n} ({precisions.get(d, '?')})" for d, n in used.items()))
+    if s["precision"] not in {precisions.get(d) for d in used}:
+        lines.append(f"note: the kernel served none of them in {s['precision']}")
     return "\n".join(lines)
 
 
@@ -352,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="llmos-serving-") as tmp:
         try:
             res = measure(args, Path(tmp))

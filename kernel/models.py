@@ -152,11 +152,15 @@ class ModelSyscalls:
     def _load(self, request: Request) -> Job | dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
         hosts = self._targets(request.args["device"], request.args["driver"])
-        todo = [h for h in hosts if version.ref not in h.wanted]
+        todo = [h for h in hosts if version.ref not in h.wanted
+                or h.wanted[version.ref]["options"].get("precision") != request.args["precision"]]
         if not todo:
             return self._placements(version.ref, hosts)
         need = self._check_memory(version, todo)
-        cached = self.registry.tuning(version, machine_id())
+        precision = request.args["precision"]
+        cached = {host: timings for host, timings in
+                  self.registry.tuning(version, machine_id(precision, todo[0].threads)).items()
+                  if host in {h.name for h in todo}}
         for host in todo:
             if host.name in cached:
                 self.costs.record(version.ref, host.name, cached[host.name])
@@ -198,7 +202,8 @@ class ModelSyscalls:
                 self.costs.record(handle, host.name, timings)
                 name, _, number = handle.rpartition(":")
                 self.registry.save_tuning(self.registry.resolve(name, int(number)), host.name,
-                                          machine_id(), timings)
+                                          machine_id(payload["options"]["precision"], host.threads),
+                                          timings)
         else:
             host.loaded.pop(handle, None)
             host.wanted.pop(handle, None)

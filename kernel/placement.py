@@ -70,9 +70,10 @@ class CostModel:
         return float("inf") if measured is None else measured * b_scale * t_scale
 
 
-def machine_id() -> str:
-    """What tuning results are valid for: host name, processor, CPU count."""
-    return f"{platform.node()}/{platform.processor() or platform.machine()}/{os.cpu_count()}"
+def machine_id(precision: str, threads: int) -> str:
+    """What tuning results are valid for: machine, processor, CPUs, precision, threads."""
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()}/{cpu}/{os.cpu_count()}cpus/{precision}/{threads}threads"
 
 
 def weights_bytes(model_dir: Path) -> int:

@@ -1,0 +1,1 @@
+"""Example third-party llmos driver: BERT encoders in plain NumPy."""
