@@ -99,11 +99,11 @@ class KernelCore(ModelSyscalls):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llmos-kernel-task")
         self._kernel_task: tuple[Future[dict[str, Any]], Job] | None = None
         self.costs = CostModel()
+        self.batching = config.batching
         self.memory_budget = config.memory_budget
         policy = ext.policies.get(config.policy)()
-        self.scheduler = Scheduler(policy, self._batch_key, self._candidates,
-                                   lambda job: config.batching, cost=self._cost,
-                                   hardware=hardware_of)
+        self.scheduler = Scheduler(policy, self._batch_key, self._candidates, self._batching,
+                                   cost=self._cost, hardware=hardware_of)
         self.devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         self._handlers: dict[str, Callable[[Request], Any]] = {
@@ -462,9 +462,12 @@ class KernelCore(ModelSyscalls):
         rows = []
         for name, spec in self.ext.drivers.items():
             devices = spec.probe()
+            batching = spec.batching or self.batching
             rows.append({"name": name, "description": spec.description, "devices": devices,
                          "available": bool(devices),
-                         "reason": "" if devices else spec.unavailable_reason()})
+                         "reason": "" if devices else spec.unavailable_reason(),
+                         "batching": {"max_batch_size": batching.max_batch_size,
+                                      "max_queue_delay": batching.max_queue_delay}})
         return {"drivers": rows}
 
     def _devices(self, request: Request) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from .registry import ModelVersion, Registry, check_name
 if TYPE_CHECKING:
     from .core import Request
     from .plugins import Extensions
-    from .scheduler import Scheduler
+    from .scheduler import BatchingConfig, Scheduler
 
 #: Share of a hardware's memory that loaded models may use (CPU: of RAM).
 MEMORY_FRACTION = 0.8
@@ -42,6 +42,7 @@ class ModelSyscalls:
     devices: DeviceManager | None
     scheduler: Scheduler
     costs: CostModel
+    batching: BatchingConfig
     memory_budget: int | None
     _executor: ThreadPoolExecutor
     _kernel_task: tuple[Future[dict[str, Any]], Job] | None
@@ -53,6 +54,9 @@ class ModelSyscalls:
         raise NotImplementedError
 
     def _fail_orphans(self) -> None:
+        raise NotImplementedError
+
+    def _candidates(self, job: Job) -> list[str]:
         raise NotImplementedError
 
     # --- import and export (kernel pseudo-device) -------------------------------------
@@ -227,6 +231,15 @@ class ModelSyscalls:
         return {"model": handle, "devices": [h.name for h in loaded],
                 "precision": {h.name: h.loaded[handle].get("precision", "f32") for h in loaded},
                 **{k: v for k, v in info.items() if k != "precision"}}
+
+    def _batching(self, job: Job) -> BatchingConfig:
+        """The knobs of the driver that would run this job fastest (kernel defaults if none)."""
+        hosts = self._hosts()
+        candidates = [hosts[name] for name in self._candidates(job) if name in hosts]
+        if job.syscall != "infer" or not candidates:
+            return self.batching
+        best = min(candidates, key=lambda host: self._cost([job], host.name))
+        return best.spec.batching or self.batching
 
     def _cost(self, jobs: list[Job], device: str) -> float:
         """Predicted ms of a batch on a device (0 for work that is not an infer batch)."""

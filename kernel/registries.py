@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .protocol import ErrorCode, KernelError
+from .scheduler import BatchingConfig
 
 T = TypeVar("T")
 
@@ -55,6 +56,8 @@ class DriverSpec:
     description: str = ""
     #: Why ``probe()`` returned nothing, for the ``drivers`` syscall.
     unavailable_reason: Callable[[], str] = field(default=lambda: "")
+    #: Dynamic batching knobs that suit this driver; None means the kernel's defaults.
+    batching: BatchingConfig | None = None
 
 
 class DriverRegistry(NamedRegistry[DriverSpec]):

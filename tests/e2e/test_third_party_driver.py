@@ -29,7 +29,8 @@ def test_the_example_driver_serves_like_a_builtin(installed, home, monkeypatch, 
     with running_kernel(home, "--devices", "torch:cpu,numpy:cpu") as kernel, \
             kernel.client() as client:
         assert "numpy" in client.info()["plugins"]
-        assert any(d["name"] == "numpy" and d["available"] for d in client.drivers())
+        (numpy,) = [d for d in client.drivers() if d["name"] == "numpy"]
+        assert numpy["available"] and numpy["batching"]["max_batch_size"] == 8
         client.import_model("minilm")
         loaded = client.load("minilm", driver="numpy")
         assert loaded["devices"] == ["numpy:cpu"]
