@@ -14,10 +14,13 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
+import zmq.auth
 
 from .config import default_address
 from .protocol import (
@@ -125,6 +128,46 @@ class _Syscalls:
         return self._call("shutdown", {})
 
 
+@dataclass(frozen=True, slots=True)
+class CurveKeys:
+    """A client's CURVE key pair and the kernel's public key (z85 bytes)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @classmethod
+    def from_files(cls, client_secret_file: str | Path, server_public_file: str | Path) -> CurveKeys:
+        public, secret = zmq.auth.load_certificate(client_secret_file)
+        server, _ = zmq.auth.load_certificate(server_public_file)
+        if secret is None:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{client_secret_file} has no secret key")
+        return cls(public, secret, server)
+
+    @classmethod
+    def from_env(cls) -> CurveKeys | None:
+        """From LLMOS_CLIENT_KEY (client secret file) and LLMOS_SERVER_KEY (server public
+        file), when both are set."""
+        client, server = os.environ.get("LLMOS_CLIENT_KEY"), os.environ.get("LLMOS_SERVER_KEY")
+        return cls.from_files(client, server) if client and server else None
+
+    def apply(self, socket: zmq.Socket) -> None:
+        socket.curve_publickey = self.public
+        socket.curve_secretkey = self.secret
+        socket.curve_serverkey = self.server
+
+
+def _dealer(ctx: zmq.Context, address: str, curve: CurveKeys | None) -> zmq.Socket:
+    socket = ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
+    if curve is not None:
+        curve.apply(socket)
+    socket.connect(address)
+    return socket
+
+
 def _clean(args: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if v is not None}
 
@@ -167,15 +210,11 @@ class Client(_Syscalls):
     """A blocking client. Not thread-safe: use one per thread."""
 
     def __init__(self, address: str | None = None, *, name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, curve: CurveKeys | None = None) -> None:
         self.address = address or default_address()
         self.name = _client_name(name)
         self.timeout = timeout
-        self._socket = zmq.Context.instance().socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, 0)
-        self._socket.setsockopt(zmq.RCVHWM, 0)
-        self._socket.connect(self.address)
+        self._socket = _dealer(zmq.Context.instance(), self.address, curve or CurveKeys.from_env())
         self._replies: dict[str, Message] = {}
         self._events: dict[str, list[Message]] = defaultdict(list)
 
@@ -242,13 +281,12 @@ class AsyncClient(_Syscalls):
     """An asyncio client: every syscall method is a coroutine; calls may run concurrently."""
 
     def __init__(self, address: str | None = None, *, name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, curve: CurveKeys | None = None) -> None:
         self.address = address or default_address()
         self.name = _client_name(name)
         self.timeout = timeout
-        self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.address)
+        self._socket = _dealer(zmq.asyncio.Context.instance(), self.address,
+                               curve or CurveKeys.from_env())
         self._waiting: dict[str, asyncio.Future[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
 

@@ -26,29 +26,20 @@ def default_address(home: Path | None = None) -> str:
     return os.environ.get("LLMOS_ADDRESS") or f"ipc://{home / 'run' / 'kernel.sock'}"
 
 
-def check_local(address: str) -> str:
-    """``address`` if it is ipc or loopback TCP; KernelError(DENIED) otherwise.
-
-    Listening beyond loopback needs CURVE authentication, which this version does not
-    provide yet: the kernel refuses rather than serve an open port.
-    """
+def is_local(address: str) -> bool:
+    """True for ipc and loopback TCP; False for any other TCP; KernelError if malformed."""
     if address.startswith("ipc://"):
         if len(address) - len("ipc://") > _IPC_PATH_MAX:
             raise KernelError(ErrorCode.BAD_REQUEST, f"ipc path too long (>{_IPC_PATH_MAX}): {address}")
-        return address
+        return True
     if address.startswith("tcp://"):
         host = urlsplit(address).hostname or ""
         if host == "localhost":
-            return address
+            return True
         try:
-            if ipaddress.ip_address(host).is_loopback:
-                return address
+            return ipaddress.ip_address(host).is_loopback
         except ValueError:
-            pass
-        raise KernelError(
-            ErrorCode.DENIED,
-            f"refusing to listen on {address}: only ipc:// and loopback tcp:// are allowed "
-            "(listening beyond loopback needs CURVE keys, not supported yet)")
+            return False
     raise KernelError(ErrorCode.BAD_REQUEST, f"address must be ipc://PATH or tcp://HOST:PORT: {address}")
 
 
@@ -78,10 +69,18 @@ class KernelConfig:
     heartbeat_timeout: float = 10.0
     #: A host must send READY within this long of being spawned.
     start_timeout: float = 180.0
+    #: CURVE encryption and key allowlist on the client socket (forced beyond loopback).
+    curve: bool = False
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser().resolve()
-        self.address = check_local(self.address or default_address(self.home))
+        self.address = self.address or default_address(self.home)
+        if not is_local(self.address) and not self.curve:
+            raise KernelError(
+                ErrorCode.DENIED,
+                f"refusing to listen on {self.address} without authentication: beyond loopback "
+                "the kernel needs CURVE (--curve; create keys with `llmos keys create` and "
+                "allow clients with `llmos keys allow`)")
         if self.max_jobs_per_client < 1 or self.max_jobs < 1:
             raise ValueError("queue limits must be positive")
 

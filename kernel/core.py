@@ -44,6 +44,7 @@ from .protocol import (
 )
 from .registry import Registry
 from .scheduler import Batch, Scheduler
+from .security import LOCAL_PRINCIPAL, PRIVILEGED, AuditLog, Principal
 from .syscalls import Syscall, check_inputs
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,13 @@ class Request:
     msg: Message
     spec: Syscall
     args: dict[str, Any]
+    principal: Principal = LOCAL_PRINCIPAL
 
     @property
     def owner(self) -> str:
+        """The key name when authenticated; else the client's own name (local trust)."""
+        if self.principal.authenticated:
+            return self.principal.name
         return self.msg.client or self.identity.hex()
 
 
@@ -86,9 +91,9 @@ class KernelCore(ModelSyscalls):
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
                  registry: Registry, ctx: zmq.Context, counters: Counters,
-                 inbox: deque[Request]) -> None:
+                 inbox: deque[Request], audit: AuditLog) -> None:
         self.config, self.pm, self.ext, self.registry = config, pm, ext, registry
-        self.ctx, self.counters, self.inbox = ctx, counters, inbox
+        self.ctx, self.counters, self.inbox, self.audit = ctx, counters, inbox, audit
         self.started = time.time()
         self.stop_requested = threading.Event()
         self.active: dict[int, Job] = {}
@@ -178,28 +183,36 @@ class KernelCore(ModelSyscalls):
     def _drain_inbox(self) -> None:
         while self.inbox:
             request = self.inbox.popleft()
-            try:
-                result = self._handlers[request.spec.name](request)
-            except KernelError as exc:
-                self.counters.rejected += 1
-                self._send(request.identity, encode_error(
-                    request.msg.msg_id, request.spec.name, exc.code, exc.message))
-                continue
-            except Exception as exc:
-                log.exception("syscall %s failed", request.spec.name)
-                self._send(request.identity, encode_error(
-                    request.msg.msg_id, request.spec.name, ErrorCode.INTERNAL,
-                    f"{type(exc).__name__}: {exc}"))
-                continue
-            if isinstance(result, Job):
-                if request.msg.events:
-                    self._send(request.identity, encode_event(
-                        request.msg.msg_id, request.spec.name, "accepted",
-                        {"job": result.id, "state": str(result.state)}))
-            else:
-                body, buffers = result if isinstance(result, tuple) else (result, [])
-                self._send(request.identity,
-                           encode_reply(request.msg.msg_id, request.spec.name, body, buffers))
+            outcome = self._handle(request)
+            if request.spec.name in PRIVILEGED and outcome is not None:
+                self.audit.record(request.owner, request.spec.name, request.args, outcome)
+
+    def _handle(self, request: Request) -> str | None:
+        """Run the handler and answer; returns the outcome for the audit log, or None when
+        a job was created (the job's end is audited instead)."""
+        try:
+            result = self._handlers[request.spec.name](request)
+        except KernelError as exc:
+            self.counters.rejected += 1
+            self._send(request.identity, encode_error(
+                request.msg.msg_id, request.spec.name, exc.code, exc.message))
+            return str(exc.code)
+        except Exception as exc:
+            log.exception("syscall %s failed", request.spec.name)
+            self._send(request.identity, encode_error(
+                request.msg.msg_id, request.spec.name, ErrorCode.INTERNAL,
+                f"{type(exc).__name__}: {exc}"))
+            return str(ErrorCode.INTERNAL)
+        if isinstance(result, Job):
+            if request.msg.events:
+                self._send(request.identity, encode_event(
+                    request.msg.msg_id, request.spec.name, "accepted",
+                    {"job": result.id, "state": str(result.state)}))
+            return None
+        body, buffers = result if isinstance(result, tuple) else (result, [])
+        self._send(request.identity,
+                   encode_reply(request.msg.msg_id, request.spec.name, body, buffers))
+        return "ok"
 
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
         assert self._outbox is not None
@@ -393,6 +406,8 @@ class KernelCore(ModelSyscalls):
             del self.per_owner[job.owner]
         self.history.append(job)
         self.finished_by_state[str(state)] += 1
+        if job.syscall in PRIVILEGED:
+            self.audit.record(job.owner, job.syscall, job.args, str(state))
         try:
             self.pm.hook.llmos_job_finished(job=job)
         except Exception:
@@ -476,21 +491,30 @@ class KernelCore(ModelSyscalls):
 
     def _jobs(self, request: Request) -> dict[str, Any]:
         owner, finished = request.args["owner"], request.args["finished"]
+        if not self._sees_all(request):
+            owner = request.owner
         jobs = list(self.active.values()) + (list(self.history) if finished else [])
         rows = [j.summary() for j in jobs if owner is None or j.owner == owner]
         return {"jobs": sorted(rows, key=lambda r: r["id"])}
 
-    def _find(self, job_id: int) -> Job:
+    @staticmethod
+    def _sees_all(request: Request) -> bool:
+        """Local users and admin keys see and control every job; other keys their own."""
+        return not request.principal.authenticated or request.principal.may("admin")
+
+    def _find(self, request: Request) -> Job:
+        """The job named by ``request.args["id"]``, if the caller may see it."""
+        job_id = request.args["id"]
         job = self.active.get(job_id) or next((j for j in self.history if j.id == job_id), None)
-        if job is None:
+        if job is None or not (self._sees_all(request) or job.owner == request.owner):
             raise KernelError(ErrorCode.NOT_FOUND, f"no job {job_id}")
         return job
 
     def _job(self, request: Request) -> dict[str, Any]:
-        return self._find(request.args["id"]).summary()
+        return self._find(request).summary()
 
     def _cancel(self, request: Request) -> dict[str, Any]:
-        job = self._find(request.args["id"])
+        job = self._find(request)
         if job.state.finished:
             raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
         self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED,
@@ -498,7 +522,7 @@ class KernelCore(ModelSyscalls):
         return job.summary()
 
     def _renice(self, request: Request) -> dict[str, Any]:
-        job = self._find(request.args["id"])
+        job = self._find(request)
         if job.state.finished:
             raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
         job.priority = request.args["priority"]

@@ -35,6 +35,7 @@ from .protocol import (
     encode_reply,
 )
 from .registry import Registry
+from .security import LOCAL_PRINCIPAL, AuditLog, CurveServer, KeyStore, Principal
 from .syscalls import SYSCALLS
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,15 @@ class KernelServer:
         for slot in config.devices:
             self.ext.drivers.get(slot.partition(":")[0])
         self.registry = Registry(config.home)
+        self.audit = AuditLog(config.home)
+        self.curve = CurveServer(KeyStore(config.home)) if config.curve else None
+        if self.curve is not None:
+            self.curve.store.server_keys()  # fail fast, saying how to create them
         self.ctx = zmq.Context()
         self.counters = Counters()
         self.inbox: deque[Request] = deque()
         self.core = KernelCore(config, self.pm, self.ext, self.registry, self.ctx,
-                               self.counters, self.inbox)
+                               self.counters, self.inbox, self.audit)
         self.started = time.time()
         self._info = {
             "version": llmos.__version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
@@ -118,6 +123,8 @@ class KernelServer:
             io.join()
             pid_file(self.config).unlink(missing_ok=True)
             self.registry.close()
+            if self.curve is not None:
+                self.curve.stop()
             self.ctx.term()
 
     # --- the IO thread ----------------------------------------------------------------
@@ -132,6 +139,9 @@ class KernelServer:
             # allocate it. Below the cap, oversize messages get a BAD_REQUEST reply.
             frontend.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_message_bytes)
             frontend.setsockopt(zmq.LINGER, 1000)
+            if self.curve is not None:
+                self.curve.start(self.ctx)
+                self.curve.secure(frontend)
             frontend.bind(self.config.address)
             if self.config.address.startswith("ipc://"):
                 os.chmod(self.config.address[len("ipc://"):], 0o600)
@@ -156,12 +166,21 @@ class KernelServer:
                     break
                 self._send(frontend, frames)
             if frontend in ready:
-                self._on_frames(frontend, doorbell, frontend.recv_multipart(copy=True))
+                self._on_frames(frontend, doorbell, *self._receive(frontend))
         frontend.close()
         outbox.close()
         doorbell.close()
 
-    def _on_frames(self, frontend: zmq.Socket, doorbell: zmq.Socket, frames: list[bytes]) -> None:
+    def _receive(self, frontend: zmq.Socket) -> tuple[list[bytes], Principal]:
+        """One message's frames and who sent it (the CURVE key's name, or the local user)."""
+        if self.curve is None:
+            return frontend.recv_multipart(copy=True), LOCAL_PRINCIPAL
+        frames = frontend.recv_multipart(copy=False)
+        principal = self.curve.principal(frames[-1].get("User-Id"))
+        return [frame.bytes for frame in frames], principal
+
+    def _on_frames(self, frontend: zmq.Socket, doorbell: zmq.Socket, frames: list[bytes],
+                   principal: Principal) -> None:
         self.counters.received += 1
         identity, rest = frames[0], frames[1:]
         msg_id: str | None = None
@@ -176,8 +195,11 @@ class KernelServer:
                 raise KernelError(ErrorCode.UNKNOWN_SYSCALL,
                                   f"unknown syscall {msg.syscall!r}; known: {', '.join(SYSCALLS)}")
             args = spec.parse(msg.body)
+            principal.check(syscall)
         except KernelError as exc:
             self.counters.rejected += 1
+            if exc.code is ErrorCode.DENIED:
+                self.audit.record(principal.name, syscall, {}, str(exc.code))
             self._send(frontend, [identity, *encode_error(
                 msg_id or getattr(exc, "msg_id", None), syscall, exc.code, exc.message)])
             return
@@ -193,7 +215,7 @@ class KernelServer:
             info = {**self._info, "uptime": time.time() - self.started}
             self._send(frontend, [identity, *encode_reply(msg_id, syscall, info)])
         else:
-            self.inbox.append(Request(identity, msg, spec, args))
+            self.inbox.append(Request(identity, msg, spec, args, principal))
             doorbell.send(b"")
 
     def _send(self, frontend: zmq.Socket, frames: list[bytes]) -> None:
@@ -226,6 +248,8 @@ def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--memory-budget-mb", type=int, help="model memory per hardware")
+    parser.add_argument("--curve", action="store_true",
+                        help="require CURVE keys from the allowlist (forced beyond loopback)")
 
 
 def kernel_argv(args: Any) -> list[str]:
@@ -236,6 +260,8 @@ def kernel_argv(args: Any) -> list[str]:
             "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
     if args.memory_budget_mb is not None:
         argv += ["--memory-budget-mb", str(args.memory_budget_mb)]
+    if args.curve:
+        argv.append("--curve")
     return argv + (["--listen", args.listen] if args.listen else [])
 
 
@@ -250,4 +276,5 @@ def config_from_args(args: Any) -> KernelConfig:
         max_jobs_per_client=args.max_jobs_per_client,
         batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms / 1000),
         memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
+        curve=args.curve,
     )

@@ -34,10 +34,12 @@ class KernelProcess:
 
 
 @contextmanager
-def running_kernel(home: Path, *options: str, start_timeout: float = 180.0) -> Iterator[KernelProcess]:
+def running_kernel(home: Path, *options: str, start_timeout: float = 180.0,
+                   address: str | None = None) -> Iterator[KernelProcess]:
+    """A kernel on ``address`` (default: an ipc socket under ``home``)."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "logs").mkdir(exist_ok=True)
-    address = f"ipc://{home / 'run' / 'kernel.sock'}"
+    address = address or f"ipc://{home / 'run' / 'kernel.sock'}"
     with open(home / "logs" / "kernel.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "llmos.kernel", "--home", str(home), "--listen", address,

@@ -1,22 +1,26 @@
 import pytest
 
-from llmos.kernel.config import KernelConfig, check_local
+from llmos.kernel.config import KernelConfig, is_local
 from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.server import KernelServer
 
 
 @pytest.mark.parametrize("address", ["ipc:///tmp/x.sock", "tcp://127.0.0.1:5555",
                                      "tcp://localhost:1", "tcp://[::1]:7"])
-def test_local_addresses_are_allowed(address):
-    assert check_local(address) == address
+def test_local_addresses(address):
+    assert is_local(address)
 
 
 @pytest.mark.parametrize("address", ["tcp://0.0.0.0:5555", "tcp://10.1.2.3:5555",
                                      "tcp://example.com:80"])
-def test_listening_beyond_loopback_is_refused(address):
+def test_listening_beyond_loopback_needs_curve(address, home):
+    assert not is_local(address)
     with pytest.raises(KernelError) as info:
-        check_local(address)
-    assert info.value.code is ErrorCode.DENIED and "CURVE" in info.value.message
+        KernelConfig(home=home, address=address)
+    assert info.value.code is ErrorCode.DENIED and "llmos keys create" in info.value.message
+    with pytest.raises(KernelError) as no_keys:  # CURVE asked for, but no keys made yet
+        KernelServer(KernelConfig(home=home, address=address, curve=True))
+    assert no_keys.value.code is ErrorCode.NOT_FOUND and "llmos keys create" in no_keys.value.message
 
 
 def test_unknown_driver_or_policy_fails_before_anything_starts(home):
