@@ -25,7 +25,7 @@ class KernelProcess:
     address: str
     process: subprocess.Popen[bytes]
 
-    def client(self, name: str = "test", timeout: float = 120.0) -> Client:
+    def client(self, name: str = "test", timeout: float = 300.0) -> Client:
         return Client(self.address, name=name, timeout=timeout)
 
     def log(self) -> str:
