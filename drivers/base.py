@@ -66,6 +66,18 @@ class Driver(ABC):
     def run(self, handle: str, task: str, inputs: list[str], options: dict[str, Any]) -> TaskOutput:
         """Run ``task`` on a batch of ``inputs`` with the model loaded under ``handle``."""
 
+    def train(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Run one quantum (about ``seconds``) of training job ``job``; returns progress, and
+        when the job is done also ``metrics`` and the saved model's ``output`` folder."""
+        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot train")
+
+    def forget(self, job: str) -> None:  # noqa: B027 (optional: only trainers keep state)
+        """Drop the in-memory state of training job ``job`` (its checkpoint stays)."""
+
+    def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
+        """Accuracy, macro-F1 and confusion matrix of the classifier in ``path``."""
+        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot evaluate")
+
 
 def check_task(handle: str, info: LoadedModel | None, task: str, device: str) -> LoadedModel:
     """``info`` if the model is loaded and can run ``task``; KernelError otherwise."""

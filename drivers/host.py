@@ -80,6 +80,12 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process) -> l
                 body["info"]["timings"] = time_shapes(driver, task["handle"], options["tune"])
         elif op == "unload":
             driver.unload(task["handle"])
+        elif op == "train":
+            body["progress"] = driver.train(task["job"], task["spec"], task["seconds"])
+        elif op == "forget":
+            driver.forget(task["job"])
+        elif op == "evaluate":
+            body["metrics"] = driver.evaluate(task["path"], task["data"], task["split"], task["seed"])
         elif op == "run":
             output = driver.run(task["handle"], task["kind"], task["inputs"],
                                 task.get("options", {}))

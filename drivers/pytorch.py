@@ -26,6 +26,7 @@ from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .base import Driver, LoadedModel, TaskOutput, check_task
 from .common import max_tokens
+from .training import TrainingSession, TrainSpec, evaluate_folder
 
 
 @dataclass(slots=True)
@@ -60,6 +61,7 @@ class TorchDriver(Driver):
         torch.set_num_threads(threads)
         self._torch_device = torch.device(device)
         self._models: dict[str, _Entry] = {}
+        self._sessions: dict[str, TrainingSession] = {}
 
     def describe(self) -> dict[str, Any]:
         if self._torch_device.type == "cuda":
@@ -85,6 +87,24 @@ class TorchDriver(Driver):
         )
         self._models[handle] = _Entry(model, tokenizer, info)
         return info
+
+    def train(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+        session = self._sessions.get(job)
+        if session is None:
+            session = self._sessions[job] = TrainingSession(TrainSpec(**spec), self.threads)
+        progress = session.run(seconds)
+        if session.done:
+            progress["metrics"] = session.finish()
+            progress["output"] = session.spec.output
+            progress["labels"] = session.dataset.labels
+            self.forget(job)
+        return progress
+
+    def forget(self, job: str) -> None:
+        self._sessions.pop(job, None)
+
+    def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
+        return evaluate_folder(path, data, split, seed)
 
     def unload(self, handle: str) -> None:
         self._models.pop(handle, None)

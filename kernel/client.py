@@ -109,6 +109,21 @@ class _Syscalls:
         return self._call("infer", {"model": model, "task": "classify", "inputs": texts,
                                     **options}, _field("predictions"))
 
+    def datasets(self) -> Any:
+        return self._call("datasets", {}, _field("datasets"))
+
+    def train(self, model: str, *, data: str | None = None, path: str | None = None,
+              **options: Any) -> Any:
+        """Fine-tune ``model`` on a bundled dataset or a CSV/JSONL file; waits for the new
+        version (options: name, epochs, batch_size, learning_rate, seed, max_tokens, limit,
+        quantum, priority, timeout). Use ``submit("train", ..., events=True)`` for progress."""
+        return self._call("train", {"model": model, "data": data, "path": path, **options})
+
+    def evaluate(self, model: str, *, data: str | None = None, path: str | None = None,
+                 split: str = "test", **options: Any) -> Any:
+        return self._call("evaluate", {"model": model, "data": data, "path": path,
+                                       "split": split, **options})
+
     def jobs(self, *, owner: str | None = None, finished: bool = True) -> Any:
         return self._call("jobs", {"owner": owner, "finished": finished}, _field("jobs"))
 
@@ -183,6 +198,8 @@ class Pending:
         self.client, self.msg_id, self.syscall = client, msg_id, syscall
         self._job_id: int | None = None
         self._reply: Message | None = None
+        #: Events received for this request before its reply (accepted, progress...).
+        self.events: list[Message] = []
 
     def job_id(self, timeout: float | None = None) -> int:
         """The job id from the ``accepted`` event (submit with ``events=True``)."""
@@ -195,8 +212,8 @@ class Pending:
 
     def reply(self, timeout: float | None = None) -> Message:
         if self._reply is None:
-            self._reply, events = self.client._wait_reply(self.msg_id, timeout)
-            accepted = [e for e in events if e.event == "accepted"]
+            self._reply, self.events = self.client._wait_reply(self.msg_id, timeout)
+            accepted = [e for e in self.events if e.event == "accepted"]
             if accepted and self._job_id is None:
                 self._job_id = int(accepted[0].body["job"])
         return self._reply

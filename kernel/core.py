@@ -46,6 +46,7 @@ from .registry import Registry
 from .scheduler import Batch, Scheduler
 from .security import LOCAL_PRINCIPAL, PRIVILEGED, AuditLog, Principal
 from .syscalls import Syscall, check_inputs
+from .training import TrainingSyscalls
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Counters:
     dropped_replies: int = 0
 
 
-class KernelCore(ModelSyscalls):
+class KernelCore(ModelSyscalls, TrainingSyscalls):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -114,7 +115,8 @@ class KernelCore(ModelSyscalls):
         self._handlers: dict[str, Callable[[Request], Any]] = {
             "drivers": self._drivers, "devices": self._devices, "models": self._models,
             "import": self._import, "export": self._export, "load": self._load,
-            "unload": self._unload,
+            "unload": self._unload, "datasets": self._datasets, "train": self._train,
+            "evaluate": self._evaluate,
             "infer": self._infer, "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
             "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
         }
@@ -136,6 +138,7 @@ class KernelCore(ModelSyscalls):
         wake_at: float | None = None
         try:
             self._start_devices()
+            self._resume_journalled()
             while not self.stop_requested.is_set():
                 timeout = IDLE_POLL if self._kernel_task is None else 0.01
                 if wake_at is not None:
@@ -237,6 +240,7 @@ class KernelCore(ModelSyscalls):
             job.deadline = time.monotonic() + args["timeout"]
             heapq.heappush(self._deadlines, (job.deadline, job.id))
         job.reply_route = (request.identity, request.msg.msg_id)
+        job.wants_events = request.msg.events
         self.active[job.id] = job
         self.per_owner[owner] += 1
         self.scheduler.push(job)
@@ -250,6 +254,8 @@ class KernelCore(ModelSyscalls):
     def _candidates(self, job: Job) -> list[str]:
         if job.syscall in ("import", "export"):
             return [KERNEL_DEVICE]
+        if job.syscall in ("train", "evaluate"):
+            return self._training_candidates(job)
         if job.syscall == "infer":
             assert self.devices is not None
             handle = job.args["handle"]
@@ -286,7 +292,10 @@ class KernelCore(ModelSyscalls):
             return Task("run", {"handle": first.args["handle"], "kind": first.args["task"],
                                 "inputs": inputs}, batch.jobs)
         assert self.devices is not None
-        op, payload = self._placement_payload(first, self.devices.hosts[batch.device])
+        host = self.devices.hosts[batch.device]
+        if first.syscall in ("train", "evaluate"):
+            return self._training_task(first, host)
+        op, payload = self._placement_payload(first, host)
         return Task(op, payload, batch.jobs)
 
     # --- results ----------------------------------------------------------------------
@@ -345,7 +354,9 @@ class KernelCore(ModelSyscalls):
             return
         if task.op in ("load", "unload"):
             self._on_placed(host, task.op, task.payload, body.get("info", {}), live)
-        else:
+        elif task.op in ("train", "evaluate"):
+            self._on_trained(host, task, body, live)
+        elif task.op == "run":
             self._split_outputs(host, task, body, buffers, live)
 
     def _split_outputs(self, host: DeviceHost, task: Task, body: dict[str, Any],
@@ -408,6 +419,12 @@ class KernelCore(ModelSyscalls):
         self.finished_by_state[str(state)] += 1
         if job.syscall in PRIVILEGED:
             self.audit.record(job.owner, job.syscall, job.args, str(state))
+        if job.syscall == "train":
+            self._journal(job, state)
+            host = self._hosts().get(job.args.get("host", ""))
+            if state is not JobState.DONE and host is not None and host.state is HostState.READY:
+                assert self.devices is not None
+                self.devices.submit(host, Task("forget", {"job": str(job.id)}))
         try:
             self.pm.hook.llmos_job_finished(job=job)
         except Exception:

@@ -52,6 +52,13 @@ MIN_PRIORITY, MAX_PRIORITY = -20, 19
 _job_ids = itertools.count(1)
 
 
+def continue_ids_after(last: int) -> None:
+    """Number new jobs after ``last`` (the journal's highest id), so ids stay unique
+    across kernel restarts."""
+    global _job_ids
+    _job_ids = itertools.count(last + 1)
+
+
 @dataclass(slots=True)
 class Job:
     """One unit of work submitted by a client.
@@ -77,6 +84,10 @@ class Job:
     peak_memory: int = 0
     tokens: int = 0
     error: str | None = None
+    #: The latest progress a long job reported (step, loss, throughput, ETA...).
+    progress: dict[str, Any] = field(default_factory=dict)
+    #: The submitter asked for events (accepted, progress).
+    wants_events: bool = False
     #: Who to answer: (peer identity, request id); None once answered.
     reply_route: tuple[bytes, str] | None = None
 
@@ -100,7 +111,7 @@ class Job:
             "device": self.device, "created_at": self.created_at, "started_at": self.started_at,
             "finished_at": self.finished_at, "attempts": self.attempts,
             "cpu_seconds": round(self.cpu_seconds, 4), "peak_memory": self.peak_memory,
-            "tokens": self.tokens, "error": self.error,
+            "tokens": self.tokens, "error": self.error, "progress": self.progress,
         }
 
 

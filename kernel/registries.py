@@ -58,6 +58,8 @@ class DriverSpec:
     unavailable_reason: Callable[[], str] = field(default=lambda: "")
     #: Dynamic batching knobs that suit this driver; None means the kernel's defaults.
     batching: BatchingConfig | None = None
+    #: The driver implements ``train`` and ``evaluate`` (see drivers/base.py).
+    trains: bool = False
 
 
 class DriverRegistry(NamedRegistry[DriverSpec]):

@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY,
     serving INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS journal (
+    job INTEGER PRIMARY KEY,
+    syscall TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    args TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tuning (
     model TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -153,9 +162,11 @@ class Registry:
     # --- writes -----------------------------------------------------------------------
 
     def import_folder(
-        self, name: str, source: Path, recipe: dict[str, Any], parent: str | None = None
+        self, name: str, source: Path, recipe: dict[str, Any], parent: str | None = None,
+        metrics: dict[str, Any] | None = None, move: bool = False,
     ) -> tuple[ModelVersion, bool]:
-        """Copy a Hugging Face folder in as a new version of ``name``.
+        """Copy (or, with ``move``, move: same file system, instant) a Hugging Face folder
+        in as a new version of ``name``.
 
         Returns (version, created). Importing weights identical to an existing version of
         ``name`` returns that version with created=False.
@@ -174,18 +185,19 @@ class Registry:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target_dir))
         try:
             for file in files:
-                shutil.copy2(file, staging / file.name)
+                (shutil.move if move else shutil.copy2)(file, staging / file.name)
             with self._lock:
                 version = 1 + (self._db.execute(
                     "SELECT COALESCE(MAX(version), 0) FROM versions WHERE model = ?", (name,)
                 ).fetchone()[0])
                 final = target_dir / f"v{version}"
                 staging.rename(final)
-                record = ModelVersion(name, version, final, parent, recipe, {}, digest, time.time())
+                record = ModelVersion(name, version, final, parent, recipe, metrics or {},
+                                      digest, time.time())
                 self._db.execute(
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, str(final), parent, json.dumps(recipe), "{}", digest,
-                     record.created_at))
+                    (name, version, str(final), parent, json.dumps(recipe),
+                     json.dumps(record.metrics), digest, record.created_at))
                 self._db.execute(
                     "INSERT INTO models VALUES (?, ?) ON CONFLICT(name) DO NOTHING", (name, version)
                 )
@@ -194,6 +206,38 @@ class Registry:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
         return record, True
+
+    def add_metrics(self, version: ModelVersion, key: str, metrics: dict[str, Any]) -> None:
+        """Record measured metrics (e.g. an evaluation) on a version under ``key``."""
+        with self._lock:
+            row = self._db.execute("SELECT metrics FROM versions WHERE model = ? AND version = ?",
+                                   (version.model, version.version)).fetchone()
+            merged = {**json.loads(row[0]), key: metrics}
+            self._db.execute("UPDATE versions SET metrics = ? WHERE model = ? AND version = ?",
+                             (json.dumps(merged), version.model, version.version))
+            self._db.commit()
+
+    # --- the job journal: durable jobs survive a kernel restart -----------------------
+
+    def journal_put(self, job_id: int, syscall: str, owner: str, priority: int,
+                    args: dict[str, Any], state: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (job_id, syscall, owner, priority, json.dumps(args), state,
+                              time.time()))
+            self._db.commit()
+
+    def journal_unfinished(self) -> list[tuple[int, str, str, int, dict[str, Any]]]:
+        """(id, syscall, owner, priority, args) of journalled jobs that never ended."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job, syscall, owner, priority, args FROM journal "
+                "WHERE state IN ('QUEUED', 'RUNNING', 'PREEMPTED') ORDER BY job").fetchall()
+        return [(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def journal_last_id(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(job), 0) FROM journal").fetchone()[0])
 
     def save_tuning(self, version: ModelVersion, host: str, machine: str,
                     timings: dict[str, float]) -> None:

@@ -35,12 +35,13 @@ from .protocol import ErrorCode, KernelError
 CAPABILITIES = ("infer", "train", "admin")
 #: The capability each syscall needs. Syscalls not listed here need none beyond a key.
 REQUIRED: dict[str, str] = {
-    "infer": "infer",
+    "infer": "infer", "train": "train", "evaluate": "train",
     "import": "admin", "export": "admin", "load": "admin", "unload": "admin",
     "shutdown": "admin",
 }
 #: Syscalls written to the audit log.
-PRIVILEGED = frozenset({"import", "export", "load", "unload", "shutdown", "cancel", "renice"})
+PRIVILEGED = frozenset({"import", "export", "load", "unload", "train", "shutdown", "cancel",
+                        "renice"})
 #: The owner name of unauthenticated local clients (ipc or loopback without CURVE).
 LOCAL = "local"
 

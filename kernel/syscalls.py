@@ -100,7 +100,10 @@ _JOB_OPTIONS = (
     Arg("priority", "int", default=0, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
     Arg("timeout", "float", minimum=0.001, maximum=7 * 24 * 3600),
 )
+#: Train jobs yield to inference: a lower default priority (a higher nice value).
+TRAIN_PRIORITY = 10
 _MODEL = Arg("model", "str", required=True, minimum=1, maximum=64)
+_DATA = (Arg("data", "str", minimum=1, maximum=64), Arg("path", "str", minimum=1, maximum=4096))
 _VERSION = Arg("version", "int", minimum=1)
 
 SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
@@ -133,6 +136,28 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("inputs", "strs", required=True, minimum=1, maximum=MAX_INPUTS_PER_JOB),
         *_JOB_OPTIONS,
     ), "Run embed or classify on a list of texts; batched with compatible jobs.", job=True),
+    Syscall("datasets", (), "The bundled labelled datasets (users may also pass CSV/JSONL)."),
+    Syscall("train", (
+        _MODEL, _VERSION, *_DATA,
+        Arg("name", "str", minimum=1, maximum=64),
+        Arg("epochs", "float", default=2.0, minimum=0.01, maximum=100),
+        Arg("batch_size", "int", default=32, minimum=1, maximum=1024),
+        Arg("learning_rate", "float", default=5e-5, minimum=1e-7, maximum=1.0),
+        Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
+        Arg("max_tokens", "int", default=128, minimum=8, maximum=8192),
+        Arg("limit", "int", default=0, minimum=0, maximum=10**7),
+        Arg("quantum", "float", default=1.0, minimum=0.05, maximum=600),
+        Arg("priority", "int", default=TRAIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
+        Arg("timeout", "float", minimum=0.001, maximum=30 * 24 * 3600),
+    ), "Fine-tune a sequence classifier on labelled texts, time-sliced with inference; "
+       "the result is a new model version.", job=True),
+    Syscall("evaluate", (
+        _MODEL, _VERSION, *_DATA,
+        Arg("split", "str", default="test", choices=("train", "validation", "test")),
+        Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
+        *_JOB_OPTIONS,
+    ), "Accuracy, macro-F1 and confusion matrix of a classifier on a dataset split.",
+        job=True),
     Syscall("jobs", (Arg("owner", "str"), Arg("finished", "bool", default=True)),
             "List jobs (ps): unfinished ones and recent finished ones."),
     Syscall("job", (Arg("id", "int", required=True, minimum=1),), "One job's status."),

