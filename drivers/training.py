@@ -89,7 +89,7 @@ class TrainingSession:
     """One training job's model, optimizer and position in the data."""
 
     def __init__(self, spec: TrainSpec, threads: int) -> None:
-        torch.set_num_threads(threads)
+        self.threads = max(1, threads - 1)  # one core stays free for inference elsewhere
         self.spec = spec
         self.dataset = datasets.load(**spec.data)
         self.texts, self.targets = self.dataset.split("train", spec.seed)
@@ -134,6 +134,14 @@ class TrainingSession:
 
     def run(self, seconds: float) -> dict[str, Any]:
         """Train for about ``seconds`` (at least one step), checkpoint, report progress."""
+        inference_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._run(seconds)
+        finally:
+            torch.set_num_threads(inference_threads)
+
+    def _run(self, seconds: float) -> dict[str, Any]:
         self.model.train()
         started, first = time.perf_counter(), self.step
         seen = 0

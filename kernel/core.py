@@ -265,7 +265,10 @@ class KernelCore(ModelSyscalls, TrainingSyscalls):
     def _free_devices(self) -> set[str]:
         assert self.devices is not None
         hosts = self.devices.hosts.values()
-        busy = {host.hardware for host in hosts if host.inflight}
+        # Training quanta leave a core to inference (they run on threads - 1), so they do
+        # not make their hardware busy for other hosts; anything else does.
+        busy = {host.hardware for host in hosts
+                if any(task.op != "train" for task in host.inflight.values())}
         free = {host.name for host in hosts if host.free and host.hardware not in busy}
         if self._kernel_task is None:
             free.add(KERNEL_DEVICE)
