@@ -1,9 +1,10 @@
 """Fine-tuning a sequence classifier in quanta, with checkpoints, and evaluating one.
 
 A :class:`TrainingSession` lives in the PyTorch driver host between quanta. Each quantum
-runs optimizer steps for about ``seconds`` and then writes a checkpoint (model and
-optimizer tensors as safetensors, step and RNG state as JSON/tensors, never pickle) into
-the job's folder, replacing the previous one atomically. A session rebuilt from that
+runs optimizer steps for about ``seconds``; at the end of a quantum, once
+``checkpoint_every`` seconds have passed since the last one, it writes a checkpoint (model
+and optimizer tensors as safetensors, step and RNG state as JSON/tensors, never pickle)
+into the job's folder, replacing the previous one atomically. A session rebuilt from that
 folder (after a host or kernel restart) continues at the same step with the same data
 order, so a resumed job trains on exactly the batches it has not seen yet.
 """
@@ -44,6 +45,7 @@ class TrainSpec:
     seed: int = 0
     max_tokens: int = 128
     limit: int = 0  # use at most this many training rows (0: all)
+    checkpoint_every: float = 30.0  # seconds between checkpoints (taken at quantum ends)
 
 
 def evaluate_texts(model: PreTrainedModel, tokenizer: Any, texts: list[str], targets: list[int],
@@ -108,6 +110,7 @@ class TrainingSession:
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * spec.epochs))
         self.step = 0
         self.loss = float("nan")
+        self.checkpointed_at = time.monotonic()
         folder = Path(spec.checkpoint)
         old = folder.with_name(folder.name + ".old")
         if not folder.exists() and old.exists():  # a crash between the two renames below
@@ -161,7 +164,8 @@ class TrainingSession:
             self.step += 1
             seen += len(texts)
         elapsed = time.perf_counter() - started
-        self._checkpoint()
+        if time.monotonic() - self.checkpointed_at >= self.spec.checkpoint_every:
+            self._checkpoint()
         return {"step": self.step, "total_steps": self.total_steps, "loss": round(self.loss, 4),
                 "examples_per_s": round(seen / elapsed, 1) if elapsed else 0.0,
                 "epoch": round(self.step / self.steps_per_epoch, 3), "done": self.done}
@@ -195,6 +199,7 @@ class TrainingSession:
                 tensors[f"{names[param]}::{key}"] = value.detach().clone()
         save_file(tensors, str(staging / "optimizer.safetensors"))
         (staging / "state.json").write_text(json.dumps({"step": self.step, "loss": self.loss}))
+        self.checkpointed_at = time.monotonic()
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
             os.replace(folder, old)

@@ -109,7 +109,8 @@ class KernelCore(ModelSyscalls, TrainingSyscalls):
         self.memory_budget = config.memory_budget
         policy = ext.policies.get(config.policy)()
         self.scheduler = Scheduler(policy, self._batch_key, self._candidates, self._batching,
-                                   cost=self._cost, hardware=hardware_of)
+                                   cost=self._cost, hardware=hardware_of,
+                                   background=lambda job: job.syscall == "train")
         self.devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         self._handlers: dict[str, Callable[[Request], Any]] = {
@@ -262,20 +263,24 @@ class KernelCore(ModelSyscalls, TrainingSyscalls):
             return [h.name for h in self.devices.hosts.values() if handle in h.loaded]
         return [job.args["targets"][0]]
 
-    def _free_devices(self) -> set[str]:
+    def _free_devices(self) -> tuple[set[str], frozenset[str]]:
+        """Hosts with nothing in flight, and the hardware busy with foreground work.
+
+        Training quanta run in the background (on threads - 1 cores): they neither wait for
+        nor block their hardware, so inference keeps flowing to the other hosts on it.
+        """
         assert self.devices is not None
         hosts = self.devices.hosts.values()
-        # Training quanta leave a core to inference (they run on threads - 1), so they do
-        # not make their hardware busy for other hosts; anything else does.
-        busy = {host.hardware for host in hosts
-                if any(task.op != "train" for task in host.inflight.values())}
-        free = {host.name for host in hosts if host.free and host.hardware not in busy}
+        busy = frozenset(host.hardware for host in hosts
+                         if any(task.op != "train" for task in host.inflight.values()))
+        free = {host.name for host in hosts if host.free}
         if self._kernel_task is None:
             free.add(KERNEL_DEVICE)
-        return free
+        return free, busy
 
     def _dispatch(self, now: float) -> float | None:
-        batches, wake_at = self.scheduler.schedule(self._free_devices(), now)
+        free, busy = self._free_devices()
+        batches, wake_at = self.scheduler.schedule(free, now, busy)
         for batch in batches:
             for job in batch.jobs:
                 job.transition(JobState.RUNNING)

@@ -147,6 +147,7 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("max_tokens", "int", default=128, minimum=8, maximum=8192),
         Arg("limit", "int", default=0, minimum=0, maximum=10**7),
         Arg("quantum", "float", default=1.0, minimum=0.05, maximum=600),
+        Arg("checkpoint_every", "float", default=30.0, minimum=0.0, maximum=24 * 3600),
         Arg("priority", "int", default=TRAIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
         Arg("timeout", "float", minimum=0.001, maximum=30 * 24 * 3600),
     ), "Fine-tune a sequence classifier on labelled texts, time-sliced with inference; "

@@ -116,7 +116,8 @@ class TrainingSyscalls:
                 "checkpoint": job.args["checkpoint"], "output": job.args["output"],
                 "epochs": job.args["epochs"], "batch_size": job.args["batch_size"],
                 "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
-                "max_tokens": job.args["max_tokens"], "limit": job.args["limit"]}
+                "max_tokens": job.args["max_tokens"], "limit": job.args["limit"],
+                "checkpoint_every": job.args["checkpoint_every"]}
         return Task("train", {"job": str(job.id), "spec": spec,
                               "seconds": job.args["quantum"]}, [job])
 

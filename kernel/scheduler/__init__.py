@@ -62,6 +62,9 @@ class Scheduler:
     batching: Callable[[Job], BatchingConfig]
     cost: Callable[[list[Job], str], float] = lambda jobs, device: 0.0
     hardware: Callable[[str], str] = lambda device: device
+    #: Jobs that run in the background of their hardware (training, on fewer cores): they
+    #: may start while the hardware is busy and do not make it busy.
+    background: Callable[[Job], bool] = lambda job: False
     queue: dict[int, Job] = field(default_factory=dict)
 
     def push(self, job: Job) -> None:
@@ -73,13 +76,15 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def schedule(self, free_devices: set[str], now: float) -> tuple[list[Batch], float | None]:
+    def schedule(self, free_devices: set[str], now: float,
+                 busy_hardware: frozenset[str] = frozenset()) -> tuple[list[Batch], float | None]:
         """Batches to dispatch now, and the time at which a waiting batch becomes ready.
 
         A free device takes the highest-ranked job it can run, plus compatible jobs in rank
-        order up to ``max_batch_size`` inputs. If that batch is not full and its oldest job
-        has waited less than ``max_queue_delay``, the device waits for it rather than giving
-        the slot to a lower-ranked job.
+        order up to ``max_batch_size`` inputs, unless its hardware is busy (background
+        jobs excepted). If that batch is not full and its oldest job has waited less than
+        ``max_queue_delay``, the hardware waits for it rather than giving the slot to a
+        lower-ranked job.
         """
         batches: list[Batch] = []
         wake_at: float | None = None
@@ -87,13 +92,16 @@ class Scheduler:
             return batches, wake_at
         ranked = sorted(self.queue.values(), key=lambda job: self.policy.rank(job, now))
         free = set(free_devices)
+        busy = set(busy_hardware)
         taken: set[int] = set()
         for job in ranked:
             if not free:
                 break
             if job.id in taken:
                 continue
-            devices = [d for d in self.candidates(job) if d in free]
+            background = self.background(job)
+            devices = [d for d in self.candidates(job)
+                       if d in free and (background or self.hardware(d) not in busy)]
             if not devices:
                 continue
             key = self.batch_key(job)
@@ -103,8 +111,9 @@ class Scheduler:
             batch = Batch(device, members, key if key is not None else ("job", job.id))
             oldest = min(m.queued_at for m in members)
             ready_at = oldest + config.max_queue_delay
-            hardware = self.hardware(device)
-            free = {d for d in free if self.hardware(d) != hardware}  # held or used now
+            free.discard(device)
+            if not background:
+                busy.add(self.hardware(device))  # held or used now
             taken.update(m.id for m in members)
             if key is not None and batch.size < config.max_batch_size and ready_at > now:
                 # hold the hardware for this batch; lower-ranked jobs must not jump ahead

@@ -111,7 +111,7 @@ def test_training_resumes_after_kill_9_of_the_kernel(home, tmp_path):
         client.import_model("minilm")
         pending = client.submit("train", {"model": "minilm", "path": str(data), "name": "resumed",
                                           "epochs": 1, "batch_size": 16, "max_tokens": 32,
-                                          "quantum": 0.3}, events=True)
+                                          "quantum": 0.3, "checkpoint_every": 0}, events=True)
         job_id = pending.job_id()
         while client.job(job_id)["progress"].get("step", 0) < 3:
             time.sleep(0.05)

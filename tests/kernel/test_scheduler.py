@@ -92,3 +92,21 @@ def test_the_cheapest_free_device_is_chosen_and_its_hardware_is_then_busy():
     assert [(b.device, b.jobs) for b in batches] == [
         ("openvino:cpu", [jobs[0]]), ("torch:cuda:0", [jobs[1]])]  # one batch per hardware
     assert len(sched) == 1
+
+
+def test_background_jobs_neither_wait_for_nor_block_busy_hardware():
+    sched = Scheduler(
+        FifoPolicy(), batch_key=lambda j: None if j.syscall == "train" else ("a", "embed"),
+        candidates=lambda j: ["torch:cpu"] if j.syscall == "train" else ["openvino:cpu"],
+        batching=lambda j: BatchingConfig(1, 0.0),
+        hardware=lambda device: "cpu", background=lambda j: j.syscall == "train")
+    train = Job("train", "c", {})
+    sched.push(train)
+    batches, _ = sched.schedule({"torch:cpu", "openvino:cpu"}, 0.0, frozenset({"cpu"}))
+    assert [b.jobs for b in batches] == [[train]]  # started although the cpu is busy
+    infer = infer_job("a")
+    sched.push(infer)
+    batches, _ = sched.schedule({"openvino:cpu"}, 0.0)  # training runs, cpu not busy
+    assert [b.jobs for b in batches] == [[infer]]
+    sched.push(infer_job("a"))
+    assert sched.schedule({"openvino:cpu"}, 0.0, frozenset({"cpu"}))[0] == []
