@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -23,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import pluggy
-import psutil
 import zmq
 
 from .config import KernelConfig
+from .control import ControlSyscalls
 from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
 from .jobs import Job, JobState
 from .models import ModelSyscalls
@@ -87,7 +86,7 @@ class Counters:
     dropped_replies: int = 0
 
 
-class KernelCore(ModelSyscalls, TrainingSyscalls):
+class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -497,77 +496,3 @@ class KernelCore(ModelSyscalls, TrainingSyscalls):
                               f"{version.ref} cannot {task} (it can: {', '.join(info['tasks'])}); "
                               "classify needs a model with a classification head")
         return self._admit(request, handle=version.ref)
-
-    def _drivers(self, request: Request) -> dict[str, Any]:
-        rows = []
-        for name, spec in self.ext.drivers.items():
-            devices = spec.probe()
-            batching = spec.batching or self.batching
-            rows.append({"name": name, "description": spec.description, "devices": devices,
-                         "available": bool(devices),
-                         "reason": "" if devices else spec.unavailable_reason(),
-                         "batching": {"max_batch_size": batching.max_batch_size,
-                                      "max_queue_delay": batching.max_queue_delay}})
-        return {"drivers": rows}
-
-    def _devices(self, request: Request) -> dict[str, Any]:
-        assert self.devices is not None
-        return {"devices": [h.describe() for h in self.devices.hosts.values()]}
-
-    def _jobs(self, request: Request) -> dict[str, Any]:
-        owner, finished = request.args["owner"], request.args["finished"]
-        if not self._sees_all(request):
-            owner = request.owner
-        jobs = list(self.active.values()) + (list(self.history) if finished else [])
-        rows = [j.summary() for j in jobs if owner is None or j.owner == owner]
-        return {"jobs": sorted(rows, key=lambda r: r["id"])}
-
-    @staticmethod
-    def _sees_all(request: Request) -> bool:
-        """Local users and admin keys see and control every job; other keys their own."""
-        return not request.principal.authenticated or request.principal.may("admin")
-
-    def _find(self, request: Request) -> Job:
-        """The job named by ``request.args["id"]``, if the caller may see it."""
-        job_id = request.args["id"]
-        job = self.active.get(job_id) or next((j for j in self.history if j.id == job_id), None)
-        if job is None or not (self._sees_all(request) or job.owner == request.owner):
-            raise KernelError(ErrorCode.NOT_FOUND, f"no job {job_id}")
-        return job
-
-    def _job(self, request: Request) -> dict[str, Any]:
-        return self._find(request).summary()
-
-    def _cancel(self, request: Request) -> dict[str, Any]:
-        job = self._find(request)
-        if job.state.finished:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
-        self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED,
-                   f"job {job.id} was cancelled by {request.owner}")
-        return job.summary()
-
-    def _renice(self, request: Request) -> dict[str, Any]:
-        job = self._find(request)
-        if job.state.finished:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
-        job.priority = request.args["priority"]
-        return job.summary()
-
-    def _stats(self, request: Request) -> dict[str, Any]:
-        assert self.devices is not None
-        states = Counter(str(j.state) for j in self.active.values())
-        return {
-            "uptime": time.time() - self.started, "pid": os.getpid(),
-            "rss": psutil.Process().memory_info().rss,
-            "received": self.counters.received, "rejected": self.counters.rejected,
-            "replies": self.counters.replies, "dropped_replies": self.counters.dropped_replies,
-            "queued": len(self.scheduler), "active": dict(states),
-            "finished": dict(self.finished_by_state), "clients": dict(self.per_owner),
-            "devices": {h.name: {"state": str(h.state), "inflight": len(h.inflight),
-                                 "restarts": h.restarts, "rss": h.rss}
-                        for h in self.devices.hosts.values()},
-        }
-
-    def _shutdown(self, request: Request) -> dict[str, Any]:
-        self.stop_requested.set()
-        return {"stopping": True}
