@@ -64,6 +64,8 @@ def test_capabilities_decide_what_a_key_may_call(curve_kernel):
         assert alice.ping() == {"pong": True}
         assert alice.embed("minilm", ["hello"]).shape == (1, 384)
         for call in (lambda: alice.load("minilm"), lambda: alice.import_model("minilm"),
+                     lambda: alice.train("minilm", data="reviews"),
+                     lambda: alice.evaluate("minilm", data="reviews"),
                      lambda: alice.export("minilm", "onnx"), alice.shutdown):
             with pytest.raises(KernelError) as info:
                 call()
