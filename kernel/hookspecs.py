@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from llmos.shell.commands import CommandRegistry
+
     from .jobs import Job
     from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 
@@ -53,6 +55,23 @@ def llmos_register_model_sources(sources: SourceRegistry) -> None:
     inside an installed package; nothing is ever downloaded.
 
     :param sources: the kernel's model-source registry.
+    """
+
+
+# --- registration: called once per shell, at start-up -----------------------------------
+
+
+@hookspec
+def llmos_register_shell_commands(commands: CommandRegistry) -> None:
+    """Add commands to the interactive shell with ``commands.add(Command(...))``.
+
+    Called by ``llmos shell`` (never by the kernel). A
+    :class:`~llmos.shell.commands.Command` has a name, aliases, a help line, its parameters
+    (which drive parsing, usage, ``help`` and completion) and a handler that returns data
+    (an ``Output``, or a ``JobRequest`` the shell submits); the handler may be named as
+    ``"package.module:function"`` so that registering imports nothing heavy.
+
+    :param commands: the shell's command registry; names and aliases must be unique.
     """
 
 

@@ -21,6 +21,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "llmos.kernel.scheduler.priority",
     "llmos.kernel.sources",
     "llmos.drivers.builtin",
+    "llmos.shell.builtin_commands",
 )
 
 ENTRY_POINT_GROUP = "llmos"

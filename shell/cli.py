@@ -24,7 +24,12 @@ from llmos.kernel.server import (
     read_pid_file,
 )
 
-from . import render
+from . import render, views
+
+
+def resolve_home(args: argparse.Namespace) -> Path:
+    """--home, else LLMOS_HOME, else ~/.llmos."""
+    return Path(args.home).expanduser() if args.home else default_home()
 
 
 def resolve_address(args: argparse.Namespace) -> str:
@@ -33,7 +38,7 @@ def resolve_address(args: argparse.Namespace) -> str:
         return args.address
     if os.environ.get("LLMOS_ADDRESS"):
         return os.environ["LLMOS_ADDRESS"]
-    home = Path(args.home).expanduser() if args.home else default_home()
+    home = resolve_home(args)
     record = read_pid_file(home)
     return record["address"] if record else default_address(home)
 
@@ -89,7 +94,7 @@ def _alive(pid: int) -> bool:
 
 
 def _kernel(args: argparse.Namespace) -> int:
-    home = Path(args.home).expanduser() if args.home else default_home()
+    home = resolve_home(args)
     if args.kernel_command == "start":
         if not args.detach:
             logging.basicConfig(level=logging.INFO,
@@ -102,11 +107,7 @@ def _kernel(args: argparse.Namespace) -> int:
     address = resolve_address(args)
     if args.kernel_command == "status":
         with Client(address) as client:
-            info = client.info()
-        if args.json:
-            render.as_json(info)
-        else:
-            render.table("kernel", ["KEY", "VALUE"], sorted(info.items()))
+            render.show(views.mapping("kernel", client.info()), args.json)
         return 0
     if not stop_kernel(address, home):
         render.error("TIMEOUT", f"no kernel answered at {address}")
@@ -123,24 +124,14 @@ def _show(args: argparse.Namespace, client: Client) -> int:
         render.console.print(f"pong from {client.address} in "
                              f"{(time.perf_counter() - started) * 1000:.2f} ms")
         return 0
-    data: Any = {
-        "info": client.info, "drivers": client.drivers, "devices": client.devices,
-        "stats": client.stats, "jobs": lambda: client.jobs(finished=not args.running),
+    output = {
+        "info": lambda: views.mapping("info", client.info()),
+        "stats": lambda: views.mapping("stats", client.stats()),
+        "drivers": lambda: views.drivers(client.drivers()),
+        "devices": lambda: views.devices(client.devices()),
+        "jobs": lambda: views.jobs(client.jobs(finished=not args.running)),
     }[command]()
-    if args.json:
-        render.as_json(data)
-    elif command == "jobs":
-        render.jobs_table(data)
-    elif command == "drivers":
-        render.table("drivers", ["NAME", "DEVICES", "AVAILABLE", "DESCRIPTION / REASON"],
-                     [(d["name"], ", ".join(d["devices"]), d["available"],
-                       d["description"] if d["available"] else d["reason"]) for d in data])
-    elif command == "devices":
-        render.table("devices", ["NAME", "STATE", "PID", "THREADS", "RSS", "LOADED", "RESTARTS"],
-                     [(d["name"], d["state"], d["pid"], d["threads"], render.human_bytes(d["rss"]),
-                       ", ".join(d["loaded"]) or "-", d["restarts"]) for d in data])
-    else:
-        render.table(command, ["KEY", "VALUE"], sorted(data.items()))
+    render.show(output, args.json)
     return 0
 
 
@@ -148,68 +139,36 @@ def _models(args: argparse.Namespace, client: Client) -> int:
     if args.models_command == "import":
         if not args.source and not args.path:
             raise KernelError(ErrorCode.BAD_REQUEST, "models import: give a source NAME or --path")
-        result = client.import_model(args.source, path=args.path, name=args.name)
-        if args.json:
-            render.as_json(result)
-        else:
-            verb = "imported" if result["created"] else "already imported as"
-            render.console.print(f"{verb} {result['model']}:{result['version']} ({result['path']})")
-        return 0
-    models = client.models()
-    if args.json:
-        render.as_json(models)
+        output = views.imported(client.import_model(args.source, path=args.path, name=args.name))
     else:
-        render.table("models", ["MODEL", "VERSION", "SERVING", "PARENT", "RECIPE", "LOADED ON"],
-                     [(m["model"], m["version"], "*" if m["serving"] else "", m["parent"],
-                       m["recipe"].get("op"), ", ".join(m["loaded_on"]) or "-") for m in models])
+        output = views.models(client.models())
+    render.show(output, args.json)
     return 0
 
 
 def _work(args: argparse.Namespace, client: Client) -> int:
     command = args.command
-    options = {"priority": args.priority, "timeout": args.timeout}
     if command == "load":
-        result = client.load(args.model, version=args.version, device=args.device,
-                             driver=args.driver, precision=args.precision)
-        message = f"loaded {result['model']} on " + ", ".join(
-            f"{d} ({result['precision'][d]})" for d in result["devices"])
+        output = views.loaded(client.load(args.model, version=args.version, device=args.device,
+                                          driver=args.driver, precision=args.precision))
     elif command == "unload":
-        result = client.unload(args.model, version=args.version, device=args.device)
-        message = f"unloaded {result['model']} from {', '.join(result['devices'])}"
+        output = views.unloaded(client.unload(args.model, version=args.version, device=args.device))
     elif command == "export":
-        result = client.export(args.model, args.to, version=args.version)
-        state = "exported" if result["created"] else "already exported"
-        message = f"{state} {result['model']} to {result['path']}"
-    elif command == "embed":
-        vectors = client.embed(args.model, args.texts, version=args.version, **options)
-        result = {"embeddings": vectors}
-        message = "\n".join(f"[{i}] dim {v.shape[0]}: {' '.join(f'{x:+.3f}' for x in v[:6])} ..."
-                            for i, v in enumerate(vectors))
-    elif command == "classify":
-        result = {"predictions": client.classify(args.model, args.texts, version=args.version,
-                                                 **options)}
-        if not args.json:
-            render.table("predictions", ["TEXT", "LABEL", "SCORE"],
-                         [(t, p["label"], f"{p['score']:.3f}")
-                          for t, p in zip(args.texts, result["predictions"], strict=True)])
-            return 0
-        message = ""
+        output = views.exported(client.export(args.model, args.to, version=args.version))
+    elif command in ("embed", "classify"):
+        options = {"version": args.version, "priority": args.priority, "timeout": args.timeout}
+        if command == "embed":
+            output = views.embedded({"embeddings": client.embed(args.model, args.texts, **options)})
+        else:
+            output = views.classified(args.texts, {"predictions": client.classify(
+                args.model, args.texts, **options)})
     elif command == "cancel":
-        result = client.cancel(args.id)
-        message = f"job {args.id} cancelled"
+        output = views.cancelled(client.cancel(args.id))
     elif command == "renice":
-        result = client.renice(args.id, args.priority_value)
-        message = f"job {args.id} priority {args.priority_value}"
+        output = views.reniced(client.renice(args.id, args.priority_value))
     else:  # job
-        result = client.job(args.id)
-        if not args.json:
-            render.table(f"job {args.id}", ["KEY", "VALUE"], sorted(result.items()))
-            return 0
-        message = ""
-    if args.json:
-        render.as_json(result)
-    else:
-        render.console.print(message)
+        output = views.job(client.job(args.id))
+    render.show(output, args.json)
     return 0
 
 
@@ -224,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = kernel.add_subparsers(dest="kernel_command", required=True)
     start = ksub.add_parser("start", help="run a kernel (foreground unless --detach)")
     add_kernel_options(start)
+    _keep_global(start, "home")
     start.add_argument("--detach", action="store_true", help="run in the background")
     ksub.add_parser("status", help="show the running kernel's info")
     ksub.add_parser("stop", help="shut the kernel down")
@@ -268,7 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     renice.add_argument("id", type=int)
     renice.add_argument("priority_value", type=int, metavar="PRIORITY")
     sub.add_parser("demo", help="start a kernel, run the main job, stop it")
+    shell = sub.add_parser("shell", help="an interactive shell; or run -c COMMANDS or a SCRIPT")
+    shell.add_argument("-c", dest="shell_command", metavar="COMMANDS",
+                       help="run these commands (';' or newline between them) and exit")
+    shell.add_argument("script", nargs="?", help="a file of shell commands, one a line")
+    shell.add_argument("--address", help="kernel address")
+    shell.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
+    shell.add_argument("--json", action="store_true", help="machine-readable output")
+    _keep_global(shell, "address", "home", "json")
     return parser
+
+
+def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
+    """Let a subcommand repeat global options: absent there, the global value stays
+    (a subparser's own default would otherwise overwrite it)."""
+    for action in parser._actions:
+        if action.dest in dests:
+            action.default = argparse.SUPPRESS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo()
+        if args.command == "shell":
+            from .app import run_shell
+
+            return run_shell(args)
         with Client(resolve_address(args)) as client:
             if args.command == "models":
                 return _models(args, client)

@@ -15,7 +15,7 @@ import numpy as np
 
 from llmos.kernel.client import Client
 
-from . import render
+from . import render, views
 from .cli import start_detached, stop_kernel
 
 QUESTION = "I forgot my password and cannot log in to my account."
@@ -49,10 +49,11 @@ def run_demo() -> int:
             scores = vectors[1:] @ vectors[0]
             order = np.argsort(-scores)
             render.console.print(f"\n[bold]question:[/bold] {QUESTION}")
-            render.table("answers ranked by cosine similarity", ["RANK", "SCORE", "ANSWER"],
-                         [(rank + 1, f"{scores[i]:.3f}", KNOWLEDGE_BASE[i])
-                          for rank, i in enumerate(order)])
-            render.jobs_table(client.jobs())
+            render.show(views.table("answers ranked by cosine similarity",
+                                    ["RANK", "SCORE", "ANSWER"],
+                                    [(rank + 1, f"{scores[i]:.3f}", KNOWLEDGE_BASE[i])
+                                     for rank, i in enumerate(order)]))
+            render.show(views.jobs(client.jobs()))
     finally:
         stop_kernel(record["address"], home)
     render.console.print(f"done in {time.perf_counter() - started:.1f} s; kernel stopped")

@@ -1,0 +1,204 @@
+"""Handlers of the built-in shell commands (table in :mod:`llmos.shell.builtin_commands`).
+
+Each takes the shell context and the parsed arguments and returns an Output or, for
+syscalls that create a job, a JobRequest that the shell submits (foreground or ``&``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from llmos.kernel.protocol import ErrorCode, KernelError
+
+from . import views
+from .commands import Command, JobRequest, Output, ShellContext
+
+Args = dict[str, Any]
+
+
+def split_handle(text: str) -> tuple[str, int | None]:
+    """``"minilm:2"`` -> ``("minilm", 2)``; ``"minilm"`` -> ``("minilm", None)``."""
+    name, colon, version = text.partition(":")
+    if not colon:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise KernelError(ErrorCode.BAD_REQUEST, f"bad model version in {text!r} "
+                          "(use NAME or NAME:VERSION, e.g. minilm:1)")
+    return name, int(version)
+
+
+def _job_options(args: Args) -> dict[str, Any]:
+    return {"priority": args["priority"], "timeout": args["timeout"]}
+
+
+def _model(args: Args) -> dict[str, Any]:
+    """MODEL[:VERSION] and the job options as syscall arguments."""
+    name, version = split_handle(args["model"])
+    return {"model": name, "version": version, **_job_options(args)}
+
+
+def _texts(command: str, args: Args) -> list[str]:
+    """The TEXT words followed by the non-blank lines of --file."""
+    texts = list(args["texts"])
+    if args["file"]:
+        path = Path(args["file"]).expanduser()
+        try:
+            texts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{command}: cannot read {path}: "
+                              f"{exc.strerror or exc}") from None
+    if not texts:
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{command}: give TEXT... or --file PATH")
+    return texts
+
+
+def help_(context: ShellContext, args: Args) -> Output:
+    if args["command"]:
+        command = context.registry.get(args["command"])
+        lines = [f"usage: {command.usage}", command.help]
+        if command.aliases:
+            lines.append(f"aliases: {', '.join(command.aliases)}")
+        return views.message("\n".join(lines), _describe(command))
+    commands = list(context.registry)
+    return views.table("commands", ("COMMAND", "ALIASES", "DESCRIPTION"),
+                       [(c.name, ", ".join(c.aliases), c.help) for c in commands],
+                       data=[_describe(c) for c in commands],
+                       text="help COMMAND shows its usage. End a job command with & to run it in "
+                            "the background; Ctrl-C cancels the job in the foreground.")
+
+
+def _describe(command: Command) -> dict[str, Any]:
+    return {"name": command.name, "aliases": list(command.aliases), "usage": command.usage,
+            "help": command.help}
+
+
+def models(context: ShellContext, args: Args) -> Output:
+    return views.models(context.client.models())
+
+
+def _named_or_path(command: str, args: Args, key: str, shown: str) -> dict[str, Any]:
+    """``args[key]`` (a name the kernel knows, ``shown`` in usage) or --path (made
+    absolute: the kernel reads it), exactly one of them."""
+    if bool(args[key]) == bool(args["path"]):
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{command}: give a {shown} or --path "
+                          "(not both)")
+    path = str(Path(args["path"]).expanduser().resolve()) if args["path"] else None
+    return {key: args[key], "path": path}
+
+
+def import_(context: ShellContext, args: Args) -> JobRequest:
+    source = _named_or_path("import", args, "source", "SOURCE")
+    return JobRequest("import", {**source, "name": args["name"], **_job_options(args)},
+                      views.imported)
+
+
+def load(context: ShellContext, args: Args) -> JobRequest:
+    return JobRequest("load", {**_model(args), "device": args["device"], "driver": args["driver"],
+                               "precision": args["precision"]}, views.loaded)
+
+
+def unload(context: ShellContext, args: Args) -> JobRequest:
+    return JobRequest("unload", {**_model(args), "device": args["device"]}, views.unloaded)
+
+
+def export(context: ShellContext, args: Args) -> JobRequest:
+    return JobRequest("export", {**_model(args), "format": args["format"]}, views.exported)
+
+
+def embed(context: ShellContext, args: Args) -> JobRequest:
+    return JobRequest("infer", {**_model(args), "task": "embed", "inputs": _texts("embed", args)},
+                      views.embedded)
+
+
+def classify(context: ShellContext, args: Args) -> JobRequest:
+    texts = _texts("classify", args)
+    return JobRequest("infer", {**_model(args), "task": "classify", "inputs": texts},
+                      lambda result: views.classified(texts, result))
+
+
+def datasets(context: ShellContext, args: Args) -> Output:
+    return views.datasets(context.client.datasets())
+
+
+_TRAIN_OPTIONS = ("name", "epochs", "batch_size", "learning_rate", "seed", "max_tokens", "limit",
+                  "quantum", "checkpoint_every")
+
+
+def train(context: ShellContext, args: Args) -> JobRequest:
+    data = _named_or_path("train", args, "data", "DATASET")
+    return JobRequest("train", {**_model(args), **data, **{k: args[k] for k in _TRAIN_OPTIONS}},
+                      views.trained)
+
+
+def evaluate(context: ShellContext, args: Args) -> JobRequest:
+    data = _named_or_path("evaluate", args, "data", "DATASET")
+    return JobRequest("evaluate", {**_model(args), **data, "split": args["split"],
+                                   "seed": args["seed"]}, views.evaluated)
+
+
+def drivers(context: ShellContext, args: Args) -> Output:
+    return views.drivers(context.client.drivers())
+
+
+def devices(context: ShellContext, args: Args) -> Output:
+    return views.devices(context.client.devices())
+
+
+def plugins(context: ShellContext, args: Args) -> Output:
+    return views.plugins(context.client.info())
+
+
+def ps(context: ShellContext, args: Args) -> Output:
+    return views.jobs(context.client.jobs(owner=args["owner"], finished=args["all"]))
+
+
+def job(context: ShellContext, args: Args) -> Output:
+    return views.job(context.client.job(args["id"]))
+
+
+def kill(context: ShellContext, args: Args) -> Output:
+    return views.cancelled(context.client.cancel(args["id"]))
+
+
+def nice(context: ShellContext, args: Args) -> Output:
+    return views.reniced(context.client.renice(args["id"], args["priority"]))
+
+
+def wait(context: ShellContext, args: Args) -> Output:
+    return context.follow(args["id"])
+
+
+def stats(context: ShellContext, args: Args) -> Output:
+    return views.mapping("stats", context.client.stats())
+
+
+def top(context: ShellContext, args: Args) -> Output:
+    """Full screen in a terminal; one snapshot otherwise (scripts, ``-c``)."""
+    from . import top as screen
+
+    if context.interactive:
+        screen.run_top(context.client)
+        return Output()
+    return screen.gather(screen.sample(context.client, cpu_interval=0.2), None)
+
+
+def ping(context: ShellContext, args: Args) -> Output:
+    started = time.perf_counter()
+    context.client.ping()
+    ms = (time.perf_counter() - started) * 1000
+    return views.message(f"pong from {context.client.address} in {ms:.2f} ms",
+                         {"pong": True, "ms": ms})
+
+
+def info(context: ShellContext, args: Args) -> Output:
+    return views.mapping("info", context.client.info())
+
+
+def shutdown(context: ShellContext, args: Args) -> Output:
+    return views.message("kernel stopping", context.client.shutdown())
+
+
+def quit_(context: ShellContext, args: Args) -> Output:
+    raise EOFError

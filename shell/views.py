@@ -1,0 +1,161 @@
+"""Syscall results as :class:`~llmos.shell.commands.Output`: the tables and lines that both
+the ``llmos`` command and the shell show. Pure functions of the data; no printing."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .commands import Output, Table
+
+JOB_COLUMNS = ("ID", "OWNER", "SYSCALL", "MODEL", "STATE", "NI", "DEVICE", "CPU s", "MEM", "AGE",
+               "ERROR")
+
+
+def human_bytes(n: int | float | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def age(timestamp: float | None) -> str:
+    """How long ago ``timestamp`` (Unix time) was, in s, m or h; ``-`` for none."""
+    if not timestamp:
+        return "-"
+    seconds = max(0.0, datetime.datetime.now().timestamp() - timestamp)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], data: Any = None,
+          text: str = "") -> Output:
+    """One table as an Output (``data`` for --json)."""
+    return Output(data=data, text=text,
+                  tables=(Table(title, tuple(columns), tuple(tuple(r) for r in rows)),))
+
+
+def mapping(title: str, data: Mapping[str, Any]) -> Output:
+    """A KEY/VALUE table of a map, keys sorted."""
+    return table(title, ("KEY", "VALUE"), sorted(data.items()), data=dict(data))
+
+
+def message(text: str, data: Any = None) -> Output:
+    return Output(data=data, text=text)
+
+
+def jobs(rows: list[dict[str, Any]], title: str = "jobs") -> Output:
+    """The ps table: id, owner, syscall, model, state, nice, device, CPU s, memory, age."""
+    return table(title, JOB_COLUMNS,
+                 [(j["id"], j["owner"], j["syscall"], j["model"], j["state"], j["priority"],
+                   j["device"], f"{j['cpu_seconds']:.2f}", human_bytes(j["peak_memory"]),
+                   age(j["created_at"]), j["error"] or "") for j in rows], data=rows)
+
+
+def models(rows: list[dict[str, Any]]) -> Output:
+    return table("models", ("MODEL", "VERSION", "SERVING", "PARENT", "RECIPE", "LOADED ON"),
+                 [(m["model"], m["version"], "*" if m["serving"] else "", m["parent"],
+                   m["recipe"].get("op"), ", ".join(m["loaded_on"]) or "-") for m in rows], data=rows)
+
+
+def drivers(rows: list[dict[str, Any]]) -> Output:
+    return table("drivers", ("NAME", "DEVICES", "AVAILABLE", "DESCRIPTION / REASON"),
+                 [(d["name"], ", ".join(d["devices"]), d["available"],
+                   d["description"] if d["available"] else d["reason"]) for d in rows], data=rows)
+
+
+def devices(rows: list[dict[str, Any]]) -> Output:
+    return table("devices", ("NAME", "STATE", "PID", "THREADS", "RSS", "LOADED", "RESTARTS"),
+                 [(d["name"], d["state"], d["pid"], d["threads"], human_bytes(d["rss"]),
+                   ", ".join(d["loaded"]) or "-", d["restarts"]) for d in rows], data=rows)
+
+
+def plugins(info: Mapping[str, Any]) -> Output:
+    """lsmod: the kernel's registered plugins (from ``info``)."""
+    names = list(info["plugins"])
+    return table("plugins", ("NAME",), [(n,) for n in names], data=names)
+
+
+def datasets(rows: list[dict[str, Any]]) -> Output:
+    return table("datasets", ("NAME", "DESCRIPTION"),
+                 [(d["name"], d["description"]) for d in rows], data=rows)
+
+
+def _scores(metrics: Mapping[str, Any]) -> str:
+    return f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} ({metrics['rows']} rows)"
+
+
+def trained(result: dict[str, Any]) -> Output:
+    lines = [f"trained {result['model']} from {result['parent']} in {result['steps']} steps"]
+    lines += [f"{split}: {_scores(m)}" for split, m in result["metrics"].items()]
+    return message("\n".join(lines), result)
+
+
+def evaluated(result: dict[str, Any]) -> Output:
+    """The scores, and the confusion matrix (rows: true label, columns: predicted)."""
+    labels = result["labels"]
+    return table(f"confusion on {result['split']} (rows true, columns predicted)",
+                 ("", *labels), [(label, *row) for label, row in zip(labels, result["confusion"],
+                                                                      strict=True)],
+                 data=result, text=f"{result['model']} {result['split']}: {_scores(result)}")
+
+
+def imported(result: dict[str, Any]) -> Output:
+    verb = "imported" if result["created"] else "already imported as"
+    return message(f"{verb} {result['model']}:{result['version']} ({result['path']})", result)
+
+
+def loaded(result: dict[str, Any]) -> Output:
+    return message(f"loaded {result['model']} on " + ", ".join(
+        f"{d} ({result['precision'][d]})" for d in result["devices"]), result)
+
+
+def unloaded(result: dict[str, Any]) -> Output:
+    return message(f"unloaded {result['model']} from {', '.join(result['devices'])}", result)
+
+
+def exported(result: dict[str, Any]) -> Output:
+    state = "exported" if result["created"] else "already exported"
+    return message(f"{state} {result['model']} to {result['path']}", result)
+
+
+def embedded(result: dict[str, Any]) -> Output:
+    """The first values of each embedding (``result["embeddings"]``: an (n, dim) array)."""
+    return message("\n".join(f"[{i}] dim {v.shape[0]}: {' '.join(f'{x:+.3f}' for x in v[:6])} ..."
+                             for i, v in enumerate(result["embeddings"])), result)
+
+
+def classified(texts: Sequence[str], result: dict[str, Any]) -> Output:
+    return table("predictions", ("TEXT", "LABEL", "SCORE"),
+                 [(t, p["label"], f"{p['score']:.3f}")
+                  for t, p in zip(texts, result["predictions"], strict=True)], data=result)
+
+
+def cancelled(summary: dict[str, Any]) -> Output:
+    return message(f"job {summary['id']} cancelled", summary)
+
+
+def reniced(summary: dict[str, Any]) -> Output:
+    return message(f"job {summary['id']} priority {summary['priority']}", summary)
+
+
+def job(summary: dict[str, Any]) -> Output:
+    return mapping(f"job {summary['id']}", summary)
+
+
+def progress(summary: dict[str, Any], now: float) -> str:
+    """The one-line progress of a job being waited for."""
+    where = f" on {summary['device']}" if summary.get("device") else ""
+    started = summary.get("started_at") or summary.get("created_at") or now
+    done = summary.get("progress") or {}
+    steps = (f" step {done['step']}/{done['total_steps']} loss {done['loss']:.3f}"
+             if {"step", "total_steps", "loss"} <= done.keys() else "")
+    return (f"job {summary['id']} {summary['state']}{where}{steps} "
+            f"{max(0.0, now - started):.1f} s (Ctrl-C cancels)")

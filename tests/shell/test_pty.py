@@ -1,0 +1,142 @@
+"""The real shell in a pseudo-terminal, against a real kernel: completion, job control,
+Ctrl-C, top, history. Output is matched loosely (the terminal stream carries escape
+codes); the kernel is asked directly for job states."""
+
+import os
+import sys
+import time
+
+import pexpect
+import pytest
+
+PROMPT = "llmos>"
+WAIT = 120  # generous: the machine may be loaded
+
+
+@pytest.fixture
+def terminal(shell_kernel, home):
+    """A shell in a 50x200 pseudo-terminal; LLMOS_HOME (history) is a fresh folder."""
+    child = spawn(shell_kernel, home)
+    yield child
+    if child.isalive():
+        child.sendline("quit")
+        child.expect(pexpect.EOF, timeout=WAIT)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def spawn(kernel, home):
+    env = {**os.environ, "LLMOS_HOME": str(home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "llmos.shell", "shell", "--address", kernel.address],
+                          env=env, encoding="utf-8", dimensions=(50, 200), timeout=WAIT)
+    child.expect(PROMPT)
+    return child
+
+
+def wait_for_state(kernel, job_id, state):
+    with kernel.client() as client:
+        deadline = time.monotonic() + WAIT
+        while client.job(job_id)["state"] != state:
+            assert time.monotonic() < deadline, f"job {job_id} never reached {state}"
+            time.sleep(0.05)
+
+
+def state_of(kernel, job_id):
+    with kernel.client() as client:
+        return client.job(job_id)["state"]
+
+
+def test_tab_completes_a_loaded_model_name(terminal):
+    terminal.send("embed m")
+    terminal.expect("minilm")  # offered in the menu while typing
+    terminal.send("\t")
+    terminal.send(" 'hello world'\r")  # runs only if TAB put "minilm" on the line
+    terminal.expect(r"\[0\] dim 384")
+    terminal.expect(PROMPT)
+
+
+def test_ps_shows_a_running_job_and_kill_ends_it(terminal, shell_kernel, long_texts):
+    terminal.sendline(f"embed minilm --file {long_texts} &")
+    terminal.expect(r"\[(\d+)\] embed minilm")
+    job_id = int(terminal.match.group(1))
+    terminal.expect(PROMPT)
+    wait_for_state(shell_kernel, job_id, "RUNNING")
+    terminal.sendline("ps")
+    terminal.expect(rf"│ {job_id} +│[^\n]*│ infer +│ minilm +│ RUNNING ")
+    terminal.expect(PROMPT)
+    terminal.sendline(f"kill {job_id}")
+    terminal.expect(f"job {job_id} cancelled")
+    assert state_of(shell_kernel, job_id) == "CANCELLED"
+    terminal.sendline("ping")
+    terminal.expect("pong")
+    seen = terminal.before
+    terminal.expect(PROMPT)
+    # The background job's end is reported before a prompt: this one or the next.
+    assert f"[{job_id}] CANCELLED: embed minilm" in seen + terminal.before
+
+
+def test_ctrl_c_cancels_the_foreground_job_and_the_prompt_returns(terminal, shell_kernel,
+                                                                   long_texts):
+    terminal.sendline(f"embed minilm --file {long_texts}")
+    terminal.expect(r"job (\d+) (QUEUED|RUNNING)")  # the progress line
+    job_id = int(terminal.match.group(1))
+    wait_for_state(shell_kernel, job_id, "RUNNING")
+    terminal.sendintr()
+    terminal.expect(f"error CANCELLED: job {job_id} cancelled")
+    terminal.expect(PROMPT)
+    assert state_of(shell_kernel, job_id) == "CANCELLED"
+    terminal.sendline("ping")  # the shell lives on
+    terminal.expect("pong")
+    terminal.expect(PROMPT)
+
+
+def test_a_background_job_comes_back_with_fg(terminal):
+    terminal.sendline("embed minilm 'in the background' &")
+    terminal.expect(r"\[(\d+)\] embed minilm")
+    terminal.expect(PROMPT)
+    terminal.sendline("fg")
+    terminal.expect(r"\[0\] dim 384")
+    terminal.expect(PROMPT)
+    terminal.sendline("wait")
+    terminal.expect("no background job")
+    terminal.expect(PROMPT)
+
+
+def test_a_bad_command_leaves_the_shell_running(terminal):
+    terminal.sendline("load")
+    terminal.expect("error BAD_REQUEST: load: missing MODEL")
+    terminal.sendline("embed minilm 'unterminated")
+    terminal.expect("error BAD_REQUEST: unterminated quote")
+    terminal.sendline("kill 999999")
+    terminal.expect("error NOT_FOUND")
+    terminal.sendline("ping")
+    terminal.expect("pong")
+    terminal.expect(PROMPT)
+
+
+def test_top_refreshes_until_q(terminal):
+    terminal.sendline("top")
+    terminal.expect("loaded models")
+    terminal.expect("minilm:1")
+    terminal.send("q")
+    terminal.expect(PROMPT)
+    terminal.sendline("ping")
+    terminal.expect("pong")
+    terminal.expect(PROMPT)
+
+
+def test_history_survives_the_session(shell_kernel, home):
+    first = spawn(shell_kernel, home)
+    first.sendline("ping")
+    first.expect("pong")
+    first.expect(PROMPT)
+    first.sendeof()  # Ctrl-D leaves (and is not history)
+    first.expect(pexpect.EOF)
+    assert "ping" in (home / "shell_history").read_text()
+    second = spawn(shell_kernel, home)
+    second.send("\x1b[A")  # up arrow: the last command of the previous session
+    second.send("\r")
+    second.expect("pong")
+    second.expect(PROMPT)
+    second.sendeof()
+    second.expect(pexpect.EOF)
