@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import psutil
 from llmos.kernel.client import Client
 from llmos.kernel.config import default_address, default_home
 from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.security import AuditLog, KeyStore
 from llmos.kernel.server import (
     KernelServer,
     add_kernel_options,
@@ -228,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     renice.add_argument("id", type=int)
     renice.add_argument("priority_value", type=int, metavar="PRIORITY")
     sub.add_parser("demo", help="start a kernel, run the main job, stop it")
+    for name, text in (("train", "fine-tune a classifier (progress bar; see `llmos train help`)"),
+                       ("evaluate", "measure a classifier on a dataset split"),
+                       ("datasets", "the bundled labelled datasets")):
+        # One implementation: these run the shell's command of the same name.
+        sub.add_parser(name, help=text, add_help=False).add_argument(
+            "rest", nargs=argparse.REMAINDER, help="as in the shell (`help train`)")
+    keys = sub.add_parser("keys", help="CURVE keys for remote clients (see docs/security.md)")
+    kcmd = keys.add_subparsers(dest="keys_command", required=True)
+    create = kcmd.add_parser("create", help="make the kernel's key pair (and a client's)")
+    create.add_argument("--client", help="also make a key pair for this client name")
+    allow = kcmd.add_parser("allow", help="allow a client's public key with capabilities")
+    allow.add_argument("name")
+    allow.add_argument("public_key", help="the client's NAME.key file")
+    allow.add_argument("--caps", default="infer", help="comma list of infer, train, admin")
+    audit = sub.add_parser("audit", help="the audit log of privileged syscalls")
+    audit.add_argument("--limit", type=int, default=50)
     shell = sub.add_parser("shell", help="an interactive shell; or run -c COMMANDS or a SCRIPT")
     shell.add_argument("-c", dest="shell_command", metavar="COMMANDS",
                        help="run these commands (';' or newline between them) and exit")
@@ -237,6 +255,31 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("--json", action="store_true", help="machine-readable output")
     _keep_global(shell, "address", "home", "json")
     return parser
+
+
+def _local(args: argparse.Namespace) -> int:
+    """``keys`` and ``audit``: files under LLMOS_HOME, no kernel needed."""
+    home = resolve_home(args)
+    if args.command == "audit":
+        entries = AuditLog(home).read(args.limit)
+        render.show(views.table("audit", ["TIME", "WHO", "SYSCALL", "RESULT", "ARGS"], [
+            (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])), e["who"],
+             e["syscall"], e["result"], " ".join(f"{k}={v}" for k, v in e["args"].items()))
+            for e in entries], data=entries), json_output=args.json)
+        return 0
+    store = KeyStore(home)
+    if args.keys_command == "allow":
+        store.allow(args.name, Path(args.public_key), [c for c in args.caps.split(",") if c])
+        render.console.print(f"allowed {args.name} ({args.caps}); restart the kernel to apply")
+        return 0
+    store.server_keys(create=True)
+    render.console.print(f"kernel key: {store.root / 'server.key'} (give this public file to "
+                         "clients as LLMOS_SERVER_KEY)")
+    if args.client:
+        secret = store.create_client(args.client)
+        render.console.print(f"client key: {secret} (the client's LLMOS_CLIENT_KEY); allow it "
+                             f"with: llmos keys allow {args.client} {secret.with_suffix('.key')}")
+    return 0
 
 
 def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
@@ -256,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo()
-        if args.command == "shell":
+        if args.command in ("keys", "audit"):
+            return _local(args)
+        if args.command in ("shell", "train", "evaluate", "datasets"):
             from .app import run_shell
 
+            if args.command != "shell":
+                args.shell_command, args.script = shlex.join([args.command, *args.rest]), None
             return run_shell(args)
         with Client(resolve_address(args)) as client:
             if args.command == "models":

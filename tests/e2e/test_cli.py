@@ -58,3 +58,27 @@ def test_a_second_kernel_on_the_same_home_is_refused(minilm_kernel):
     with pytest.raises(KernelError) as info:
         KernelServer(KernelConfig(home=minilm_kernel.home))
     assert info.value.code is ErrorCode.BUSY
+
+
+def test_train_evaluate_datasets_keys_and_audit_commands(minilm_kernel, tmp_path):
+    from tests.e2e.test_training import sentiment_csv
+
+    address = ["--address", minilm_kernel.address]
+    data = sentiment_csv(tmp_path / "cli.csv", rows=100)
+    assert "reviews" in llmos(*address, "datasets").stdout
+    trained = json.loads(llmos(*address, "--json", "train", "minilm", "--path", str(data),
+                               "--name", "cli-sent", "--epochs", "1", "--max-tokens", "32").stdout)
+    assert trained["model"] == "cli-sent:1" and "test" in trained["metrics"]
+    evaluated = json.loads(llmos(*address, "--json", "evaluate", "cli-sent", "--path",
+                                 str(data)).stdout)
+    assert evaluated["rows"] == 10 and len(evaluated["confusion"]) == 2
+    home = tmp_path / "home"
+    env = {"LLMOS_HOME": str(home)}
+    assert "kernel key" in llmos("keys", "create", "--client", "carol", env=env).stdout
+    llmos("keys", "allow", "carol", str(home / "keys" / "clients" / "carol.key"),
+          "--caps", "infer", env=env)
+    assert (home / "keys" / "allowed" / "carol.key").exists()
+    bad = llmos("keys", "allow", "carol", str(home / "keys" / "clients" / "carol.key"),
+                "--caps", "root", env=env, check=False)
+    assert bad.returncode == 2 and "BAD_REQUEST" in bad.stderr
+    assert json.loads(llmos("--json", "audit", env=env).stdout) == []
