@@ -2,11 +2,16 @@
 Ctrl-C, top, history. Output is matched loosely (the terminal stream carries escape
 codes); the kernel is asked directly for job states."""
 
+import fcntl
 import os
+import struct
+import subprocess
 import sys
+import termios
 import time
 
 import pexpect
+import pexpect.fdpexpect
 import pytest
 
 PROMPT = "llmos>"
@@ -18,17 +23,46 @@ def terminal(shell_kernel, home):
     """A shell in a 50x200 pseudo-terminal; LLMOS_HOME (history) is a fresh folder."""
     child = spawn(shell_kernel, home)
     yield child
-    if child.isalive():
+    if child.process.poll() is None:
         child.sendline("quit")
         child.expect(pexpect.EOF, timeout=WAIT)
-    child.close()
-    assert child.exitstatus == 0
+    assert child.process.wait(WAIT) == 0
+
+
+class Terminal(pexpect.fdpexpect.fdspawn):
+    """pexpect on the master side of a pty whose slave is the shell's controlling terminal.
+
+    The shell is started with subprocess (vfork/exec), not pexpect's fork: once torch or
+    OpenVINO have started their thread pools in the test process (tests/drivers), a plain
+    fork() child can die in the frameworks' fork handlers before it ever execs.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+        self.process = subprocess.Popen(["setsid", "--ctty", *argv], stdin=slave, stdout=slave,
+                                        stderr=slave, env=env, close_fds=True)
+        os.close(slave)
+        super().__init__(master, encoding="utf-8", timeout=WAIT)
+
+    def sendeof(self) -> None:
+        self.send("\x04")
+
+    def sendintr(self) -> None:
+        self.send("\x03")
+
+    def read_nonblocking(self, size: int = 1, timeout: float | None = -1) -> str:
+        try:
+            return super().read_nonblocking(size, timeout)
+        except OSError:  # EIO on the master once the shell has exited and closed the pty
+            self.flag_eof = True
+            raise pexpect.EOF("the shell exited") from None
 
 
 def spawn(kernel, home):
     env = {**os.environ, "LLMOS_HOME": str(home), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    child = pexpect.spawn(sys.executable, ["-m", "llmos.shell", "shell", "--address", kernel.address],
-                          env=env, encoding="utf-8", dimensions=(50, 200), timeout=WAIT)
+    child = Terminal([sys.executable, "-m", "llmos.shell", "shell", "--address", kernel.address],
+                     env)
     child.expect(PROMPT)
     return child
 
