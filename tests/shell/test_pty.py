@@ -174,3 +174,18 @@ def test_history_survives_the_session(shell_kernel, home):
     second.expect(PROMPT)
     second.sendeof()
     second.expect(pexpect.EOF)
+
+
+def test_ps_shows_a_running_training_job_and_kill_ends_it(terminal, shell_kernel):
+    terminal.sendline("train minilm reviews --name pty-train --limit 2000 --quantum 0.5 &")
+    terminal.expect(r"\[(\d+)\] train minilm")
+    job_id = int(terminal.match.group(1))
+    terminal.expect(PROMPT)
+    wait_for_state(shell_kernel, job_id, "RUNNING")
+    terminal.sendline("ps")
+    terminal.expect(rf"│ {job_id} +│[^\n]*│ train +│ minilm +│ (RUNNING|QUEUED) ")
+    terminal.expect(PROMPT)
+    terminal.sendline(f"kill {job_id}")
+    terminal.expect(f"job {job_id} cancelled")
+    assert state_of(shell_kernel, job_id) == "CANCELLED"
+    terminal.expect(PROMPT)
