@@ -114,12 +114,3 @@ class Job:
             "tokens": self.tokens, "error": self.error, "progress": self.progress,
         }
 
-
-def check_priority(value: int) -> int:
-    """``value`` if it is a valid nice value, else KernelError(BAD_REQUEST)."""
-    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
-        raise KernelError(
-            ErrorCode.BAD_REQUEST,
-            f"priority {value} is out of range [{MIN_PRIORITY}, {MAX_PRIORITY}] (nice values)",
-        )
-    return value

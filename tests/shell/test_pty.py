@@ -89,18 +89,25 @@ def test_tab_completes_a_loaded_model_name(terminal):
     terminal.expect(PROMPT)
 
 
-def test_ps_shows_a_running_job_and_kill_ends_it(terminal, shell_kernel, long_texts):
-    terminal.sendline(f"embed minilm --file {long_texts} &")
-    terminal.expect(r"\[(\d+)\] embed minilm")
+def ps_then_kill(terminal, kernel, command: str, syscall: str, states: str) -> int:
+    """Run ``command &``, see its job in ``ps`` (in one of ``states``), kill it; its id."""
+    terminal.sendline(f"{command} &")
+    terminal.expect(rf"\[(\d+)\] {command.split()[0]} minilm")
     job_id = int(terminal.match.group(1))
     terminal.expect(PROMPT)
-    wait_for_state(shell_kernel, job_id, "RUNNING")
+    wait_for_state(kernel, job_id, "RUNNING")
     terminal.sendline("ps")
-    terminal.expect(rf"│ {job_id} +│[^\n]*│ infer +│ minilm +│ RUNNING ")
+    terminal.expect(rf"│ {job_id} +│[^\n]*│ {syscall} +│ minilm +│ ({states}) ")
     terminal.expect(PROMPT)
     terminal.sendline(f"kill {job_id}")
     terminal.expect(f"job {job_id} cancelled")
-    assert state_of(shell_kernel, job_id) == "CANCELLED"
+    assert state_of(kernel, job_id) == "CANCELLED"
+    return job_id
+
+
+def test_ps_shows_a_running_job_and_kill_ends_it(terminal, shell_kernel, long_texts):
+    job_id = ps_then_kill(terminal, shell_kernel, f"embed minilm --file {long_texts}",
+                          "infer", "RUNNING")
     terminal.sendline("ping")
     terminal.expect("pong")
     seen = terminal.before
@@ -177,15 +184,7 @@ def test_history_survives_the_session(shell_kernel, home):
 
 
 def test_ps_shows_a_running_training_job_and_kill_ends_it(terminal, shell_kernel):
-    terminal.sendline("train minilm reviews --name pty-train --limit 2000 --quantum 0.5 &")
-    terminal.expect(r"\[(\d+)\] train minilm")
-    job_id = int(terminal.match.group(1))
-    terminal.expect(PROMPT)
-    wait_for_state(shell_kernel, job_id, "RUNNING")
-    terminal.sendline("ps")
-    terminal.expect(rf"│ {job_id} +│[^\n]*│ train +│ minilm +│ (RUNNING|QUEUED) ")
-    terminal.expect(PROMPT)
-    terminal.sendline(f"kill {job_id}")
-    terminal.expect(f"job {job_id} cancelled")
-    assert state_of(shell_kernel, job_id) == "CANCELLED"
+    ps_then_kill(terminal, shell_kernel,
+                 "train minilm reviews --name pty-train --limit 2000 --quantum 0.5",
+                 "train", "RUNNING|QUEUED")
     terminal.expect(PROMPT)
