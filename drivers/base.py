@@ -78,6 +78,30 @@ class Driver(ABC):
         """Accuracy, macro-F1 and confusion matrix of the classifier in ``path``."""
         raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot evaluate")
 
+    # --- generation (optional; see drivers/generation.py for the events) -------------------
+
+    def generate(self, handle: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Start generating for ``requests`` (each has an ``id``) with the causal LM loaded
+        under ``handle``; return at once. Requests refused on the spot get a finish event
+        with reason ``error``, a ``code`` and a ``message``."""
+        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot generate")
+
+    @property
+    def generating(self) -> bool:
+        """Whether :meth:`step` has work (the host then polls instead of blocking)."""
+        return False
+
+    def step(self) -> list[dict[str, Any]]:
+        """Advance every running generation by one token; the events."""
+        return []
+
+    def cancel(self, ids: list[int]) -> list[dict[str, Any]]:
+        """Stop these generations wherever they are; their finish events."""
+        return []
+
+    def reprioritize(self, seq_id: int, priority: int) -> None:  # noqa: B027 (optional)
+        """A running generation's new nice value."""
+
 
 def check_task(handle: str, info: LoadedModel | None, task: str, device: str) -> LoadedModel:
     """``info`` if the model is loaded and can run ``task``; KernelError otherwise."""

@@ -27,20 +27,22 @@ def _torch_devices() -> list[str]:
 
 
 def _spec(name: str, qualname: str, module: str, description: str,
-          devices: Callable[[], list[str]] | None = None, trains: bool = False) -> DriverSpec:
+          devices: Callable[[], list[str]] | None = None, trains: bool = False,
+          generates: bool = False) -> DriverSpec:
     """A driver needing ``module``: unavailable, with the reason, when it is not installed."""
     return DriverSpec(
         name=name, qualname=qualname, description=description,
         probe=devices or (lambda: ["cpu"] if _installed(module) else []),
         unavailable_reason=lambda: "" if _installed(module) else f"{module} is not installed",
-        trains=trains,
+        trains=trains, generates=generates,
     )
 
 
 @hookimpl
 def llmos_register_drivers(drivers: DriverRegistry) -> None:
     drivers.add(_spec("torch", "llmos.drivers.pytorch:TorchDriver", "torch",
-                      "PyTorch eager on CPU and CUDA; trains", _torch_devices, trains=True))
+                      "PyTorch eager on CPU and CUDA; trains; generates (continuous batching)",
+                      _torch_devices, trains=True, generates=True))
     drivers.add(_spec("onnxruntime", "llmos.drivers.onnxruntime:OnnxRuntimeDriver", "onnxruntime",
                       "ONNX Runtime on the model's ONNX export (fp32)"))
     drivers.add(_spec("openvino", "llmos.drivers.openvino:OpenVinoDriver", "openvino",

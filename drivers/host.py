@@ -5,7 +5,13 @@ Started by the kernel as ``python -m llmos.drivers.host``; never by hand. Two th
 * the IO thread owns the DEALER socket to the kernel's backend, sends a heartbeat every
   ``HEARTBEAT_INTERVAL`` even while a batch computes, and exits the process if the kernel
   (its parent) is gone;
-* the compute thread (main) constructs the driver, then runs tasks one at a time.
+* the compute thread (main) constructs the driver, then runs tasks one at a time; while
+  the driver is generating it polls for tasks between decode steps instead of blocking, so
+  new requests join the running batch and other tasks run in between.
+
+A ``generate`` task stays in flight until each of its requests has finished: every step
+sends one STREAM message with the events of all requests, and a request's task gets its
+DONE when the last of its requests finishes.
 
 Host wire (internal, msgpack, no pickle): ``[kind, body, *buffers]`` with kinds below.
 The first message is READY with the secret token the kernel passed in ``LLMOS_HOST_TOKEN``.
@@ -37,10 +43,14 @@ from .tuning import time_shapes
 READY = b"READY"
 HEARTBEAT = b"HB"
 DONE = b"DONE"
+STREAM = b"STREAM"
 START_FAILED = b"START_FAILED"
 # kernel -> host
 TASK = b"TASK"
 STOP = b"STOP"
+
+#: Ops handled without blocking the compute thread: they start or steer generations.
+STREAMING_TASK_OPS = frozenset({"generate", "cancel", "renice"})
 
 HOST_PROTOCOL_VERSION = 1
 HEARTBEAT_INTERVAL = 0.5
@@ -146,6 +156,72 @@ class _IOThread(threading.Thread):
         pair.close()
 
 
+class _Streams:
+    """Which generate task each running request belongs to, to send each task its DONE."""
+
+    def __init__(self) -> None:
+        self.task_of: dict[int, int] = {}
+        self.remaining: dict[int, set[int]] = {}
+
+    def add(self, task_id: int, ids: list[int]) -> None:
+        self.remaining[task_id] = set(ids)
+        for seq_id in ids:
+            self.task_of[seq_id] = task_id
+
+    def finished(self, events: list[dict[str, Any]]) -> list[int]:
+        """Tasks all of whose requests have now finished."""
+        done = []
+        for event in events:
+            if "finish" not in event:
+                continue
+            task_id = self.task_of.pop(int(event["id"]), None)
+            if task_id is not None:
+                self.remaining[task_id].discard(int(event["id"]))
+                if not self.remaining[task_id]:
+                    del self.remaining[task_id]
+                    done.append(task_id)
+        return done
+
+
+def run_streaming(driver: Driver, task: dict[str, Any], streams: _Streams,
+                  process: psutil.Process) -> list[list[bytes]]:
+    """Handle a streaming-related task (generate, cancel, renice); the messages to send."""
+    op = task["op"]
+    events: list[dict[str, Any]] = []
+    replies: list[list[bytes]] = []
+    if op == "generate":
+        streams.add(task["task"], [int(r["id"]) for r in task["requests"]])
+        try:
+            events = driver.generate(task["handle"], task["requests"])
+        except KernelError as exc:
+            events = [{"id": r["id"], "finish": "error", "code": str(exc.code),
+                       "message": exc.message} for r in task["requests"]]
+        except Exception as exc:  # a driver bug fails these requests, not the host
+            log.error("generate failed:\n%s", traceback.format_exc())
+            events = [{"id": r["id"], "finish": "error", "code": str(ErrorCode.INTERNAL),
+                       "message": f"{type(exc).__name__}: {exc}"} for r in task["requests"]]
+    else:
+        if op == "cancel":
+            events = driver.cancel([int(i) for i in task["ids"]])
+        else:
+            driver.reprioritize(int(task["id"]), int(task["priority"]))
+        replies.append(_done(task["task"], process))
+    return [*_stream_messages(events, streams, process), *replies]
+
+
+def _stream_messages(events: list[dict[str, Any]], streams: _Streams,
+                     process: psutil.Process) -> list[list[bytes]]:
+    if not events:
+        return []
+    return [[STREAM, pack({"events": events})],
+            *(_done(task_id, process) for task_id in streams.finished(events))]
+
+
+def _done(task_id: int, process: psutil.Process) -> list[bytes]:
+    return [DONE, pack({"task": task_id, "ok": True, "cpu_seconds": 0.0,
+                        "rss": process.memory_info().rss})]
+
+
 def serve(args: argparse.Namespace) -> int:
     token = os.environ.get(TOKEN_ENV, "")
     ctx = zmq.Context()
@@ -164,12 +240,23 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     pair.send_multipart([READY, pack(hello)])
     process = psutil.Process()
+    streams = _Streams()
     while True:
+        if driver.generating and not pair.poll(0):
+            for message in _stream_messages(driver.step(), streams, process):
+                pair.send_multipart(message)
+            continue
         frames = pair.recv_multipart(copy=True)
         if frames[0] == STOP:
             break
-        if frames[0] == TASK:
-            pair.send_multipart(run_task(driver, unpack(frames[1]), process))
+        if frames[0] != TASK:
+            continue
+        task = unpack(frames[1])
+        if task.get("op") in STREAMING_TASK_OPS:
+            for message in run_streaming(driver, task, streams, process):
+                pair.send_multipart(message)
+        else:
+            pair.send_multipart(run_task(driver, task, process))
     io.stopped.set()
     io.join(timeout=2)
     return 0

@@ -1,9 +1,10 @@
-"""PyTorch driver: Hugging Face encoders in eager mode on CPU or CUDA.
+"""PyTorch driver: Hugging Face models in eager mode on CPU or CUDA.
 
 Tasks: ``embed`` (mean-pooled over the attention mask, L2-normalised) and ``classify``
-(softmax over the labels of a ``*ForSequenceClassification`` model). Inputs are padded to
-the longest in the batch and truncated to the model's limit. Weights load from safetensors
-only; remote code is never trusted.
+(softmax over the labels of a ``*ForSequenceClassification`` model) for encoders; inputs
+are padded to the longest in the batch and truncated to the model's limit. ``generate``
+for causal language models, through one continuous-batching engine per loaded model
+(drivers/generation.py). Weights load from safetensors only; remote code is never trusted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -26,7 +28,11 @@ from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .base import Driver, LoadedModel, TaskOutput, check_task
 from .common import max_tokens
+from .generation import GenerationEngine
 from .training import TrainingSession, TrainSpec, evaluate_folder
+
+#: Sequences a generative model runs at once unless the load says otherwise (max_seqs).
+DEFAULT_MAX_SEQS = 16
 
 
 @dataclass(slots=True)
@@ -34,6 +40,7 @@ class _Entry:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     info: LoadedModel
+    engine: GenerationEngine | None = None
 
 
 def is_classifier(config: Any) -> bool:
@@ -41,11 +48,17 @@ def is_classifier(config: Any) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
+def is_causal_lm(config: Any) -> bool:
+    """True for configs of ``*ForCausalLM`` models."""
+    return any(a.endswith("ForCausalLM") for a in config.architectures or [])
+
+
 def load_hf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer from a local folder: safetensors only, no remote code, offline."""
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     config = AutoConfig.from_pretrained(path, **common)
-    auto = AutoModelForSequenceClassification if is_classifier(config) else AutoModel
+    auto = (AutoModelForCausalLM if is_causal_lm(config)
+            else AutoModelForSequenceClassification if is_classifier(config) else AutoModel)
     model = auto.from_pretrained(path, use_safetensors=True, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     return model.eval(), tokenizer
@@ -62,6 +75,8 @@ class TorchDriver(Driver):
         self._torch_device = torch.device(device)
         self._models: dict[str, _Entry] = {}
         self._sessions: dict[str, TrainingSession] = {}
+        #: Finish events of generations whose model was unloaded, sent with the next step.
+        self._orphaned: list[dict[str, Any]] = []
 
     def describe(self) -> dict[str, Any]:
         if self._torch_device.type == "cuda":
@@ -74,6 +89,8 @@ class TorchDriver(Driver):
     def load(self, handle: str, path: str, options: dict[str, Any]) -> LoadedModel:
         model, tokenizer = load_hf(path)
         model.to(self._torch_device)
+        if is_causal_lm(model.config):
+            return self._load_generative(handle, model, tokenizer, options)
         labels: list[str] = []
         tasks = ["embed"]
         if is_classifier(model.config):
@@ -87,6 +104,54 @@ class TorchDriver(Driver):
         )
         self._models[handle] = _Entry(model, tokenizer, info)
         return info
+
+    def _load_generative(self, handle: str, model: PreTrainedModel,
+                         tokenizer: PreTrainedTokenizerBase, options: dict[str, Any]) -> LoadedModel:
+        precision = options.get("precision", "f32")
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+        engine = GenerationEngine(model, tokenizer, int(options.get("max_seqs") or DEFAULT_MAX_SEQS))
+        info = LoadedModel(tasks=["generate"], max_tokens=engine.context,
+                           parameters=sum(p.numel() for p in model.parameters()),
+                           precision=precision)
+        self.unload(handle)
+        self._models[handle] = _Entry(model, tokenizer, info, engine)
+        return info
+
+    # --- generation ---------------------------------------------------------------------
+
+    def generate(self, handle: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        entry = self._models.get(handle)
+        check_task(handle, entry.info if entry else None, "generate", self.device)
+        assert entry is not None and entry.engine is not None
+        events = []
+        for request in requests:
+            try:
+                entry.engine.submit(entry.engine.prepare(int(request["id"]), request))
+            except KernelError as exc:
+                events.append({"id": request["id"], "finish": "error", "code": str(exc.code),
+                               "message": exc.message})
+        return events
+
+    def _engines(self) -> list[GenerationEngine]:
+        return [e.engine for e in self._models.values() if e.engine is not None]
+
+    @property
+    def generating(self) -> bool:
+        return bool(self._orphaned) or any(engine.busy for engine in self._engines())
+
+    def step(self) -> list[dict[str, Any]]:
+        events, self._orphaned = self._orphaned, []
+        return events + [event for engine in self._engines() if engine.busy
+                         for event in engine.step()]
+
+    def cancel(self, ids: list[int]) -> list[dict[str, Any]]:
+        wanted = set(ids)
+        return [event for engine in self._engines() for event in engine.cancel(wanted)]
+
+    def reprioritize(self, seq_id: int, priority: int) -> None:
+        for engine in self._engines():
+            engine.reprioritize(seq_id, priority)
 
     def train(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
         session = self._sessions.get(job)
@@ -107,7 +172,12 @@ class TorchDriver(Driver):
         return evaluate_folder(path, data, split, seed)
 
     def unload(self, handle: str) -> None:
-        self._models.pop(handle, None)
+        entry = self._models.pop(handle, None)
+        if entry is not None and entry.engine is not None and entry.engine.busy:
+            # Finish what it was generating as cancelled; the events go out with the next step.
+            running = {s.id for s in [*entry.engine.waiting, *entry.engine.batch.seqs]}
+            for event in entry.engine.cancel(running):
+                self._orphaned.append({**event, "message": f"{handle} was unloaded"})
         if self._torch_device.type == "cuda":
             torch.cuda.empty_cache()
 

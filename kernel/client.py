@@ -13,7 +13,7 @@ import asyncio
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,14 @@ class _Syscalls:
         """One ``{"label", "score"}`` per text."""
         return self._call("infer", {"model": model, "task": "classify", "inputs": texts,
                                     **options}, _field("predictions"))
+
+    def generate(self, model: str, prompt: str | None = None, *,
+                 messages: list[dict[str, str]] | None = None, **options: Any) -> Any:
+        """The whole generation: ``text``, ``finish_reason``, ``usage`` (options: max_tokens,
+        temperature, top_p, stop, seed, ignore_eos, priority, timeout). To stream the text,
+        use ``submit("generate", ..., events=True)`` and :meth:`Pending.stream`."""
+        return self._call("generate", {"model": model, "prompt": prompt, "messages": messages,
+                                       **options})
 
     def datasets(self) -> Any:
         return self._call("datasets", {}, _field("datasets"))
@@ -209,6 +217,23 @@ class Pending:
                                   "(submit with events=True)")
             self._job_id = int(self.client._wait_event(self.msg_id, "accepted", timeout)["job"])
         return self._job_id
+
+    def stream(self, timeout: float | None = None) -> Iterator[Message]:
+        """Events as they arrive (``timeout``: the longest wait for each), until the reply
+        is in; then :meth:`result` returns at once."""
+        client, seen = self.client, 0
+
+        def arrived() -> bool:
+            return len(client._events.get(self.msg_id, [])) > seen or self.msg_id in client._replies
+
+        while True:
+            events = client._events.get(self.msg_id, [])
+            while seen < len(events):
+                seen += 1
+                yield events[seen - 1]
+            if self.msg_id in client._replies or self._reply is not None:
+                return
+            client._pump(arrived, timeout)
 
     def reply(self, timeout: float | None = None) -> Message:
         if self._reply is None:

@@ -40,6 +40,9 @@ class ControlSyscalls:
     def _fail(self, job: Job, state: JobState, code: ErrorCode | str, message: str) -> None:
         raise NotImplementedError
 
+    def _renice_generation(self, job: Job) -> None:
+        raise NotImplementedError
+
     def _drivers(self, request: Request) -> dict[str, Any]:
         rows = []
         for name, spec in self.ext.drivers.items():
@@ -93,6 +96,8 @@ class ControlSyscalls:
         if job.state.finished:
             raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
         job.priority = request.args["priority"]
+        if job.syscall == "generate" and job.state in (JobState.RUNNING, JobState.PREEMPTED):
+            self._renice_generation(job)
         return job.summary()
 
     def _stats(self, request: Request) -> dict[str, Any]:

@@ -26,7 +26,8 @@ import zmq
 
 from .config import KernelConfig
 from .control import ControlSyscalls
-from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
+from .devices import STREAMING_OPS, DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
+from .generation import GenerationSyscalls
 from .jobs import Job, JobState
 from .models import ModelSyscalls
 from .placement import CostModel
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 KERNEL_DEVICE = "kernel"
 #: Longest a loop pass sleeps when nothing is due, in seconds.
 IDLE_POLL = 0.05
+
+#: Jobs that run in the background of their hardware (see Scheduler.background).
+BACKGROUND_SYSCALLS = frozenset({"train", "generate"})
 
 DOORBELL = "inproc://llmos-doorbell"
 OUTBOX = "inproc://llmos-outbox"
@@ -86,7 +90,7 @@ class Counters:
     dropped_replies: int = 0
 
 
-class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
+class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSyscalls):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -99,6 +103,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
         self.active: dict[int, Job] = {}
         self.history: deque[Job] = deque(maxlen=config.history)
         self.per_owner: Counter[str] = Counter()
+        #: Peers the IO thread could not reach (disconnected); their streams are cancelled.
+        self.gone: deque[bytes] = deque()
         self.finished_by_state: Counter[str] = Counter()
         self._deadlines: list[tuple[float, int]] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llmos-kernel-task")
@@ -109,15 +115,15 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
         policy = ext.policies.get(config.policy)()
         self.scheduler = Scheduler(policy, self._batch_key, self._candidates, self._batching,
                                    cost=self._cost, hardware=hardware_of,
-                                   background=lambda job: job.syscall == "train")
+                                   background=lambda job: job.syscall in BACKGROUND_SYSCALLS)
         self.devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         self._handlers: dict[str, Callable[[Request], Any]] = {
             "drivers": self._drivers, "devices": self._devices, "models": self._models,
             "import": self._import, "export": self._export, "load": self._load,
             "unload": self._unload, "datasets": self._datasets, "train": self._train,
-            "evaluate": self._evaluate,
-            "infer": self._infer, "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
+            "evaluate": self._evaluate, "infer": self._infer, "generate": self._generate,
+            "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
             "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
         }
 
@@ -184,6 +190,11 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
     # --- requests ---------------------------------------------------------------------
 
     def _drain_inbox(self) -> None:
+        while self.gone:
+            identity = self.gone.popleft()
+            for job in [j for j in self.active.values() if j.syscall == "generate"
+                        and j.reply_route and j.reply_route[0] == identity]:
+                self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED, "the client went away")
         while self.inbox:
             request = self.inbox.popleft()
             outcome = self._handle(request)
@@ -249,14 +260,16 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
     # --- scheduling hooks ---------------------------------------------------------------
 
     def _batch_key(self, job: Job) -> Hashable | None:
-        return (job.args["handle"], job.args["task"]) if job.syscall == "infer" else None
+        if job.syscall == "infer":
+            return (job.args["handle"], job.args["task"])
+        return (job.args["handle"], "generate") if job.syscall == "generate" else None
 
     def _candidates(self, job: Job) -> list[str]:
         if job.syscall in ("import", "export"):
             return [KERNEL_DEVICE]
         if job.syscall in ("train", "evaluate"):
             return self._training_candidates(job)
-        if job.syscall == "infer":
+        if job.syscall in ("infer", "generate"):
             assert self.devices is not None
             handle = job.args["handle"]
             return [h.name for h in self.devices.hosts.values() if handle in h.loaded]
@@ -265,13 +278,14 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
     def _free_devices(self) -> tuple[set[str], frozenset[str]]:
         """Hosts with nothing in flight, and the hardware busy with foreground work.
 
-        Training quanta run in the background (on threads - 1 cores): they neither wait for
-        nor block their hardware, so inference keeps flowing to the other hosts on it.
+        Training quanta and generation run in the background: they neither wait for nor
+        block their hardware, so inference keeps flowing to the other hosts on it.
         """
         assert self.devices is not None
         hosts = self.devices.hosts.values()
+        background = {"train", *STREAMING_OPS}
         busy = frozenset(host.hardware for host in hosts
-                         if any(task.op != "train" for task in host.inflight.values()))
+                         if any(task.op not in background for task in host.inflight.values()))
         free = {host.name for host in hosts if host.free}
         if self._kernel_task is None:
             free.add(KERNEL_DEVICE)
@@ -294,6 +308,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
 
     def _task_for(self, batch: Batch) -> Task:
         first = batch.jobs[0]
+        if first.syscall == "generate":
+            return self._generation_task(batch.jobs)
         if first.syscall == "infer":
             inputs = [text for job in batch.jobs for text in job.args["inputs"]]
             return Task("run", {"handle": first.args["handle"], "kind": first.args["task"],
@@ -326,15 +342,20 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
                 self.devices.submit(host, Task("load", {"handle": handle, **payload}))
         elif event.kind == "died":
             self._on_host_died(host, event.body["reason"], event.lost)
+        elif event.kind == "stream":
+            self._on_stream(event.body["events"])
         elif event.task is not None:
             self._on_task_done(host, event.task, event.body, event.buffers)
 
     def _on_host_died(self, host: DeviceHost, reason: str, lost: list[Task]) -> None:
         for task in lost:
             for job in task.jobs:
-                if job.state is not JobState.RUNNING:
+                if job.state not in (JobState.RUNNING, JobState.PREEMPTED):
                     continue
-                if job.attempts >= 2 or host.state is HostState.FAILED:
+                if job.state is JobState.PREEMPTED:
+                    job.transition(JobState.RUNNING)
+                streamed = job.syscall == "generate" and job.tokens > 0
+                if job.attempts >= 2 or host.state is HostState.FAILED or streamed:
                     self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
                                f"{host.name} died while running this job ({reason}); "
                                f"attempts: {job.attempts}")
@@ -365,6 +386,10 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
             self._on_trained(host, task, body, live)
         elif task.op == "run":
             self._split_outputs(host, task, body, buffers, live)
+        elif task.op == "generate":
+            for job in live + [j for j in task.jobs if j.state is JobState.PREEMPTED]:
+                self._fail(job, JobState.FAILED, ErrorCode.INTERNAL,
+                           f"{host.name} ended the generation without a result")
 
     def _split_outputs(self, host: DeviceHost, task: Task, body: dict[str, Any],
                        buffers: list[bytes], live: list[Job]) -> None:
@@ -417,6 +442,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
     def _end(self, job: Job, state: JobState) -> None:
         if job.state is JobState.QUEUED:
             self.scheduler.remove(job.id)
+        elif job.syscall == "generate" and state is not JobState.DONE:
+            self._stop_generation(job)
         job.transition(state)
         del self.active[job.id]
         self.per_owner[job.owner] -= 1

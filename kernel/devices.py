@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 _task_ids = itertools.count(1)
 
+#: Host ops that stay in flight while the host serves other tasks between their steps
+#: (generation); they report progress as STREAM messages and end with DONE.
+STREAMING_OPS = frozenset({"generate"})
+
 
 class HostState(enum.StrEnum):
     STARTING = "STARTING"
@@ -88,7 +92,9 @@ class DeviceHost:
 
     @property
     def free(self) -> bool:
-        return self.state is HostState.READY and not self.inflight
+        """Ready, and running nothing but streaming tasks (which it interleaves)."""
+        return self.state is HostState.READY and all(
+            task.op in STREAMING_OPS for task in self.inflight.values())
 
     @property
     def hardware(self) -> str:
@@ -107,7 +113,8 @@ class DeviceHost:
 
 @dataclass(slots=True)
 class HostEvent:
-    """What happened to a host: ``ready``, ``done`` (a task finished) or ``died``."""
+    """What happened to a host: ``ready``, ``done`` (a task finished), ``stream`` (events of
+    streaming tasks: ``body["events"]``) or ``died``."""
 
     kind: str
     host: DeviceHost
@@ -230,6 +237,8 @@ class DeviceManager:
             elif kind == hostwire.START_FAILED:
                 host.last_error = str(body.get("message", "driver failed to start"))
                 events.extend(self._kill(host, host.last_error, give_up=True))
+            elif kind == hostwire.STREAM and isinstance(body.get("events"), list):
+                events.append(HostEvent("stream", host, body=body))
             elif kind == hostwire.DONE:
                 task = host.inflight.pop(body.get("task", -1), None)
                 if task is not None:

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .devices import DeviceHost, DeviceManager, HostState
+from .generation import GENERATE_BATCHING
 from .jobs import Job, JobState
-from .placement import TUNE_SHAPES, CostModel, batch_shape, machine_id, memory_need
+from .placement import TUNE_SHAPES, CostModel, batch_shape, is_generative, machine_id, memory_need
 from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion, Registry, check_name
 
@@ -79,13 +80,20 @@ class ModelSyscalls:
         self._kernel_task = (self._executor.submit(work, dict(job.args)), job)
 
     def _run_import(self, args: dict[str, Any]) -> dict[str, Any]:
-        if args["source"]:
-            folder = self.ext.sources.get(args["source"]).locate()
-            recipe: dict[str, Any] = {"op": "import", "source": args["source"]}
-        else:
+        if not args["source"]:
             folder = Path(args["path"]).expanduser()
             recipe = {"op": "import", "path": str(folder)}
-        version, created = self.registry.import_folder(args["name"], folder, recipe)
+            version, created = self.registry.import_folder(args["name"], folder, recipe)
+            return {"created": created, **version.describe()}
+        source = self.ext.sources.get(args["source"])
+        located = source.locate()
+        recipe = {"op": "import", "source": args["source"]}
+        if source.convert is None:
+            version, created = self.registry.import_folder(args["name"], located, recipe)
+            return {"created": created, **version.describe()}
+        with self.registry.scratch(args["name"]) as out:
+            source.convert(located, out)
+            version, created = self.registry.import_folder(args["name"], out, recipe, move=True)
         return {"created": created, **version.describe()}
 
     def _run_export(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -106,9 +114,24 @@ class ModelSyscalls:
         assert self.devices is not None
         return self.devices.hosts
 
-    def _targets(self, device: str | None, driver: str | None) -> list[DeviceHost]:
-        """The hosts a load may use: one named device, one driver's, or every usable one."""
+    def _targets(self, device: str | None, driver: str | None,
+                 generative: bool = False) -> list[DeviceHost]:
+        """The hosts a load may use: one named device, one driver's, or every usable one
+        (for a generative model: every one whose driver generates)."""
         hosts = self._hosts()
+        if generative:
+            makers = sorted({h.spec.name for h in hosts.values() if h.spec.generates})
+            named = hosts[device].spec if device in hosts else (
+                self.ext.drivers.get(driver) if driver is not None else None)
+            if named is not None and not named.generates:
+                raise KernelError(ErrorCode.BAD_REQUEST,
+                                  f"driver {named.name!r} cannot run generative models "
+                                  f"(drivers that can: {', '.join(makers) or 'none'})")
+            if device is None and driver is None:
+                hosts = {n: h for n, h in hosts.items() if h.spec.generates}
+                if not hosts:
+                    raise KernelError(ErrorCode.DEVICE_FAILED,
+                                      "no driver here can run generative models")
         if device is not None:
             if device not in hosts:
                 raise KernelError(ErrorCode.NOT_FOUND,
@@ -155,9 +178,13 @@ class ModelSyscalls:
 
     def _load(self, request: Request) -> Job | dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
-        hosts = self._targets(request.args["device"], request.args["driver"])
+        generative = is_generative(version.path)
+        hosts = self._targets(request.args["device"], request.args["driver"], generative)
+        options = {"precision": request.args["precision"]}
+        if generative and request.args["max_seqs"]:
+            options["max_seqs"] = request.args["max_seqs"]
         todo = [h for h in hosts if version.ref not in h.wanted
-                or h.wanted[version.ref]["options"].get("precision") != request.args["precision"]]
+                or any(h.wanted[version.ref]["options"].get(k) != v for k, v in options.items())]
         if not todo:
             return self._placements(version.ref, hosts)
         need = self._check_memory(version, todo)
@@ -168,10 +195,10 @@ class ModelSyscalls:
         for host in todo:
             if host.name in cached:
                 self.costs.record(version.ref, host.name, cached[host.name])
+        tune = [] if generative else [h.name for h in todo if h.name not in cached]
         return self._admit(
-            request, handle=version.ref, path=str(version.path), memory=need,
-            targets=[h.name for h in todo], tune=[h.name for h in todo if h.name not in cached],
-            done=[h.name for h in hosts if h not in todo])
+            request, handle=version.ref, path=str(version.path), memory=need, options=options,
+            targets=[h.name for h in todo], tune=tune, done=[h.name for h in hosts if h not in todo])
 
     def _unload(self, request: Request) -> Job:
         version = self.registry.resolve(request.args["model"], request.args["version"])
@@ -186,7 +213,7 @@ class ModelSyscalls:
         """The host task for this step of a load or unload job."""
         if job.syscall == "unload":
             return "unload", {"handle": job.args["handle"]}
-        options: dict[str, Any] = {"precision": job.args["precision"]}
+        options: dict[str, Any] = dict(job.args["options"])
         if host.name in job.args["tune"]:
             options["tune"] = [list(shape) for shape in TUNE_SHAPES]
         return "load", {"handle": job.args["handle"], "path": job.args["path"],
@@ -234,6 +261,8 @@ class ModelSyscalls:
 
     def _batching(self, job: Job) -> BatchingConfig:
         """The knobs of the driver that would run this job fastest (kernel defaults if none)."""
+        if job.syscall == "generate":
+            return GENERATE_BATCHING
         hosts = self._hosts()
         candidates = [hosts[name] for name in self._candidates(job) if name in hosts]
         if job.syscall != "infer" or not candidates:

@@ -9,6 +9,7 @@ once. Each batch then goes to the host with the lowest predicted time for its sh
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import platform
 from dataclasses import dataclass, field
@@ -83,3 +84,12 @@ def weights_bytes(model_dir: Path) -> int:
 def memory_need(model_dir: Path) -> int:
     """Estimated resident bytes one driver needs to serve the model in ``model_dir``."""
     return int(weights_bytes(model_dir) * MEMORY_PER_WEIGHT_BYTE)
+
+
+def is_generative(model_dir: Path) -> bool:
+    """True for a causal language model (its config names a ``*ForCausalLM`` class)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])

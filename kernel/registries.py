@@ -60,6 +60,8 @@ class DriverSpec:
     batching: BatchingConfig | None = None
     #: The driver implements ``train`` and ``evaluate`` (see drivers/base.py).
     trains: bool = False
+    #: The driver serves causal language models (``generate``, see drivers/base.py).
+    generates: bool = False
 
 
 class DriverRegistry(NamedRegistry[DriverSpec]):
@@ -80,9 +82,13 @@ class ModelSource:
     """A model shipped inside an installed package, importable by name."""
 
     name: str
-    #: Returns the Hugging Face folder; raises KernelError(NOT_FOUND) if not installed.
+    #: Returns the Hugging Face folder (or, with ``convert``, the file to convert); raises
+    #: KernelError(NOT_FOUND) if the package is not installed.
     locate: Callable[[], Path]
     description: str = ""
+    #: ``convert(located, out_dir)`` writes a Hugging Face folder into the empty ``out_dir``
+    #: (e.g. from GGUF); runs once, at import, off the scheduling thread.
+    convert: Callable[[Path, Path], None] | None = None
 
 
 class SourceRegistry(NamedRegistry[ModelSource]):

@@ -20,6 +20,8 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,19 @@ class Registry:
         return self._row(row)
 
     # --- writes -----------------------------------------------------------------------
+
+    @contextmanager
+    def scratch(self, name: str) -> Iterator[Path]:
+        """An empty folder beside ``name``'s versions (same file system, so an import can
+        move from it), removed afterwards; a crash leaves it to the orphan cleanup."""
+        check_name(name)
+        parent = self.models_dir / name
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=".staging-scratch-", dir=parent))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def import_folder(
         self, name: str, source: Path, recipe: dict[str, Any], parent: str | None = None,

@@ -164,7 +164,9 @@ class KernelServer:
                 frames = outbox.recv_multipart(copy=True)
                 if frames == [b""]:
                     break
-                self._send(frontend, frames)
+                if not self._send(frontend, frames):  # the client is gone: stop its streams
+                    self.core.gone.append(frames[0])
+                    doorbell.send(b"")
             if frontend in ready:
                 self._on_frames(frontend, doorbell, *self._receive(frontend))
         frontend.close()
@@ -218,12 +220,15 @@ class KernelServer:
             self.inbox.append(Request(identity, msg, spec, args, principal))
             doorbell.send(b"")
 
-    def _send(self, frontend: zmq.Socket, frames: list[bytes]) -> None:
+    def _send(self, frontend: zmq.Socket, frames: list[bytes]) -> bool:
+        """Send; False only when the peer is gone (EHOSTUNREACH)."""
         try:
             frontend.send_multipart(frames, flags=zmq.NOBLOCK)
             self.counters.replies += 1
-        except zmq.ZMQError:  # peer gone (EHOSTUNREACH) or not reading (EAGAIN)
+        except zmq.ZMQError as exc:  # peer gone (EHOSTUNREACH) or not reading (EAGAIN)
             self.counters.dropped_replies += 1
+            return exc.errno != zmq.EHOSTUNREACH
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ _MISSING = object()
 
 @dataclass(frozen=True, slots=True)
 class Arg:
-    """One argument: ``kind`` is str, int, float, bool, strs (list of str) or map."""
+    """One argument: ``kind`` is str, int, float, bool, strs (list of str), map or maps
+    (list of maps); ``minimum``/``maximum`` bound a number, or the length of the others."""
 
     name: str
     kind: str
@@ -41,7 +42,7 @@ class Arg:
                 f"got {value!r}")
         if self.kind == "float" and not math.isfinite(value):
             raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be a finite number")
-        size = len(value) if self.kind in ("str", "strs") else value
+        size = len(value) if self.kind in ("str", "strs", "maps") else value
         if self.minimum is not None and size < self.minimum:
             raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be >= {self.minimum}")
         if self.maximum is not None and size > self.maximum:
@@ -56,9 +57,10 @@ _KIND_CHECKS = {
     "bool": lambda v: isinstance(v, bool),
     "strs": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
     "map": lambda v: isinstance(v, dict),
+    "maps": lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
 }
 _KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
-               "strs": "a list of strings", "map": "a map"}
+               "strs": "a list of strings", "map": "a map", "maps": "a list of maps"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,10 @@ class Syscall:
 #: Limits that apply to every kernel (the per-kernel ones are in KernelConfig).
 MAX_INPUTS_PER_JOB = 256
 MAX_TEXT_CHARS = 100_000
+#: Most tokens one ``generate`` may produce, and most chat messages and stop strings.
+MAX_NEW_TOKENS = 4096
+MAX_MESSAGES = 256
+MAX_STOP_STRINGS = 4
 
 _JOB_OPTIONS = (
     Arg("priority", "int", default=0, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
@@ -125,9 +131,11 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     ), "Export a model version to ONNX or OpenVINO IR (cached per version).", job=True),
     Syscall("load", (
         _MODEL, _VERSION, Arg("device", "str", maximum=128), Arg("driver", "str", maximum=64),
-        Arg("precision", "str", default="f32", choices=("f32", "bf16")), *_JOB_OPTIONS,
+        Arg("precision", "str", default="f32", choices=("f32", "bf16")),
+        Arg("max_seqs", "int", minimum=1, maximum=256), *_JOB_OPTIONS,
     ), "Load a model version: onto one device, one driver's, or (default) every driver, "
-       "timing each so batches go where they run fastest.", job=True),
+       "timing each so batches go where they run fastest. Generative models go to drivers "
+       "that generate; max_seqs caps their running batch (default 16).", job=True),
     Syscall("unload", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
             "Unload a model version from a device (where it is loaded if not named).", job=True),
     Syscall("infer", (
@@ -136,6 +144,20 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("inputs", "strs", required=True, minimum=1, maximum=MAX_INPUTS_PER_JOB),
         *_JOB_OPTIONS,
     ), "Run embed or classify on a list of texts; batched with compatible jobs.", job=True),
+    Syscall("generate", (
+        _MODEL, _VERSION,
+        Arg("prompt", "str", minimum=1, maximum=MAX_TEXT_CHARS),
+        Arg("messages", "maps", minimum=1, maximum=MAX_MESSAGES),
+        Arg("max_tokens", "int", default=256, minimum=1, maximum=MAX_NEW_TOKENS),
+        Arg("temperature", "float", default=1.0, minimum=0.0, maximum=2.0),
+        Arg("top_p", "float", default=1.0, minimum=0.001, maximum=1.0),
+        Arg("stop", "strs", maximum=MAX_STOP_STRINGS),
+        Arg("seed", "int", minimum=0, maximum=2**63 - 1),
+        Arg("ignore_eos", "bool", default=False),
+        *_JOB_OPTIONS,
+    ), "Generate text from a prompt or chat messages with continuous batching; new text "
+       "streams as `token` events; a more urgent job may preempt (and later resume) it.",
+        job=True),
     Syscall("datasets", (), "The bundled labelled datasets (users may also pass CSV/JSONL)."),
     Syscall("train", (
         _MODEL, _VERSION, *_DATA,
@@ -182,3 +204,39 @@ def check_inputs(inputs: list[str]) -> None:
             raise KernelError(
                 ErrorCode.BAD_REQUEST,
                 f"infer: input {i} has {len(text)} characters (limit {MAX_TEXT_CHARS})")
+
+
+#: Roles a chat message may have, and the keys a message may carry.
+CHAT_ROLES = ("system", "user", "assistant")
+_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+
+
+def check_generation(args: dict[str, Any]) -> None:
+    """KernelError(BAD_REQUEST) unless ``generate`` has exactly one of a prompt or a list of
+    well-formed chat messages, and non-empty stop strings."""
+    prompt, messages = args["prompt"], args["messages"]
+    if (prompt is None) == (messages is None):
+        raise KernelError(ErrorCode.BAD_REQUEST, "generate: give exactly one of prompt or messages")
+    if prompt is not None and not prompt.strip():
+        raise KernelError(ErrorCode.BAD_REQUEST, "generate: the prompt is empty")
+    total = 0
+    for i, message in enumerate(messages or []):
+        where = f"generate: message {i}"
+        extra = sorted(str(k) for k in set(message) - _MESSAGE_KEYS)
+        if extra:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} has unknown key(s) {', '.join(extra)}")
+        if message.get("role") not in CHAT_ROLES:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"{where}: role must be one of {', '.join(CHAT_ROLES)}, "
+                              f"got {message.get('role')!r}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where}: content must be a string")
+        total += len(content)
+    if total > MAX_TEXT_CHARS:
+        raise KernelError(ErrorCode.BAD_REQUEST,
+                          f"generate: the messages have {total} characters (limit {MAX_TEXT_CHARS})")
+    if messages is not None and not any(m["content"].strip() for m in messages):
+        raise KernelError(ErrorCode.BAD_REQUEST, "generate: the messages are empty")
+    if any(not stop for stop in args["stop"] or []):
+        raise KernelError(ErrorCode.BAD_REQUEST, "generate: a stop string is empty")

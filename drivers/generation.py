@@ -1,0 +1,395 @@
+"""Continuous batching for causal language models, with priorities and preemption.
+
+One :class:`GenerationEngine` serves one loaded model inside a driver host. The host calls
+:meth:`GenerationEngine.step` between its other tasks; each step
+
+1. admits waiting sequences in priority order (nice value, then arrival) while the batch
+   has room, preempting the least urgent running sequence when a strictly more urgent one
+   waits and the batch is full; new prompts are prefilled together, at most
+   ``max_prefill_tokens`` prompt tokens a step so running sequences never stall for long;
+2. decodes one token for every running sequence in a single forward pass.
+
+Sequences join and leave the running batch between steps. The batch keeps one KV cache,
+left-padded to a common length with an attention mask, so every row attends only to its
+own tokens. A preempted sequence leaves with its own rows of the cache (copied out, kept in
+host memory) and the token it sampled last; when it resumes, that state is padded back
+into the batch and decoding continues where it stopped: nothing is recomputed, and under
+greedy decoding its output equals an uninterrupted run's.
+
+Events returned by :meth:`step` (and :meth:`cancel`) are plain dicts keyed by sequence id:
+``{"id", "text", "tokens"}`` for new text (``text`` may be empty while a multi-byte
+character or a possible stop string is incomplete), ``{"id", "preempted": True}``, and one
+final ``{"id", "finish", ...}`` with the whole text and the usage.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from llmos.kernel.protocol import ErrorCode, KernelError
+
+#: Roles a chat message may have.
+ROLES = ("system", "user", "assistant")
+
+_arrivals = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """How to pick tokens. ``temperature`` 0 is greedy decoding."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One generation request and its state while it waits, runs or is preempted."""
+
+    id: int
+    prompt_ids: list[int]
+    sampling: Sampling
+    priority: int = 0
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    #: Characters of the text already sent.
+    sent: int = 0
+    #: The token sampled last, not yet in the KV cache (None before prefill).
+    pending: int | None = None
+    #: Per layer (keys, values) of this sequence alone while it is preempted.
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    preemptions: int = 0
+    cpu_seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Lower runs first: nice value, then arrival order."""
+        return (self.priority, self.arrival)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The running sequences, one row each, and their shared left-padded KV cache."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    #: 1 for a real token, 0 for left padding; shape (rows, cached length).
+    mask: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+
+class GenerationEngine:
+    """Continuous batching over one causal LM (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 max_seqs: int = 16, max_prefill_tokens: int = 1024) -> None:
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_seqs = max_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048))
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.waiting: list[Sequence] = []
+        self.batch = _Batch()
+        self.device = next(model.parameters()).device
+
+    # --- requests -----------------------------------------------------------------------
+
+    def prepare(self, seq_id: int, request: dict[str, Any]) -> Sequence:
+        """A sequence for ``request`` (``prompt`` or chat ``messages``, sampling options);
+        KernelError(BAD_REQUEST) for an empty prompt, bad messages or too long a prompt."""
+        sampling = Sampling(
+            max_tokens=int(request.get("max_tokens") or 16),
+            temperature=float(request.get("temperature", 1.0)),
+            top_p=float(request.get("top_p", 1.0)),
+            stop=tuple(s for s in request.get("stop") or () if s),
+            seed=request.get("seed"),
+            ignore_eos=bool(request.get("ignore_eos", False)),
+        )
+        ids = self.encode(request.get("prompt"), request.get("messages"))
+        if len(ids) + sampling.max_tokens > self.context:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"the prompt has {len(ids)} tokens; with max_tokens "
+                              f"{sampling.max_tokens} it exceeds the model's context of "
+                              f"{self.context} tokens")
+        generator = None
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(6))
+            generator = torch.Generator().manual_seed(seed)
+        return Sequence(seq_id, ids, sampling, int(request.get("priority") or 0),
+                        generator=generator)
+
+    def encode(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
+        """Token ids of a raw prompt, or of chat messages through the model's template."""
+        if messages:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise KernelError(ErrorCode.BAD_REQUEST, "this model has no chat template; "
+                                  "send a prompt instead of messages")
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif prompt:
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            raise KernelError(ErrorCode.BAD_REQUEST, "give a non-empty prompt or messages")
+        if not ids:
+            raise KernelError(ErrorCode.BAD_REQUEST, "the prompt has no tokens")
+        return list(ids)
+
+    def submit(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def cancel(self, ids: set[int]) -> list[dict[str, Any]]:
+        """Drop these sequences wherever they are; their ``cancelled`` finish events."""
+        events = [self._finish(s, "cancelled") for s in self.waiting if s.id in ids]
+        self.waiting = [s for s in self.waiting if s.id not in ids]
+        rows = [i for i, s in enumerate(self.batch.seqs) if s.id in ids]
+        events += [self._finish(self.batch.seqs[i], "cancelled") for i in rows]
+        self._drop_rows(set(rows))
+        return events
+
+    def reprioritize(self, seq_id: int, priority: int) -> None:
+        for seq in [*self.waiting, *self.batch.seqs]:
+            if seq.id == seq_id:
+                seq.priority = priority
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.batch.seqs)
+
+    # --- one step -----------------------------------------------------------------------
+
+    def step(self) -> list[dict[str, Any]]:
+        """Admit (and maybe preempt), prefill, then decode one token for every row."""
+        events: list[dict[str, Any]] = []
+        with torch.inference_mode():
+            self._admit(events)
+            if self.batch.seqs:
+                self._decode(events)
+        return events
+
+    def _admit(self, events: list[dict[str, Any]]) -> None:
+        fresh: list[Sequence] = []
+        resumed: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        running = list(self.batch.seqs)
+        while self.waiting:
+            best = min(self.waiting, key=lambda s: s.rank)
+            if len(running) + len(fresh) + len(resumed) >= self.max_seqs:
+                victim = max(running, key=lambda s: s.rank, default=None)
+                if victim is None or best.priority >= victim.priority:
+                    break
+                self._preempt(victim)
+                running.remove(victim)
+                events.append({"id": victim.id, "preempted": True})
+            if best.swapped is None:
+                if fresh and len(best.prompt_ids) > budget:
+                    break
+                budget -= len(best.prompt_ids)
+                fresh.append(best)
+            else:
+                resumed.append(best)
+            self.waiting.remove(best)
+        parts = [self._resume_part(s) for s in resumed]
+        if fresh:
+            part = self._prefill(fresh, events)
+            if part is not None:
+                parts.append(part)
+        if parts:
+            self._merge(parts)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Copy ``seq``'s own cache rows out of the batch and put it back in the queue."""
+        row = self.batch.seqs.index(seq)
+        pad = int((self.batch.mask[row] == 0).sum())
+        seq.swapped = [(k[row:row + 1, :, pad:].clone(), v[row:row + 1, :, pad:].clone())
+                       for k, v in self.batch.layers]
+        seq.preemptions += 1
+        self._drop_rows({row})
+        self.waiting.append(seq)
+
+    def _resume_part(self, seq: Sequence) -> _Batch:
+        assert seq.swapped is not None
+        layers, seq.swapped = seq.swapped, None
+        length = layers[0][0].shape[2]
+        return _Batch([seq], _cache(layers), torch.ones(1, length, dtype=torch.long))
+
+    def _prefill(self, seqs: list[Sequence], events: list[dict[str, Any]]) -> _Batch | None:
+        """Run the prompts of ``seqs`` together; sample each one's first token."""
+        started = time.process_time()
+        longest = max(len(s.prompt_ids) for s in seqs)
+        pad_id = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs])
+        mask = torch.tensor([[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids)
+                             for s in seqs])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        self._charge(seqs, started)
+        part = _Batch(list(seqs), cache, mask)
+        finished = {i for i, s in enumerate(seqs)
+                    if self._accept(s, self._sample(out.logits[:, -1], seqs)[i], events)}
+        if len(finished) == len(seqs):
+            return None
+        keep = [i for i in range(len(seqs)) if i not in finished]
+        return _select(part, keep)
+
+    def _decode(self, events: list[dict[str, Any]]) -> None:
+        started = time.process_time()
+        batch = self.batch
+        ids = torch.tensor([[s.pending] for s in batch.seqs], device=self.device)
+        positions = batch.mask.sum(1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, torch.ones(len(batch.seqs), 1, dtype=torch.long)], 1)
+        out = self.model(input_ids=ids, attention_mask=batch.mask.to(self.device),
+                         position_ids=positions.to(self.device), cache=batch.cache,
+                         use_cache=True, logits_to_keep=1)
+        self._charge(batch.seqs, started)
+        tokens = self._sample(out.logits[:, -1], batch.seqs)
+        done = {i for i, (s, t) in enumerate(zip(batch.seqs, tokens, strict=True))
+                if self._accept(s, t, events)}
+        self._drop_rows(done)
+
+    # --- tokens -------------------------------------------------------------------------
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """One token per row: argmax for greedy rows, nucleus sampling for the others."""
+        tokens = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            sampling = seq.sampling
+            if sampling.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i].float() / sampling.temperature, -1)
+            if sampling.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+                sorted_probs[outside] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        return tokens
+
+    def _accept(self, seq: Sequence, token: int, events: list[dict[str, Any]]) -> bool:
+        """Record a sampled token and emit its text; True when ``seq`` has finished."""
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        if token in self.eos and not seq.sampling.ignore_eos:
+            events.append(self._finish(seq, "stop"))
+            return True
+        seq.generated.append(token)
+        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        for stop in seq.sampling.stop:
+            at = text.find(stop, max(0, seq.sent - len(stop)))
+            if at >= 0:
+                events.append(self._finish(seq, "stop", text[:at]))
+                return True
+        if len(seq.generated) >= seq.sampling.max_tokens:
+            events.append(self._finish(seq, "length", text))
+            return True
+        ready = len(text) - _held_back(text, seq.sampling.stop)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            ready = min(ready, len(text.rstrip("\ufffd")))
+        delta = text[seq.sent:ready] if ready > seq.sent else ""
+        seq.sent = max(seq.sent, ready)
+        events.append({"id": seq.id, "text": delta, "tokens": 1})
+        seq.pending = token
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> dict[str, Any]:
+        if text is None:
+            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        ttft = None if seq.first_token_at is None else seq.first_token_at - seq.started
+        return {"id": seq.id, "finish": reason, "text": text, "delta": text[seq.sent:],
+                "prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.generated),
+                "preemptions": seq.preemptions, "cpu_seconds": seq.cpu_seconds,
+                "time_to_first_token": ttft}
+
+    @staticmethod
+    def _charge(seqs: list[Sequence], started: float) -> None:
+        share = (time.process_time() - started) / max(1, len(seqs))
+        for seq in seqs:
+            seq.cpu_seconds += share
+
+    # --- the batch's cache ----------------------------------------------------------------
+
+    def _merge(self, parts: list[_Batch]) -> None:
+        """Join ``parts`` to the running batch, left-padding every cache to one length."""
+        if self.batch.seqs:
+            parts = [self.batch, *parts]
+        length = max(p.mask.shape[1] for p in parts)
+        per_part = [p.layers for p in parts]
+        layers = []
+        for index in range(len(per_part[0])):
+            keys = [_left_pad(part[index][0], length) for part in per_part]
+            values = [_left_pad(part[index][1], length) for part in per_part]
+            layers.append((torch.cat(keys), torch.cat(values)))
+        mask = torch.cat([_left_pad_mask(p.mask, length) for p in parts])
+        self.batch = _Batch([s for p in parts for s in p.seqs], _cache(layers), mask)
+
+    def _drop_rows(self, rows: set[int]) -> None:
+        if not rows:
+            return
+        keep = [i for i in range(len(self.batch.seqs)) if i not in rows]
+        self.batch = _select(self.batch, keep) if keep else _Batch()
+
+
+def _select(batch: _Batch, keep: list[int]) -> _Batch:
+    """The rows ``keep`` of ``batch``, without the padding columns they all share."""
+    index = torch.tensor(keep)
+    mask = batch.mask[index]
+    trim = int((mask == 0).all(0).long().cumprod(0).sum())  # leading all-padding columns
+    layers = [(k[index.to(k.device), :, trim:], v[index.to(v.device), :, trim:])
+              for k, v in batch.layers]
+    return _Batch([batch.seqs[i] for i in keep], _cache(layers), mask[:, trim:])
+
+
+def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache holding these tensors as they are (the constructor would copy them)."""
+    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in layers])
+    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+        layer.keys, layer.values = keys, values
+    return cache
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[2]
+    if missing == 0:
+        return tensor
+    shape = (tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+
+
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - mask.shape[1]
+    return mask if missing == 0 else torch.cat([mask.new_zeros(mask.shape[0], missing), mask], 1)
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of ``text`` that may be the start of a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,137 @@
+"""The ``generate`` syscall: jobs that stream tokens from a continuous-batching host.
+
+A mixin of :class:`~llmos.kernel.core.KernelCore`. Queued ``generate`` jobs for one model
+leave the queue together as one ``generate`` task; the driver host adds them to its
+running batch (drivers/generation.py) and reports, once a decode step, a ``STREAM``
+message of per-job events. This module turns those into ``token`` events for the client
+and, at the end, the job's reply. Generation runs in the background of its hardware, like
+training: it neither waits for nor blocks other work there, and its host stays free for
+other tasks, which it interleaves with decode steps.
+
+A job that ends early (cancel, deadline, the client gone) is removed from the host's batch
+with a ``cancel`` task. A job whose host dies is retried only if it has not streamed
+anything yet: a client never sees text twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .devices import DeviceManager, HostState, Task
+from .jobs import Job, JobState
+from .protocol import ErrorCode, KernelError, encode_event
+from .registry import Registry
+from .scheduler import BatchingConfig
+from .syscalls import check_generation
+
+if TYPE_CHECKING:
+    from .core import Request
+
+#: Generate jobs leave the queue for their host at once, all together: the host batches.
+GENERATE_BATCHING = BatchingConfig(max_batch_size=1024, max_queue_delay=0.0)
+#: The arguments a driver host needs for one request.
+_REQUEST_ARGS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed",
+                 "ignore_eos")
+
+
+class GenerationSyscalls:
+    """The ``generate`` handler and the streaming of its results."""
+
+    registry: Registry
+    devices: DeviceManager | None
+    active: dict[int, Job]
+
+    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
+        raise NotImplementedError
+
+    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        raise NotImplementedError
+
+    def _fail(self, job: Job, state: JobState, code: ErrorCode | str, message: str) -> None:
+        raise NotImplementedError
+
+    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _generate(self, request: Request) -> Job:
+        check_generation(request.args)
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        assert self.devices is not None
+        hosts = [h for h in self.devices.hosts.values()
+                 if version.ref in h.wanted or version.ref in h.loaded]
+        if not hosts:
+            raise KernelError(ErrorCode.NOT_FOUND,
+                              f"{version.ref} is not loaded (run: llmos load {version.model})")
+        info = next((h.loaded[version.ref] for h in hosts if version.ref in h.loaded), None)
+        if info is not None and "generate" not in info["tasks"]:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"{version.ref} cannot generate (it can: {', '.join(info['tasks'])}); "
+                              "generate needs a causal language model such as smollm2")
+        return self._admit(request, handle=version.ref)
+
+    def _generation_task(self, jobs: list[Job]) -> Task:
+        requests = [{"id": job.id, "priority": job.priority,
+                     **{name: job.args[name] for name in _REQUEST_ARGS}} for job in jobs]
+        return Task("generate", {"handle": jobs[0].args["handle"], "requests": requests}, jobs)
+
+    def _on_stream(self, events: list[dict[str, Any]]) -> None:
+        """Apply a host's per-job generation events (unknown or ended jobs are ignored)."""
+        for event in events:
+            job = self.active.get(int(event.get("id", -1)))
+            if job is None or job.syscall != "generate":
+                continue
+            if event.get("preempted"):
+                job.transition(JobState.PREEMPTED)
+                job.progress["preemptions"] = job.progress.get("preemptions", 0) + 1
+                continue
+            if job.state is JobState.PREEMPTED:
+                job.transition(JobState.RUNNING)
+            if "finish" in event:
+                self._generation_done(job, event)
+                continue
+            job.tokens += int(event.get("tokens", 0))
+            job.progress["completion_tokens"] = job.tokens
+            self._stream(job, str(event.get("text", "")))
+
+    def _stream(self, job: Job, text: str) -> None:
+        if text and job.wants_events and job.reply_route:
+            identity, msg_id = job.reply_route
+            self._send(identity, encode_event(msg_id, "generate", "token",
+                                              {"job": job.id, "text": text}))
+
+    def _generation_done(self, job: Job, event: dict[str, Any]) -> None:
+        job.cpu_seconds += float(event.get("cpu_seconds", 0.0))
+        reason = str(event["finish"])
+        if reason == "error":
+            self._fail(job, JobState.FAILED, str(event.get("code", ErrorCode.INTERNAL)),
+                       str(event.get("message", "generation failed")))
+            return
+        if reason == "cancelled":  # cancelled on the host (the model was unloaded)
+            self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED,
+                       str(event.get("message", "the generation was cancelled")))
+            return
+        self._stream(job, str(event.get("delta", "")))
+        prompt, completion = int(event["prompt_tokens"]), int(event["completion_tokens"])
+        job.tokens = completion
+        self._finish(job, {
+            "model": job.args["handle"], "text": event["text"], "finish_reason": reason,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion},
+            "preemptions": int(event.get("preemptions", 0)),
+            "time_to_first_token": event.get("time_to_first_token"),
+        })
+
+    def _renice_generation(self, job: Job) -> None:
+        """Tell the host a running job's new priority (it decides preemption by it)."""
+        self._tell_host(job, Task("renice", {"id": job.id, "priority": job.priority}))
+
+    def _stop_generation(self, job: Job) -> None:
+        """Remove an ended job from its host's batch."""
+        self._tell_host(job, Task("cancel", {"ids": [job.id]}))
+
+    def _tell_host(self, job: Job, task: Task) -> None:
+        """Send ``task`` to the host running ``job`` (nothing to do if that host is gone)."""
+        assert self.devices is not None
+        host = self.devices.hosts.get(job.device or "")
+        if host is not None and host.state is HostState.READY:
+            self.devices.submit(host, task)
