@@ -83,10 +83,13 @@ class _Syscalls:
         return self._call("import", {"source": source, "path": path, "name": name})
 
     def load(self, model: str, *, version: int | None = None, device: str | None = None,
-             driver: str | None = None, precision: str | None = None) -> Any:
-        """Load onto one device, one driver's devices, or (default) every driver, autotuned."""
+             driver: str | None = None, precision: str | None = None,
+             max_seqs: int | None = None) -> Any:
+        """Load onto one device, one driver's devices, or (default) every driver, autotuned
+        (a generative model: onto the drivers that generate, ``max_seqs`` at once)."""
         return self._call("load", {"model": model, "version": version, "device": device,
-                                   "driver": driver, "precision": precision})
+                                   "driver": driver, "precision": precision,
+                                   "max_seqs": max_seqs})
 
     def export(self, model: str, to: str, *, version: int | None = None) -> Any:
         """Export to ``onnx`` or ``openvino``; the artifact is cached per version."""

@@ -400,7 +400,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             count = len(job.args["inputs"])
             if job.state is JobState.RUNNING:
                 out_buffers: list[bytes] = []
-                result: dict[str, Any] = {"model": job.args["handle"], "task": job.args["task"]}
+                result: dict[str, Any] = {"model": job.args["handle"], "task": job.args["task"],
+                                          "tokens": job.tokens}
                 for name, array in arrays.items():
                     result[name] = tensor_ref(array[start:start + count], out_buffers)
                 if job.args["task"] == "classify":

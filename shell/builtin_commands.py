@@ -35,7 +35,8 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
     Command("load", "Load a model version onto one device, one driver's devices, or every "
             "driver (default, autotuned).", _H + "load",
             (_MODEL, Param("device", "device", option=True), Param("driver", "driver", option=True),
-             Param("precision", option=True, choices=("f32", "bf16")), *_JOB_OPTIONS)),
+             Param("precision", option=True, choices=("f32", "bf16")),
+             Param("max_seqs", "int", option=True, metavar="N"), *_JOB_OPTIONS)),
     Command("unload", "Unload a model version from a device (everywhere if none is named).",
             _H + "unload", (_MODEL, Param("device", "device", option=True), *_JOB_OPTIONS)),
     Command("export", "Export a model version to ONNX or OpenVINO IR (cached per version).",
@@ -45,6 +46,14 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
             "first values of each vector.", _H + "embed", (_MODEL, *_TEXTS, *_JOB_OPTIONS)),
     Command("classify", "Classify texts (the words, or one text a line from --file).",
             _H + "classify", (_MODEL, *_TEXTS, *_JOB_OPTIONS)),
+    Command("chat", "Ask a generative model (e.g. smollm2) and stream its answer; without a "
+            "PROMPT, chat turn by turn until an empty line.", _H + "chat",
+            (_MODEL, Param("prompt", many=True, metavar="PROMPT"),
+             Param("system", option=True, metavar="TEXT"),
+             Param("max_tokens", "int", option=True, metavar="N"),
+             Param("temperature", "number", option=True, metavar="T"),
+             Param("top_p", "number", option=True, metavar="P"), _SEED, *_JOB_OPTIONS),
+            aliases=("generate",)),
     Command("datasets", "The bundled labelled datasets that train and evaluate can use.",
             _H + "datasets", _NONE),
     Command("train", "Fine-tune a classifier on a bundled DATASET or a CSV/JSONL file (--path); "

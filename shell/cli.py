@@ -152,7 +152,8 @@ def _work(args: argparse.Namespace, client: Client) -> int:
     command = args.command
     if command == "load":
         output = views.loaded(client.load(args.model, version=args.version, device=args.device,
-                                          driver=args.driver, precision=args.precision))
+                                          driver=args.driver, precision=args.precision,
+                                          max_seqs=args.max_seqs))
     elif command == "unload":
         output = views.unloaded(client.unload(args.model, version=args.version, device=args.device))
     elif command == "export":
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "load":
             p.add_argument("--driver", help="only this driver (default: every driver, autotuned)")
             p.add_argument("--precision", choices=("f32", "bf16"), help="allow bf16 (OpenVINO)")
+            p.add_argument("--max-seqs", type=int, help="generative models: most sequences "
+                           "in the running batch (default 16)")
     export = sub.add_parser("export", help="export a model version to ONNX or OpenVINO IR")
     export.add_argument("model")
     export.add_argument("--to", required=True, choices=("onnx", "openvino"))
@@ -232,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="start a kernel, run the main job, stop it")
     for name, text in (("train", "fine-tune a classifier (progress bar; see `llmos train help`)"),
                        ("evaluate", "measure a classifier on a dataset split"),
-                       ("datasets", "the bundled labelled datasets")):
+                       ("datasets", "the bundled labelled datasets"),
+                       ("chat", "ask a generative model and stream the answer (`llmos chat "
+                                "smollm2 'Hello'`)"),
+                       ("serve", "the OpenAI-compatible HTTP gateway (`llmos serve --http "
+                                 "127.0.0.1:8000`; a plugin)")):
         # One implementation: these run the shell's command of the same name.
         sub.add_parser(name, help=text, add_help=False).add_argument(
             "rest", nargs=argparse.REMAINDER, help="as in the shell (`help train`)")
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         if args.command in ("keys", "audit"):
             return _local(args)
-        if args.command in ("shell", "train", "evaluate", "datasets"):
+        if args.command in ("shell", "train", "evaluate", "datasets", "chat", "serve"):
             from .app import run_shell
 
             if args.command != "shell":

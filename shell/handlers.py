@@ -12,7 +12,7 @@ from typing import Any
 
 from llmos.kernel.protocol import ErrorCode, KernelError
 
-from . import views
+from . import render, views
 from .commands import Command, JobRequest, Output, ShellContext
 
 Args = dict[str, Any]
@@ -52,6 +52,47 @@ def _texts(command: str, args: Args) -> list[str]:
     if not texts:
         raise KernelError(ErrorCode.BAD_REQUEST, f"{command}: give TEXT... or --file PATH")
     return texts
+
+
+def chat(context: ShellContext, args: Args) -> Output:
+    """Stream the answer to PROMPT; with no PROMPT, one turn per line read until a blank
+    one (the conversation is kept). Ctrl-C cancels the answer being generated."""
+    messages = [{"role": "system", "content": args["system"]}] if args["system"] else []
+    options = {**_model(args), "max_tokens": args["max_tokens"],
+               "temperature": args["temperature"], "top_p": args["top_p"], "seed": args["seed"]}
+    prompt = " ".join(args["prompt"])
+    result: dict[str, Any] = {}
+    while True:
+        if not prompt:
+            try:
+                prompt = input("you> ").strip()
+            except EOFError:
+                prompt = ""
+            if not prompt:
+                break
+        messages.append({"role": "user", "content": prompt})
+        result = _stream_answer(context, {**options, "messages": messages})
+        messages.append({"role": "assistant", "content": result["text"]})
+        if args["prompt"]:
+            break
+        prompt = ""
+    return Output(data=result or None)
+
+
+def _stream_answer(context: ShellContext, args: dict[str, Any]) -> dict[str, Any]:
+    pending = context.client.submit("generate", {k: v for k, v in args.items() if v is not None},
+                                    events=True)
+    try:
+        for event in pending.stream():
+            if event.event == "token":
+                render.stream(str(event.body["text"]))
+    except KeyboardInterrupt:
+        context.client.cancel(pending.job_id())
+        render.stream("\n")
+        raise
+    result = pending.result()
+    render.stream("\n")
+    return result
 
 
 def help_(context: ShellContext, args: Args) -> Output:
@@ -96,7 +137,8 @@ def import_(context: ShellContext, args: Args) -> JobRequest:
 
 def load(context: ShellContext, args: Args) -> JobRequest:
     return JobRequest("load", {**_model(args), "device": args["device"], "driver": args["driver"],
-                               "precision": args["precision"]}, views.loaded)
+                               "precision": args["precision"], "max_seqs": args["max_seqs"]},
+                      views.loaded)
 
 
 def unload(context: ShellContext, args: Args) -> JobRequest:

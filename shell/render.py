@@ -68,6 +68,12 @@ def error(code: str, message: str) -> None:
                  soft_wrap=True)
 
 
+def stream(text: str) -> None:
+    """Write generated text as it arrives (no markup, no wrapping, flushed at once)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def progress(text: str) -> None:
     """Replace the progress line on stderr (terminals only)."""
     if errors.is_terminal:

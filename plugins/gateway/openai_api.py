@@ -1,0 +1,213 @@
+"""OpenAI's API shapes: request bodies to syscall arguments, results and errors to JSON.
+
+Pure functions (no sockets), so the HTTP layer stays small and each mapping is testable.
+Only what llmos can honour is accepted: asking for ``n`` > 1, ``logprobs``, ``echo``, tools
+or token-id prompts is a 400 that says so, never a silently different answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llmos.kernel.protocol import ErrorCode, KernelError
+
+#: Kernel error code -> (HTTP status, OpenAI error type).
+STATUS = {
+    ErrorCode.BAD_REQUEST: (400, "invalid_request_error"),
+    ErrorCode.UNKNOWN_SYSCALL: (400, "invalid_request_error"),
+    ErrorCode.NOT_FOUND: (404, "not_found_error"),
+    ErrorCode.BUSY: (429, "rate_limit_error"),
+    ErrorCode.DENIED: (403, "permission_error"),
+    ErrorCode.TIMEOUT: (504, "timeout_error"),
+    ErrorCode.CANCELLED: (409, "cancelled_error"),
+    ErrorCode.DEVICE_FAILED: (503, "service_unavailable_error"),
+    ErrorCode.INTERNAL: (500, "server_error"),
+}
+#: Default max_tokens when a request names none (OpenAI's completions default is 16).
+COMPLETION_MAX_TOKENS = 16
+CHAT_MAX_TOKENS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError(Exception):
+    """An error to answer with: HTTP status and OpenAI's error object."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    @classmethod
+    def from_kernel(cls, exc: KernelError) -> ApiError:
+        status, kind = STATUS.get(exc.code, (500, "server_error"))
+        return cls(status, exc.message, kind, str(exc.code).lower())
+
+
+def split_model(model: Any) -> tuple[str, int | None]:
+    """``"smollm2"`` or ``"smollm2:1"`` -> (name, version)."""
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' must be a non-empty string", param="model")
+    name, colon, version = model.partition(":")
+    if colon and not (version.isdigit() and int(version) > 0):
+        raise ApiError(400, f"bad model version in {model!r} (use NAME or NAME:VERSION)",
+                       param="model")
+    return name, int(version) if colon else None
+
+
+def _unsupported(body: dict[str, Any]) -> None:
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    for name in ("logprobs", "top_logprobs", "tools", "functions", "suffix"):
+        if body.get(name) not in (None, False, []):
+            raise ApiError(400, f"'{name}' is not supported", param=name)
+    if body.get("echo"):
+        raise ApiError(400, "'echo' is not supported", param="echo")
+
+
+def _sampling(body: dict[str, Any], default_max: int) -> dict[str, Any]:
+    """The syscall's sampling arguments (the kernel validates types and ranges)."""
+    stop = body.get("stop")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    args = {"max_tokens": default_max if max_tokens is None else max_tokens,
+            "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+            "stop": [stop] if isinstance(stop, str) else stop, "seed": body.get("seed"),
+            "priority": body.get("priority"), "ignore_eos": body.get("ignore_eos")}
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def completion_args(body: dict[str, Any]) -> dict[str, Any]:
+    """``generate`` arguments for a /v1/completions body."""
+    _unsupported(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
+    name, version = split_model(body.get("model"))
+    return {"model": name, "version": version, "prompt": prompt,
+            **_sampling(body, COMPLETION_MAX_TOKENS)}
+
+
+def chat_args(body: dict[str, Any]) -> dict[str, Any]:
+    """``generate`` arguments for a /v1/chat/completions body."""
+    _unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    converted = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param="messages")
+        role = "system" if message.get("role") == "developer" else message.get("role")
+        converted.append({"role": role, "content": _text_content(message.get("content"), i)})
+    name, version = split_model(body.get("model"))
+    return {"model": name, "version": version, "messages": converted,
+            **_sampling(body, CHAT_MAX_TOKENS)}
+
+
+def _text_content(content: Any, index: int) -> str:
+    """A message's text: a string, or the text parts of a content list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts",
+                   param="messages")
+
+
+def embedding_args(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """``infer`` arguments for a /v1/embeddings body, and the encoding format."""
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, "'input' must be a string or a list of strings (token ids are "
+                       "not supported)", param="input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, "'encoding_format' must be float or base64", param="encoding_format")
+    if body.get("dimensions") is not None:
+        raise ApiError(400, "'dimensions' is not supported", param="dimensions")
+    name, version = split_model(body.get("model"))
+    return {"model": name, "version": version, "task": "embed", "inputs": texts}, encoding
+
+
+def _usage(result: dict[str, Any]) -> dict[str, int]:
+    return {k: int(result["usage"][k]) for k in ("prompt_tokens", "completion_tokens",
+                                                  "total_tokens")}
+
+
+def completion(result: dict[str, Any], model: str) -> dict[str, Any]:
+    return {"id": f"cmpl-{result['job']}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "text": result["text"], "logprobs": None,
+                                         "finish_reason": result["finish_reason"]}],
+            "usage": _usage(result)}
+
+
+def chat_completion(result: dict[str, Any], model: str) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{result['job']}", "object": "chat.completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                         "logprobs": None, "finish_reason": result["finish_reason"]}],
+            "usage": _usage(result)}
+
+
+def chunk(job: int, model: str, chat: bool, text: str | None = None, *, role: bool = False,
+          finish_reason: str | None = None) -> dict[str, Any]:
+    """One streamed chunk (chat: ``chat.completion.chunk`` with a delta)."""
+    created = int(time.time())
+    if not chat:
+        return {"id": f"cmpl-{job}", "object": "text_completion", "created": created,
+                "model": model, "choices": [{"index": 0, "text": text or "", "logprobs": None,
+                                             "finish_reason": finish_reason}]}
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if text is not None:
+        delta["content"] = text
+    return {"id": f"chatcmpl-{job}", "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]}
+
+
+def usage_chunk(result: dict[str, Any], model: str, chat: bool) -> dict[str, Any]:
+    """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    prefix = "chatcmpl" if chat else "cmpl"
+    return {"id": f"{prefix}-{result['job']}", "object": kind, "created": int(time.time()),
+            "model": model, "choices": [], "usage": _usage(result)}
+
+
+def embeddings(result: dict[str, Any], model: str, encoding: str) -> dict[str, Any]:
+    vectors = np.asarray(result["embeddings"], dtype=np.float32)
+    data = []
+    for i, vector in enumerate(vectors):
+        value: Any = (base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                      if encoding == "base64" else vector.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    tokens = int(result.get("tokens", 0))
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def model_list(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every loaded version as ``NAME:VERSION``, and the serving one also as ``NAME``."""
+    data = []
+    for row in rows:
+        if not row["loaded_on"]:
+            continue
+        ids = [f"{row['model']}:{row['version']}"] + ([row["model"]] if row["serving"] else [])
+        data += [{"id": name, "object": "model", "created": int(row["created_at"]),
+                  "owned_by": "llmos"} for name in ids]
+    return {"object": "list", "data": sorted(data, key=lambda m: m["id"])}
