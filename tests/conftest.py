@@ -35,3 +35,18 @@ def minilm_kernel() -> Iterator[KernelProcess]:
             client.load("minilm")
         yield kernel
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def chat_kernel() -> Iterator[KernelProcess]:
+    """One kernel for the session with SmolLM2 imported from its package (converted from
+    GGUF by the real import path) and loaded, and MiniLM for embeddings."""
+    path = short_home()
+    with running_kernel(path, "--devices", "torch:cpu") as kernel:
+        with kernel.client() as client:
+            client.import_model("smollm2")
+            client.load("smollm2")
+            client.import_model("minilm")
+            client.load("minilm")
+        yield kernel
+    shutil.rmtree(path, ignore_errors=True)
