@@ -4,8 +4,10 @@ Starts a kernel in a fresh home, imports and loads MiniLM from its package, embe
 customer-service question and a small knowledge base and ranks the answers by cosine
 similarity; then fine-tunes MiniLM on the bundled movie reviews as a time-sliced kernel
 job (a budget of a few minutes on 2 cores, with a progress line), evaluates the new
-version, classifies new sentences with it, shows the jobs table and stops the kernel.
-Exits 0 only if every step worked.
+version and classifies new sentences with it. Last, it imports the bundled chat model
+(SmolLM2, converted once from GGUF), asks it the customer's question and streams the
+answer; then it shows the jobs table and stops the kernel. Exits 0 only if every step
+worked.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ KNOWLEDGE_BASE = [
     "If your account is locked after failed log-ins, wait 15 minutes and try again.",
     "Shipping is free for orders over 50 euros.",
 ]
+CHAT = [{"role": "system", "content": "You are a friendly customer service assistant for an "
+          "online shop. Answer briefly."}, {"role": "user", "content": QUESTION}]
 #: The demo's fine-tuning budget (the full run is in docs/benchmarks.md).
 TRAIN = {"model": "minilm", "data": "reviews", "name": "reviews", "limit": 3000, "epochs": 1.0,
          "learning_rate": 1e-4, "max_tokens": 64}
@@ -73,11 +77,33 @@ def run_demo() -> int:
             client.load("reviews", driver="torch")
             predictions = client.classify("reviews", NEW_REVIEWS)
             render.show(views.classified(NEW_REVIEWS, {"predictions": predictions}))
+            _chat(client)
             render.show(views.jobs(client.jobs()))
     finally:
         stop_kernel(record["address"], home)
     render.console.print(f"done in {time.perf_counter() - started:.1f} s; kernel stopped")
     return 0
+
+
+def _chat(client: Client) -> None:
+    """Import and load the chat model, then stream its answer to the customer's question."""
+    started = time.perf_counter()
+    imported = client.import_model("smollm2")
+    loaded = client.load("smollm2")
+    render.console.print(f"\nimported smollm2:{imported['version']} from its GGUF package and "
+                         f"loaded it ({loaded['parameters'] / 1e6:.0f}M parameters, fp32) on "
+                         f"{', '.join(loaded['devices'])} in {time.perf_counter() - started:.1f} s")
+    render.console.print(f"[bold]customer:[/bold] {QUESTION}")
+    render.console.print("[bold]assistant:[/bold] ", end="")
+    pending = client.submit("generate", {"model": "smollm2", "messages": CHAT, "max_tokens": 80,
+                                         "temperature": 0.3, "seed": 0}, events=True)
+    for event in pending.stream():
+        if event.event == "token":
+            render.stream(event.body["text"])
+    result = pending.result()
+    tokens = result["usage"]["completion_tokens"]
+    render.console.print(f"\n({tokens} tokens, finish: {result['finish_reason']}, first token "
+                         f"after {1000 * result['time_to_first_token']:.0f} ms)")
 
 
 def _fine_tune(client: Client) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""The continuous-batching engine in isolation, on a tiny random Llama (fast, exact):
+preemption keeps state, prefill budget, cancellation, limits, sampling, held-back text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from llmos.drivers.generation import GenerationEngine, _held_back
+from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.sources import _minilm_path
+
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, initializer_range=0.5)
+    model = LlamaForCausalLM(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(_minilm_path()))
+    tokenizer.chat_template = TEMPLATE
+    return model, tokenizer
+
+
+def engine(parts, **options) -> GenerationEngine:
+    return GenerationEngine(*parts, **options)
+
+
+def run(eng: GenerationEngine, until_idle: bool = True, steps: int = 10_000) -> list[dict]:
+    events = []
+    for _ in range(steps):
+        if not eng.busy:
+            break
+        events += eng.step()
+    return events
+
+
+def submit(eng: GenerationEngine, seq_id: int, prompt: str, **request) -> None:
+    eng.submit(eng.prepare(seq_id, {"prompt": prompt, "temperature": 0.0, "ignore_eos": True,
+                                    "max_tokens": 12, **request}))
+
+
+def finishes(events: list[dict]) -> dict[int, dict]:
+    return {e["id"]: e for e in events if "finish" in e}
+
+
+def test_preempted_sequence_resumes_with_identical_tokens(parts):
+    alone = engine(parts, max_seqs=1)
+    submit(alone, 1, "the parcel is late")
+    expected = finishes(run(alone))[1]
+
+    eng = engine(parts, max_seqs=1)
+    submit(eng, 1, "the parcel is late", priority=5)
+    events = run(eng, steps=4)
+    assert sum(1 for e in events if e.get("id") == 1 and "tokens" in e) == 5  # prefill + 4
+    submit(eng, 2, "urgent question", priority=-5, max_tokens=3)
+    events += run(eng)
+    done = finishes(events)
+    assert {"id": 1, "preempted": True} in events
+    order = [e["id"] for e in events if "finish" in e]
+    assert order == [2, 1]  # the urgent one finished first
+    assert done[1]["text"] == expected["text"]
+    assert done[1]["completion_tokens"] == expected["completion_tokens"] == 12
+    assert done[1]["preemptions"] == 1
+
+
+def test_equal_priority_does_not_preempt(parts):
+    eng = engine(parts, max_seqs=1)
+    submit(eng, 1, "first")
+    run(eng, steps=2)
+    submit(eng, 2, "second")
+    events = run(eng)
+    assert not any(e.get("preempted") for e in events)
+    assert [e["id"] for e in events if "finish" in e] == [1, 2]
+
+
+def test_prefill_budget_admits_long_prompts_over_several_steps(parts):
+    eng = engine(parts, max_seqs=8, max_prefill_tokens=12)
+    for i in range(3):
+        submit(eng, i, "word " * 8, max_tokens=3)  # 10 tokens each with [CLS]/[SEP]
+    eng.step()
+    assert len(eng.batch.seqs) == 1 and len(eng.waiting) == 2
+    done = finishes(run(eng))
+    assert sorted(done) == [0, 1, 2]
+
+
+def test_rows_leave_and_padding_is_trimmed(parts):
+    eng = engine(parts, max_seqs=4)
+    submit(eng, 1, "a much longer prompt than the other one here", max_tokens=3)
+    submit(eng, 2, "short", max_tokens=6)
+    eng.step()
+    assert eng.batch.mask.shape[0] == 2 and (eng.batch.mask[1] == 0).any()
+    eng.step()  # the long prompt's sequence has finished
+    assert [s.id for s in eng.batch.seqs] == [2]
+    assert bool(eng.batch.mask.all())  # no padding column is left
+    assert eng.batch.layers[0][0].shape[2] == eng.batch.mask.shape[1]
+
+
+def test_cancel_running_and_waiting(parts):
+    eng = engine(parts, max_seqs=1)
+    submit(eng, 1, "running one", max_tokens=50)
+    submit(eng, 2, "waiting one", max_tokens=50)
+    eng.step()
+    events = eng.cancel({1, 2})
+    assert {e["id"]: e["finish"] for e in events} == {1: "cancelled", 2: "cancelled"}
+    assert not eng.busy and eng.batch.mask.numel() == 0
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(parts):
+    texts = []
+    for seed in (1, 1, 2):
+        eng = engine(parts)
+        eng.submit(eng.prepare(1, {"prompt": "hello", "temperature": 1.0, "top_p": 0.9,
+                                   "seed": seed, "max_tokens": 10, "ignore_eos": True}))
+        texts.append(finishes(run(eng))[1]["text"])
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_chat_messages_use_the_template(parts):
+    eng = engine(parts)
+    ids = eng.encode(None, [{"role": "user", "content": "hi"}])
+    assert parts[1].decode(ids) == "[ user ] hi [ assistant ]"
+
+
+@pytest.mark.parametrize("request_, words", [
+    ({"prompt": "word " * 120, "max_tokens": 20}, "context"),
+    ({"prompt": ""}, "prompt or messages"),
+])
+def test_requests_the_engine_refuses(parts, request_, words):
+    with pytest.raises(KernelError) as info:
+        engine(parts).prepare(1, request_)
+    assert info.value.code is ErrorCode.BAD_REQUEST and words in info.value.message
+
+
+def test_text_that_may_start_a_stop_string_is_held_back():
+    assert _held_back("the end is near", ("nearly",)) == 4
+    assert _held_back("the end is ne", ("near", "nex")) == 2
+    assert _held_back("nothing here", ("STOP",)) == 0
+    assert _held_back("abc", ()) == 0
