@@ -6,7 +6,8 @@ One :class:`GenerationEngine` serves one loaded model inside a driver host. The 
 1. admits waiting sequences in priority order (nice value, then arrival) while the batch
    has room, preempting the least urgent running sequence when a strictly more urgent one
    waits and the batch is full; new prompts are prefilled together, at most
-   ``max_prefill_tokens`` prompt tokens a step so running sequences never stall for long;
+   ``max_prefill_tokens`` prompt tokens a step, so running sequences never stall for long:
+   a prompt longer than that is prefilled in chunks of that size, one chunk a step;
 2. decodes one token for every running sequence in a single forward pass.
 
 Sequences join and leave the running batch between steps. The batch keeps one KV cache,
@@ -70,6 +71,9 @@ class Sequence:
     pending: int | None = None
     #: Per layer (keys, values) of this sequence alone while it is preempted.
     swapped: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: The cache of a long prompt while it is prefilled chunk by chunk, and its progress.
+    partial: DynamicCache | None = None
+    prefilled: int = 0
     preemptions: int = 0
     cpu_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -110,6 +114,8 @@ class GenerationEngine:
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.waiting: list[Sequence] = []
         self.batch = _Batch()
+        #: The long prompt being prefilled in chunks (one at a time), if any.
+        self.chunking: Sequence | None = None
         self.device = next(model.parameters()).device
 
     # --- requests -----------------------------------------------------------------------
@@ -162,19 +168,22 @@ class GenerationEngine:
         """Drop these sequences wherever they are; their ``cancelled`` finish events."""
         events = [self._finish(s, "cancelled") for s in self.waiting if s.id in ids]
         self.waiting = [s for s in self.waiting if s.id not in ids]
+        if self.chunking is not None and self.chunking.id in ids:
+            events.append(self._finish(self.chunking, "cancelled"))
+            self.chunking = None
         rows = [i for i, s in enumerate(self.batch.seqs) if s.id in ids]
         events += [self._finish(self.batch.seqs[i], "cancelled") for i in rows]
         self._drop_rows(set(rows))
         return events
 
     def reprioritize(self, seq_id: int, priority: int) -> None:
-        for seq in [*self.waiting, *self.batch.seqs]:
+        for seq in [*self.waiting, *self.batch.seqs, *([self.chunking] if self.chunking else [])]:
             if seq.id == seq_id:
                 seq.priority = priority
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.batch.seqs)
+        return bool(self.waiting or self.batch.seqs or self.chunking)
 
     # --- one step -----------------------------------------------------------------------
 
@@ -194,22 +203,33 @@ class GenerationEngine:
         running = list(self.batch.seqs)
         while self.waiting:
             best = min(self.waiting, key=lambda s: s.rank)
-            if len(running) + len(fresh) + len(resumed) >= self.max_seqs:
+            taken = len(running) + len(fresh) + len(resumed) + (self.chunking is not None)
+            if taken >= self.max_seqs:
                 victim = max(running, key=lambda s: s.rank, default=None)
                 if victim is None or best.priority >= victim.priority:
                     break
                 self._preempt(victim)
                 running.remove(victim)
                 events.append({"id": victim.id, "preempted": True})
-            if best.swapped is None:
+            if best.swapped is not None:
+                resumed.append(best)
+            elif len(best.prompt_ids) > self.max_prefill_tokens:
+                if self.chunking is not None:
+                    break  # one long prompt at a time
+                self.chunking = best
+            else:
                 if fresh and len(best.prompt_ids) > budget:
                     break
                 budget -= len(best.prompt_ids)
                 fresh.append(best)
-            else:
-                resumed.append(best)
             self.waiting.remove(best)
         parts = [self._resume_part(s) for s in resumed]
+        if self.chunking is not None:
+            part = self._prefill_chunk(self.chunking, events)
+            if self.chunking.partial is None:  # the whole prompt is in
+                self.chunking = None
+                if part is not None:
+                    parts.append(part)
         if fresh:
             part = self._prefill(fresh, events)
             if part is not None:
@@ -254,6 +274,28 @@ class GenerationEngine:
             return None
         keep = [i for i in range(len(seqs)) if i not in finished]
         return _select(part, keep)
+
+    def _prefill_chunk(self, seq: Sequence, events: list[dict[str, Any]]) -> _Batch | None:
+        """Feed the next ``max_prefill_tokens`` of a long prompt; after the last chunk,
+        sample its first token and return it as a part to merge (None if it finished)."""
+        started = time.process_time()
+        if seq.partial is None:
+            seq.partial = DynamicCache()
+        end = min(len(seq.prompt_ids), seq.prefilled + self.max_prefill_tokens)
+        ids = torch.tensor([seq.prompt_ids[seq.prefilled:end]], device=self.device)
+        positions = torch.arange(seq.prefilled, end, device=self.device).unsqueeze(0)
+        out = self.model(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long,
+                                                                  device=self.device),
+                         position_ids=positions, cache=seq.partial, use_cache=True,
+                         logits_to_keep=1)
+        seq.prefilled = end
+        self._charge([seq], started)
+        if end < len(seq.prompt_ids):
+            return None
+        cache, seq.partial = seq.partial, None
+        if self._accept(seq, self._sample(out.logits[:, -1], [seq])[0], events):
+            return None
+        return _Batch([seq], cache, torch.ones(1, end, dtype=torch.long))
 
     def _decode(self, events: list[dict[str, Any]]) -> None:
         started = time.process_time()

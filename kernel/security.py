@@ -35,7 +35,7 @@ from .protocol import ErrorCode, KernelError
 CAPABILITIES = ("infer", "train", "admin")
 #: The capability each syscall needs. Syscalls not listed here need none beyond a key.
 REQUIRED: dict[str, str] = {
-    "infer": "infer", "train": "train", "evaluate": "train",
+    "infer": "infer", "generate": "infer", "train": "train", "evaluate": "train",
     "import": "admin", "export": "admin", "load": "admin", "unload": "admin",
     "shutdown": "admin",
 }

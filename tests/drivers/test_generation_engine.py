@@ -142,3 +142,25 @@ def test_text_that_may_start_a_stop_string_is_held_back():
     assert _held_back("the end is ne", ("near", "nex")) == 2
     assert _held_back("nothing here", ("STOP",)) == 0
     assert _held_back("abc", ()) == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(parts):
+    long_prompt = " ".join(f"w{i}" for i in range(14))  # 30 tokens with [CLS]/[SEP]
+    whole = engine(parts, max_prefill_tokens=64)
+    submit(whole, 2, long_prompt, max_tokens=5)
+    expected = finishes(run(whole))[2]
+
+    eng = engine(parts, max_prefill_tokens=8)
+    submit(eng, 1, "short one", max_tokens=40)
+    eng.step()
+    submit(eng, 2, long_prompt, max_tokens=5)
+    running_tokens = []
+    while eng.busy and 2 not in finishes(events := eng.step()):
+        running_tokens.append(sum(1 for e in events if e.get("id") == 1 and "tokens" in e))
+        if any(e.get("id") == 2 and "tokens" in e for e in events):
+            break
+    assert len(eng.waiting) == 0
+    assert running_tokens[:3] == [1, 1, 1]  # the short one kept decoding during the chunks
+    assert len(running_tokens) >= 4
+    rest = run(eng)
+    assert finishes(rest)[2]["text"] == expected["text"]
