@@ -297,8 +297,28 @@ def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
             action.default = argparse.SUPPRESS
 
 
+#: Commands that run the shell command of the same name with the words that follow.
+DELEGATED = ("train", "evaluate", "datasets", "chat", "serve")
+#: Global options that take a value (their value is not a command name).
+_GLOBAL_VALUES = ("--address", "--home")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed arguments. A delegated command's words are kept verbatim in ``rest``
+    (argparse's REMAINDER would reject one that starts with an option, e.g. ``--http``)."""
+    parser = build_parser()
+    index = 0
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 1 if "=" in argv[index] or argv[index] not in _GLOBAL_VALUES else 2
+    if index < len(argv) and argv[index] in DELEGATED:
+        args = parser.parse_args(argv[:index + 1])
+        args.rest = argv[index + 1:]
+        return args
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "kernel":
             return _kernel(args)
@@ -308,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         if args.command in ("keys", "audit"):
             return _local(args)
-        if args.command in ("shell", "train", "evaluate", "datasets", "chat", "serve"):
+        if args.command == "shell" or args.command in DELEGATED:
             from .app import run_shell
 
             if args.command != "shell":

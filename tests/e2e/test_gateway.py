@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -178,3 +182,40 @@ def test_an_api_key_is_required_beyond_loopback_and_checked(chat_kernel):
     finally:
         guarded.shutdown()
         guarded.server_close()
+
+
+def llmos_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmos.shell", *args]
+
+
+def test_llmos_chat_streams_the_answer(chat_kernel):
+    question = "How do I reset my password?"
+    result = subprocess.run(
+        llmos_command("--address", chat_kernel.address, "chat", "smollm2", question,
+                      "--max-tokens", "12", "--temperature", "0"),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with chat_kernel.client() as client:
+        direct = client.generate("smollm2", messages=[{"role": "user", "content": question}],
+                                 max_tokens=12, temperature=0.0)
+    assert result.stdout.strip() == direct["text"].strip() != ""
+
+
+def test_llmos_serve_runs_until_interrupted(chat_kernel):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        llmos_command("--address", chat_kernel.address, "serve", "--http", f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "OpenAI-compatible API on" in server.stdout.readline()
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health").read())
+        assert health["status"] == "ok"
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err
+    refused = subprocess.run(llmos_command("--address", chat_kernel.address, "serve", "--http",
+                                           "0.0.0.0:0"), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "API key" in refused.stderr
