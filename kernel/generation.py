@@ -78,7 +78,8 @@ class GenerationSyscalls:
         """Apply a host's per-job generation events (unknown or ended jobs are ignored)."""
         for event in events:
             job = self.active.get(int(event.get("id", -1)))
-            if job is None or job.syscall != "generate":
+            if job is None or job.syscall != "generate" or job.state not in (
+                    JobState.RUNNING, JobState.PREEMPTED):
                 continue
             if event.get("preempted"):
                 job.transition(JobState.PREEMPTED)
