@@ -120,6 +120,12 @@ class _Syscalls:
         return self._call("generate", {"model": model, "prompt": prompt, "messages": messages,
                                        **options})
 
+    def learn(self, model: str, examples: list[dict[str, str]], *,
+              version: int | None = None) -> Any:
+        """Send labelled feedback (``[{"text": ..., "label": ...}]``); answered once it is on
+        disk: ``accepted``, ``buffered`` (the model's total), ``first_id``, ``last_id``."""
+        return self._call("learn", {"model": model, "version": version, "examples": examples})
+
     def datasets(self) -> Any:
         return self._call("datasets", {}, _field("datasets"))
 

@@ -27,8 +27,10 @@ import zmq
 from .config import KernelConfig
 from .control import ControlSyscalls
 from .devices import STREAMING_OPS, DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
+from .feedback import FeedbackStore
 from .generation import GenerationSyscalls
 from .jobs import Job, JobState
+from .learning import LearningSyscalls
 from .models import ModelSyscalls
 from .placement import CostModel
 from .plugins import Extensions
@@ -90,13 +92,15 @@ class Counters:
     dropped_replies: int = 0
 
 
-class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSyscalls):
+class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSyscalls,
+                 LearningSyscalls):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
                  registry: Registry, ctx: zmq.Context, counters: Counters,
                  inbox: deque[Request], audit: AuditLog) -> None:
         self.config, self.pm, self.ext, self.registry = config, pm, ext, registry
+        self.feedback = FeedbackStore(config.home)
         self.ctx, self.counters, self.inbox, self.audit = ctx, counters, inbox, audit
         self.started = time.time()
         self.stop_requested = threading.Event()
@@ -123,6 +127,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             "import": self._import, "export": self._export, "load": self._load,
             "unload": self._unload, "datasets": self._datasets, "train": self._train,
             "evaluate": self._evaluate, "infer": self._infer, "generate": self._generate,
+            "learn": self._learn,
             "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
             "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
         }
@@ -176,6 +181,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self._outbox.send_multipart([b""])  # tells the IO thread nothing more is coming
         self._outbox.close(linger=2000)
         doorbell.close()
+        self.feedback.close()
 
     def _start_devices(self) -> None:
         assert self.devices is not None

@@ -98,20 +98,26 @@ def _from_file(path: Path) -> Iterable[tuple[str, str]]:
     except UnicodeDecodeError as exc:
         raise KernelError(ErrorCode.BAD_REQUEST,
                           f"{path} is not UTF-8 text (byte {exc.start}): re-encode it") from None
-    if path.suffix == ".jsonl":
+    return parse_rows(text, path.suffix == ".jsonl", str(path))
+
+
+def parse_rows(text: str, jsonl: bool, where: str) -> Iterable[tuple[str, str]]:
+    """``(text, label)`` rows of JSON lines (objects with ``text`` and ``label``) or of a CSV
+    with ``text`` and ``label`` columns; KernelError(BAD_REQUEST) naming ``where``."""
+    if jsonl:
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     row = json.loads(line)
                     yield str(row["text"]), str(row["label"])
                 except (ValueError, KeyError, TypeError):
-                    raise KernelError(ErrorCode.BAD_REQUEST, f"{path}:{number}: expected a JSON "
+                    raise KernelError(ErrorCode.BAD_REQUEST, f"{where}:{number}: expected a JSON "
                                       "object with 'text' and 'label'") from None
         return
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
         raise KernelError(ErrorCode.BAD_REQUEST,
-                          f"{path}: a CSV needs a header with 'text' and 'label' columns")
+                          f"{where}: a CSV needs a header with 'text' and 'label' columns")
     for row in reader:
         yield row["text"] or "", row["label"] or ""
 

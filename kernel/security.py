@@ -36,12 +36,13 @@ CAPABILITIES = ("infer", "train", "admin")
 #: The capability each syscall needs. Syscalls not listed here need none beyond a key.
 REQUIRED: dict[str, str] = {
     "infer": "infer", "generate": "infer", "train": "train", "evaluate": "train",
+    "learn": "train",
     "import": "admin", "export": "admin", "load": "admin", "unload": "admin",
     "shutdown": "admin",
 }
 #: Syscalls written to the audit log.
-PRIVILEGED = frozenset({"import", "export", "load", "unload", "train", "shutdown", "cancel",
-                        "renice"})
+PRIVILEGED = frozenset({"import", "export", "load", "unload", "train", "learn", "shutdown",
+                        "cancel", "renice"})
 #: The owner name of unauthenticated local clients (ipc or loopback without CURVE).
 LOCAL = "local"
 
@@ -202,7 +203,8 @@ class AuditLog:
 
     def record(self, who: str, syscall: str, args: dict[str, Any], result: str) -> None:
         entry = {"time": time.time(), "who": who, "syscall": syscall,
-                 "args": {k: v for k, v in args.items() if v is not None and k != "inputs"},
+                 "args": {k: v for k, v in args.items()
+                          if v is not None and k not in ("inputs", "examples")},
                  "result": result}
         line = json.dumps(entry, default=str) + "\n"
         with self._lock, open(self.path, "a") as log:

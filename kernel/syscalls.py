@@ -101,6 +101,8 @@ MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
 MAX_MESSAGES = 256
 MAX_STOP_STRINGS = 4
+#: Most labelled examples one ``learn`` call may carry.
+MAX_FEEDBACK = 1024
 
 _JOB_OPTIONS = (
     Arg("priority", "int", default=0, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
@@ -158,6 +160,11 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     ), "Generate text from a prompt or chat messages with continuous batching; new text "
        "streams as `token` events; a more urgent job may preempt (and later resume) it.",
         job=True),
+    Syscall("learn", (
+        _MODEL, _VERSION,
+        Arg("examples", "maps", required=True, minimum=1, maximum=MAX_FEEDBACK),
+    ), "Labelled feedback for a classifier (text, label), stored durably before the reply; "
+       "a batch with a bad example is refused whole."),
     Syscall("datasets", (), "The bundled labelled datasets (users may also pass CSV/JSONL)."),
     Syscall("train", (
         _MODEL, _VERSION, *_DATA,

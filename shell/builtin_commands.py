@@ -54,6 +54,12 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
              Param("temperature", "number", option=True, metavar="T"),
              Param("top_p", "number", option=True, metavar="P"), _SEED, *_JOB_OPTIONS),
             aliases=("generate",)),
+    Command("learn", "Send labelled feedback to a classifier: rows of a CSV/JSONL file "
+            "(--feedback PATH, - for stdin) with text and label, or one --text with its --label.",
+            _H + "learn",
+            (_MODEL, Param("feedback", "path", option=True, metavar="PATH|-"),
+             Param("text", option=True, metavar="TEXT"),
+             Param("label", option=True, metavar="LABEL"))),
     Command("datasets", "The bundled labelled datasets that train and evaluate can use.",
             _H + "datasets", _NONE),
     Command("train", "Fine-tune a classifier on a bundled DATASET or a CSV/JSONL file (--path); "

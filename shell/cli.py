@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("chat", "ask a generative model and stream the answer (`llmos chat "
                                 "smollm2 'Hello'`)"),
                        ("serve", "the OpenAI-compatible HTTP gateway (`llmos serve --http "
-                                 "127.0.0.1:8000`; a plugin)")):
+                                 "127.0.0.1:8000`; a plugin)"),
+                       ("learn", "send labelled feedback to a classifier (`llmos learn MODEL "
+                                 "--feedback FILE|-`)")):
         # One implementation: these run the shell's command of the same name.
         sub.add_parser(name, help=text, add_help=False).add_argument(
             "rest", nargs=argparse.REMAINDER, help="as in the shell (`help train`)")
@@ -298,7 +300,7 @@ def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
 
 
 #: Commands that run the shell command of the same name with the words that follow.
-DELEGATED = ("train", "evaluate", "datasets", "chat", "serve")
+DELEGATED = ("train", "evaluate", "datasets", "chat", "serve", "learn")
 #: Global options that take a value (their value is not a command name).
 _GLOBAL_VALUES = ("--address", "--home")
 

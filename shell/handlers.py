@@ -6,11 +6,14 @@ syscalls that create a job, a JobRequest that the shell submits (foreground or `
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from llmos.kernel.datasets import parse_rows
 from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.syscalls import MAX_FEEDBACK
 
 from . import render, views
 from .commands import Command, JobRequest, Output, ShellContext
@@ -93,6 +96,41 @@ def _stream_answer(context: ShellContext, args: dict[str, Any]) -> dict[str, Any
     result = pending.result()
     render.stream("\n")
     return result
+
+
+def learn(context: ShellContext, args: Args) -> Output:
+    """Send the examples in batches of MAX_FEEDBACK; each batch is acknowledged on disk."""
+    if bool(args["feedback"]) == bool(args["text"]) or bool(args["text"]) != bool(args["label"]):
+        raise KernelError(ErrorCode.BAD_REQUEST,
+                          "learn: give --feedback PATH|- or both --text and --label")
+    if args["text"]:
+        rows = [(args["text"], args["label"])]
+    else:
+        rows = list(parse_rows(*_feedback_text(args["feedback"])))
+    if not rows:
+        raise KernelError(ErrorCode.BAD_REQUEST, "learn: the feedback has no rows")
+    name, version = split_handle(args["model"])
+    result: dict[str, Any] = {}
+    accepted = 0
+    for start in range(0, len(rows), MAX_FEEDBACK):
+        batch = [{"text": t, "label": label} for t, label in rows[start:start + MAX_FEEDBACK]]
+        result = context.client.learn(name, batch, version=version)
+        accepted += result["accepted"]
+    return Output(data={**result, "accepted": accepted},
+                  text=f"{accepted} examples stored for {result['model']} "
+                       f"({result['buffered']} in its feedback buffer)")
+
+
+def _feedback_text(source: str) -> tuple[str, bool, str]:
+    """(content, is JSON lines, name for errors) of a feedback file or of stdin (``-``)."""
+    if source == "-":
+        text = sys.stdin.read()
+        return text, text.lstrip().startswith("{"), "stdin"
+    path = Path(source).expanduser()
+    try:
+        return path.read_text(encoding="utf-8"), path.suffix == ".jsonl", str(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KernelError(ErrorCode.BAD_REQUEST, f"learn: cannot read {path}: {exc}") from None
 
 
 def help_(context: ShellContext, args: Args) -> Output:

@@ -66,7 +66,9 @@ def test_capabilities_decide_what_a_key_may_call(curve_kernel):
         for call in (lambda: alice.load("minilm"), lambda: alice.import_model("minilm"),
                      lambda: alice.train("minilm", data="reviews"),
                      lambda: alice.evaluate("minilm", data="reviews"),
-                     lambda: alice.export("minilm", "onnx"), alice.shutdown):
+                     lambda: alice.export("minilm", "onnx"),
+                     lambda: alice.learn("minilm", [{"text": "good", "label": "positive"}]),
+                     alice.shutdown):
             with pytest.raises(KernelError) as info:
                 call()
             assert info.value.code is ErrorCode.DENIED

@@ -1,0 +1,73 @@
+"""The ``learn`` syscall: labelled feedback for a classifier, stored durably.
+
+A mixin of :class:`~llmos.kernel.core.KernelCore`. Each example is checked against the
+model's own labels before anything is written; a batch with one bad example is refused
+whole. The examples go to the :class:`~llmos.kernel.feedback.FeedbackStore`, on disk
+before the reply. (Updating the model from the buffer is the incremental-learning plugin's
+job; the buffer is its input.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .feedback import FeedbackStore
+from .protocol import ErrorCode, KernelError
+from .registry import ModelVersion, Registry
+from .syscalls import MAX_TEXT_CHARS
+
+if TYPE_CHECKING:
+    from .core import Request
+
+
+def classifier_labels(version: ModelVersion) -> list[str]:
+    """The label names of a sequence classifier; KernelError(BAD_REQUEST) for any other
+    model."""
+    try:
+        config = json.loads((version.path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if not any(str(a).endswith("ForSequenceClassification")
+               for a in config.get("architectures") or []):
+        raise KernelError(ErrorCode.BAD_REQUEST,
+                          f"{version.ref} is not a classifier: learn needs a model with a "
+                          "classification head (train one first)")
+    id2label = config.get("id2label") or {}
+    return [str(id2label[key]) for key in sorted(id2label, key=int)]
+
+
+def check_examples(examples: list[dict[str, Any]], labels: list[str]) -> list[tuple[str, str]]:
+    """``(text, label)`` pairs; KernelError(BAD_REQUEST) naming the first bad example."""
+    pairs = []
+    for i, example in enumerate(examples):
+        where = f"learn: example {i}"
+        extra = sorted(str(k) for k in set(example) - {"text", "label"})
+        if extra:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} has unknown key(s) {', '.join(extra)}")
+        text, label = example.get("text"), example.get("label")
+        if not isinstance(text, str) or not text.strip():
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where}: text must be a non-empty string")
+        if len(text) > MAX_TEXT_CHARS:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"{where}: text has {len(text)} characters (limit {MAX_TEXT_CHARS})")
+        if label not in labels:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"{where}: unknown label {label!r} (the model's labels: "
+                              f"{', '.join(labels)})")
+        pairs.append((text, str(label)))
+    return pairs
+
+
+class LearningSyscalls:
+    """The ``learn`` handler."""
+
+    registry: Registry
+    feedback: FeedbackStore
+
+    def _learn(self, request: Request) -> dict[str, Any]:
+        version = self.registry.resolve(request.args["model"], request.args["version"])
+        pairs = check_examples(request.args["examples"], classifier_labels(version))
+        ids = self.feedback.add(version.model, version.version, request.owner, pairs)
+        return {"model": version.ref, "accepted": len(ids), "first_id": ids[0],
+                "last_id": ids[-1], "buffered": self.feedback.count(version.model)}
