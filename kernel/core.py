@@ -24,6 +24,7 @@ import numpy as np
 import pluggy
 import zmq
 
+from .compression import CompressionSyscalls
 from .config import KernelConfig
 from .control import ControlSyscalls
 from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
@@ -86,7 +87,7 @@ class Counters:
     dropped_replies: int = 0
 
 
-class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
+class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, CompressionSyscalls):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -109,14 +110,15 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
         policy = ext.policies.get(config.policy)()
         self.scheduler = Scheduler(policy, self._batch_key, self._candidates, self._batching,
                                    cost=self._cost, hardware=hardware_of,
-                                   background=lambda job: job.syscall == "train")
+                                   background=lambda job: job.syscall in ("train", "compress"))
+        self._retiring: set[str] = set()
         self.devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         self._handlers: dict[str, Callable[[Request], Any]] = {
             "drivers": self._drivers, "devices": self._devices, "models": self._models,
             "import": self._import, "export": self._export, "load": self._load,
             "unload": self._unload, "datasets": self._datasets, "train": self._train,
-            "evaluate": self._evaluate,
+            "evaluate": self._evaluate, "compress": self._compress, "promote": self._promote,
             "infer": self._infer, "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
             "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
         }
@@ -254,7 +256,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
     def _candidates(self, job: Job) -> list[str]:
         if job.syscall in ("import", "export"):
             return [KERNEL_DEVICE]
-        if job.syscall in ("train", "evaluate"):
+        if job.syscall in ("train", "evaluate", "compress"):
             return self._training_candidates(job)
         if job.syscall == "infer":
             assert self.devices is not None
@@ -300,6 +302,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
                                 "inputs": inputs}, batch.jobs)
         assert self.devices is not None
         host = self.devices.hosts[batch.device]
+        if first.syscall == "compress":
+            return self._compress_task(first, host)
         if first.syscall in ("train", "evaluate"):
             return self._training_task(first, host)
         op, payload = self._placement_payload(first, host)
@@ -363,6 +367,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
             self._on_placed(host, task.op, task.payload, body.get("info", {}), live)
         elif task.op in ("train", "evaluate"):
             self._on_trained(host, task, body, live)
+        elif task.op == "compress":
+            self._on_compressed(task, body, live)
         elif task.op == "run":
             self._split_outputs(host, task, body, buffers, live)
 
@@ -426,12 +432,15 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls):
         self.finished_by_state[str(state)] += 1
         if job.syscall in PRIVILEGED:
             self.audit.record(job.owner, job.syscall, job.args, str(state))
-        if job.syscall == "train":
-            self._journal(job, state)
+        if job.syscall in ("train", "compress"):
+            if job.syscall == "train":
+                self._journal(job, state)
             host = self._hosts().get(job.args.get("host", ""))
             if state is not JobState.DONE and host is not None and host.state is HostState.READY:
                 assert self.devices is not None
                 self.devices.submit(host, Task("forget", {"job": str(job.id)}))
+        if self._retiring:
+            self._retire()
         try:
             self.pm.hook.llmos_job_finished(job=job)
         except Exception:

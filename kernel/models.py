@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from .compression import serving_hosts
 from .devices import DeviceHost, DeviceManager, HostState
 from .jobs import Job, JobState
 from .placement import TUNE_SHAPES, CostModel, batch_shape, machine_id, memory_need
@@ -57,6 +58,9 @@ class ModelSyscalls:
         raise NotImplementedError
 
     def _candidates(self, job: Job) -> list[str]:
+        raise NotImplementedError
+
+    def _promoted(self, job: Job) -> None:
         raise NotImplementedError
 
     # --- import and export (kernel pseudo-device) -------------------------------------
@@ -155,7 +159,7 @@ class ModelSyscalls:
 
     def _load(self, request: Request) -> Job | dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
-        hosts = self._targets(request.args["device"], request.args["driver"])
+        hosts = serving_hosts(version, self._targets(request.args["device"], request.args["driver"]))
         todo = [h for h in hosts if version.ref not in h.wanted
                 or h.wanted[version.ref]["options"].get("precision") != request.args["precision"]]
         if not todo:
@@ -219,6 +223,8 @@ class ModelSyscalls:
                 job.transition(JobState.QUEUED)  # on to the next host
                 job.attempts = 0
                 self.scheduler.push(job)
+            elif job.syscall == "promote":
+                self._promoted(job)
             elif op == "load":
                 self._finish(job, self._placements(handle, [self._hosts()[n]
                                                             for n in job.args["done"]]))

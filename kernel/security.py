@@ -37,11 +37,11 @@ CAPABILITIES = ("infer", "train", "admin")
 REQUIRED: dict[str, str] = {
     "infer": "infer", "train": "train", "evaluate": "train",
     "import": "admin", "export": "admin", "load": "admin", "unload": "admin",
-    "shutdown": "admin",
+    "shutdown": "admin", "compress": "admin", "promote": "admin",
 }
 #: Syscalls written to the audit log.
 PRIVILEGED = frozenset({"import", "export", "load", "unload", "train", "shutdown", "cancel",
-                        "renice"})
+                        "renice", "compress", "promote"})
 #: The owner name of unauthenticated local clients (ipc or loopback without CURVE).
 LOCAL = "local"
 

@@ -41,7 +41,7 @@ class Arg:
                 f"got {value!r}")
         if self.kind == "float" and not math.isfinite(value):
             raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be a finite number")
-        size = len(value) if self.kind in ("str", "strs") else value
+        size = len(value) if self.kind in ("str", "strs", "maps") else value
         if self.minimum is not None and size < self.minimum:
             raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be >= {self.minimum}")
         if self.maximum is not None and size > self.maximum:
@@ -56,9 +56,10 @@ _KIND_CHECKS = {
     "bool": lambda v: isinstance(v, bool),
     "strs": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
     "map": lambda v: isinstance(v, dict),
+    "maps": lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
 }
 _KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
-               "strs": "a list of strings", "map": "a map"}
+               "strs": "a list of strings", "map": "a map", "maps": "a list of maps"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +159,23 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
         *_JOB_OPTIONS,
     ), "Accuracy, macro-F1 and confusion matrix of a classifier on a dataset split.",
+        job=True),
+    Syscall("compress", (
+        _MODEL, _VERSION, Arg("recipe", "maps", required=True, minimum=1, maximum=16), *_DATA,
+        Arg("name", "str", minimum=1, maximum=64),
+        Arg("max_drop", "float", minimum=0.0, maximum=100.0),
+        Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
+        Arg("max_tokens", "int", default=128, minimum=8, maximum=8192),
+        Arg("eval_limit", "int", default=0, minimum=0, maximum=10**7),
+        Arg("quantum", "float", default=1.0, minimum=0.05, maximum=600),
+        Arg("priority", "int", default=TRAIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
+        Arg("timeout", "float", minimum=0.001, maximum=30 * 24 * 3600),
+    ), "Compress a classifier with a recipe of plugin steps (prune, quantize, lowrank...), "
+       "gated on validation accuracy; a passing result is a new model version with a report.",
+        job=True),
+    Syscall("promote", (_MODEL, Arg("version", "int", required=True, minimum=1), *_JOB_OPTIONS),
+            "Make a version the one that serves its model name: load it where the serving one "
+            "is, switch, then unload the old one once its jobs are done (no request fails).",
         job=True),
     Syscall("jobs", (Arg("owner", "str"), Arg("finished", "bool", default=True)),
             "List jobs (ps): unfinished ones and recent finished ones."),

@@ -1,0 +1,229 @@
+"""A compress job inside the driver host: run a recipe, measure, gate, save.
+
+A :class:`CompressionSession` lives in the torch driver host between quanta, like a
+training session. Its work is a sequence of phases (load, measure the parent, each recipe
+step, measure the result, save); each ``compress`` task runs phases for about ``seconds``
+and reports progress, so the kernel publishes progress events and inference queued
+meanwhile runs between quanta. Accuracy is measured on the dataset's validation split for
+the parent and for the result, in the form the result will be served in; latency at batch
+1 and 32 (padded to ``latency_tokens``) on every runtime the form runs on here.
+
+When the last phase ends, the progress carries the ``report`` and, when the quality gate
+passed, the ``output`` folder for the kernel to import as a new version.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from llmos.kernel import datasets
+from llmos.kernel.protocol import ErrorCode, KernelError
+
+from .candidate import GRAPH_FILES, Candidate, StepContext
+from .structure import load_compressed, needs_rebuild
+
+#: Latency runs per shape: (warm-up, timed) calls at batch 1 and 32.
+LATENCY_RUNS = {1: (3, 15), 32: (1, 3)}
+_COMMON: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+
+Step = Callable[[Candidate, dict[str, Any], StepContext], Candidate]
+
+
+@dataclass(frozen=True, slots=True)
+class CompressSpec:
+    """What to compress: sent by the kernel in each ``compress`` task."""
+
+    base: str
+    steps: list[dict[str, Any]]
+    data: dict[str, str]
+    output: str
+    workdir: str
+    max_drop: float | None = None
+    seed: int = 0
+    max_tokens: int = 128
+    latency_tokens: int = 128
+    eval_limit: int = 0  # evaluate on at most this many validation rows (0: all)
+
+
+@dataclass(slots=True)
+class _Measured:
+    accuracy: float
+    parameters: int
+    bytes: int
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "parameters": self.parameters, "bytes": self.bytes,
+                "latency_ms": self.latency_ms}
+
+
+def import_step(qualname: str) -> Step:
+    """The step function named ``"package.module:function"``."""
+    module_name, _, function = qualname.partition(":")
+    step = getattr(importlib.import_module(module_name), function)
+    if not callable(step):
+        raise TypeError(f"{qualname} is not callable")
+    return step
+
+
+def load_parent(path: str) -> Candidate:
+    """The parent classifier (safetensors only); BAD_REQUEST if it has no classifier head."""
+    config = AutoConfig.from_pretrained(path, **_COMMON)
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{path} is not a classifier: compress measures "
+                          "accuracy, so fine-tune it first (llmos train)")
+    if needs_rebuild(config):
+        model = load_compressed(path)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
+                                                                   **_COMMON)
+    return Candidate(model.eval(), AutoTokenizer.from_pretrained(path, **_COMMON))
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the weights a version keeps: safetensors, or its graph files."""
+    files = [*folder.glob("*.safetensors"), *(folder / f for f in GRAPH_FILES.values()),
+             folder / "openvino_model.bin"]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+class CompressionSession:
+    """One compress job's model and progress through its phases."""
+
+    def __init__(self, spec: CompressSpec, threads: int) -> None:
+        self.spec = spec
+        self.threads = max(1, threads - 1)  # one core stays free for inference elsewhere
+        self.report: dict[str, Any] = {"steps": []}
+        self.phase = "starting"
+        self.done = False
+        self.total_phases = 5 + len(spec.steps)
+        self.finished_phases = 0
+        self._phases = self._work()
+
+    def run(self, seconds: float) -> dict[str, Any]:
+        """Run phases for about ``seconds`` (at least one); the progress so far."""
+        inference_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        started = time.perf_counter()
+        try:
+            while not self.done and (self.finished_phases == 0
+                                     or time.perf_counter() - started < seconds):
+                self.phase = next(self._phases, "done")
+                self.finished_phases += 1
+                self.done = self.phase == "done"
+                if not self.done and time.perf_counter() - started >= seconds:
+                    break
+        finally:
+            torch.set_num_threads(inference_threads)
+        progress = {"phase": self.phase, "done": self.done,
+                    "fraction": round(min(1.0, self.finished_phases / self.total_phases), 3)}
+        if self.done:
+            progress["report"] = self.report
+            progress["output"] = self.spec.output if self.report["gate"]["passed"] else None
+        return progress
+
+    # --- the phases -------------------------------------------------------------------
+
+    def _work(self) -> Iterator[str]:
+        """Each ``yield`` ends a phase and names the next one."""
+        spec = self.spec
+        workdir = Path(spec.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        dataset = datasets.load(**spec.data)
+        parent = load_parent(spec.base)
+        known = {str(label): int(i) for i, label in parent.model.config.id2label.items()}
+        if set(dataset.labels) - set(known):
+            raise KernelError(ErrorCode.BAD_REQUEST, f"the model's labels {sorted(known)} do not "
+                              f"cover the evaluation data's {dataset.labels}")
+        remap = [known[label] for label in dataset.labels]
+        texts, targets = dataset.split("validation", spec.seed)
+        if spec.eval_limit:
+            texts, targets = texts[:spec.eval_limit], targets[:spec.eval_limit]
+        targets = [remap[t] for t in targets]
+        train_texts, train_targets = dataset.split("train", spec.seed)
+        context = StepContext(workdir, train_texts, [remap[t] for t in train_targets],
+                              spec.max_tokens, self.threads, spec.seed)
+        yield "measuring the parent"
+        before = self._measure(parent, texts, targets, weight_bytes(Path(spec.base)))
+        self.report["parent"] = before.describe()
+        candidate = Candidate(copy.deepcopy(parent.model), parent.tokenizer)
+        for index, step in enumerate(spec.steps):
+            yield f"step {index + 1}/{len(spec.steps)}: {step['step']}"
+            started = time.perf_counter()
+            notes = len(candidate.notes)
+            candidate = import_step(step["qualname"])(candidate, step["params"], context)
+            entry = {"step": step["step"], "params": step["params"],
+                     "seconds": round(time.perf_counter() - started, 2)}
+            for note in candidate.notes[notes:]:
+                entry.update(note)
+            self.report["steps"].append(entry)
+        yield "saving"
+        drivers = candidate.save(Path(spec.output))
+        yield "measuring the result"
+        after = self._measure(candidate, texts, targets, weight_bytes(Path(spec.output)))
+        self.report["result"] = {**after.describe(), "form": candidate.form, "drivers": drivers}
+        self._gate(before, after)
+        if not self.report["gate"]["passed"]:
+            shutil.rmtree(spec.output, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def _measure(self, candidate: Candidate, texts: list[str], targets: list[int],
+                 size: int) -> _Measured:
+        predict = candidate.predictor(self.threads)
+        correct = 0
+        for start in range(0, len(texts), 64):
+            feeds = candidate.feeds(texts[start:start + 64], self.spec.max_tokens)
+            guesses = predict(feeds).argmax(-1)
+            correct += int(sum(int(g) == t for g, t in zip(guesses, targets[start:start + 64],
+                                                          strict=True)))
+        parameters = sum(p.numel() for p in candidate.model.parameters())
+        measured = _Measured(correct / max(1, len(texts)), parameters, size)
+        runtime = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[candidate.form]
+        measured.latency_ms[runtime] = {}
+        for batch, (warmup, runs) in LATENCY_RUNS.items():
+            feeds = candidate.feeds(texts[:1] * batch, self.spec.latency_tokens, pad=True)
+            measured.latency_ms[runtime][str(batch)] = _latency(predict, feeds, warmup, runs)
+        return measured
+
+    def _gate(self, before: _Measured, after: _Measured) -> None:
+        drop = round((before.accuracy - after.accuracy) * 100, 3)
+        self.report["drop"] = drop
+        parent_ms = before.latency_ms["torch"]["1"]
+        result_ms = next(iter(after.latency_ms.values()))["1"]
+        self.report["ratios"] = {"size": round(before.bytes / max(1, after.bytes), 3),
+                                 "speedup_batch1": round(parent_ms / result_ms, 3)}
+        limit = self.spec.max_drop
+        if limit is None:
+            self.report["gate"] = {"max_drop": None, "passed": True, "reason": "no gate asked"}
+        elif drop <= limit:
+            self.report["gate"] = {"max_drop": limit, "passed": True,
+                                   "reason": f"accuracy dropped {drop:.2f} points <= {limit:g}"}
+        else:
+            self.report["gate"] = {"max_drop": limit, "passed": False,
+                                   "reason": f"accuracy dropped {drop:.2f} points "
+                                             f"({before.accuracy:.4f} -> {after.accuracy:.4f}), "
+                                             f"more than --max-drop {limit:g}: no version made"}
+
+
+def _latency(predict: Callable[[Any], Any], feeds: dict[str, Any], warmup: int, runs: int) -> float:
+    """Median milliseconds of ``predict(feeds)``."""
+    for _ in range(warmup):
+        predict(feeds)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        predict(feeds)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 3)
+
