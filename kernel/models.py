@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,8 @@ class ModelSyscalls:
     memory_budget: int | None
     _executor: ThreadPoolExecutor
     _kernel_task: tuple[Future[dict[str, Any]], Job] | None
+    #: Finishes a promote job once its version is loaded (in CompressionSyscalls).
+    _promoted: Callable[[Job], None]
 
     def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
         raise NotImplementedError
@@ -58,9 +61,6 @@ class ModelSyscalls:
         raise NotImplementedError
 
     def _candidates(self, job: Job) -> list[str]:
-        raise NotImplementedError
-
-    def _promoted(self, job: Job) -> None:
         raise NotImplementedError
 
     # --- import and export (kernel pseudo-device) -------------------------------------

@@ -107,7 +107,7 @@ class CompressionSession:
         self.report: dict[str, Any] = {"steps": []}
         self.phase = "starting"
         self.done = False
-        self.total_phases = 5 + len(spec.steps)
+        self.total_phases = 4 + len(spec.steps)  # the yields of _work, and its end
         self.finished_phases = 0
         self._phases = self._work()
 

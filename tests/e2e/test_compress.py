@@ -1,0 +1,155 @@
+"""compress and promote on a real kernel: bad recipes write nothing, a recipe makes a gated
+version with lineage and a report, and promote swaps versions under load without a failure."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmos import ErrorCode, KernelError
+from llmos.kernel.sources import _minilm_path
+from llmos.kernel.testing import KernelProcess, build_tiny_classifier, running_kernel
+
+from tests.conftest import short_home
+
+
+def write_reviews(path: Path, rows: int = 300) -> Path:
+    """A small seeded positive/negative dataset (labels match the tiny classifier's)."""
+    rng = random.Random(0)
+    words = {"positive": ("great", "lovely", "superb"), "negative": ("awful", "dull", "boring")}
+    with path.open("w") as fh:
+        for _ in range(rows):
+            label = rng.choice(("positive", "negative"))
+            fh.write(json.dumps({"text": f"a {rng.choice(words[label])} film, {rng.randint(1, 9)} "
+                                         "scenes", "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KernelProcess, Path]]:
+    """A kernel (torch and OpenVINO) with two versions of a tiny classifier, ``tiny:1`` serving."""
+    folder = tmp_path_factory.mktemp("compress")
+    data = write_reviews(folder / "reviews.jsonl")
+    home = short_home()
+    with running_kernel(home, "--devices", "torch:cpu,openvino:cpu") as kernel:
+        with kernel.client() as client:
+            for seed in (0, 1):
+                model = build_tiny_classifier(folder / f"tiny{seed}", _minilm_path(), seed=seed)
+                client.import_model(path=str(model), name="tiny")
+        yield kernel, data
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def versions(kernel: KernelProcess) -> list[str]:
+    with kernel.client() as client:
+        return [f"{m['model']}:{m['version']}" for m in client.models()]
+
+
+@pytest.mark.parametrize("recipe, options, code, fragment", [
+    ([{"step": "distill"}], {}, ErrorCode.NOT_FOUND,
+     "unknown compression step 'distill' (known: lowrank, prune, quantize)"),
+    ([{"step": "prune", "sparsity": 1.5}], {}, ErrorCode.BAD_REQUEST,
+     "recipe step 1 (prune): argument 'sparsity' must be <= 0.99"),
+    ([{"step": "prune"}, {"step": "lowrank", "rank": 0}], {}, ErrorCode.BAD_REQUEST,
+     "recipe step 2 (lowrank): argument 'rank' must be >= 1"),
+    ([{"step": "quantize", "method": "int3"}], {}, ErrorCode.BAD_REQUEST,
+     "argument 'method' must be one of"),
+    ([{"step": "quantize"}], {"data": None}, ErrorCode.BAD_REQUEST,
+     "tiny:1 has no evaluation data for the quality gate"),
+    ([], {}, ErrorCode.BAD_REQUEST, "argument 'recipe' must be >= 1"),
+])
+def test_bad_recipes_are_refused_and_write_nothing(kernel, recipe, options, code, fragment):
+    process, data = kernel
+    before = versions(process)
+    arguments = {"path": str(data), "version": 1, **options}
+    if "data" in options:
+        arguments.pop("path")
+    with process.client() as client, pytest.raises(KernelError) as info:
+        client.compress("tiny", recipe, **arguments)
+    assert info.value.code is code and fragment in info.value.message
+    assert versions(process) == before
+    assert sorted(p.name for p in (process.home / "models" / "tiny").iterdir()) == ["v1", "v2"]
+
+
+def test_a_recipe_makes_a_gated_version_with_lineage_and_a_report(kernel):
+    process, data = kernel
+    recipe = [{"step": "prune", "sparsity": 0.5}, {"step": "quantize", "method": "openvino-int8"}]
+    with process.client() as client:
+        pending = client.submit("compress", {"model": "tiny", "version": 1, "recipe": recipe,
+                                             "path": str(data), "max_drop": 100.0,
+                                             "name": "tiny-int8", "quantum": 0.05}, events=True)
+        result = pending.result(timeout=300)
+        progress = [e.body for e in pending.events if e.event == "progress"]
+        assert result["model"] == "tiny-int8:1" and result["parent"] == "tiny:1"
+        report = result["report"]
+        assert report["gate"]["passed"] and result["servable"]
+        assert [s["step"] for s in report["steps"]] == ["prune", "quantize"]
+        assert report["steps"][0]["sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert report["result"]["form"] == "openvino" and report["result"]["drivers"] == ["openvino"]
+        for measured in (report["parent"], report["result"]):
+            assert {"accuracy", "parameters", "bytes", "latency_ms"} <= set(measured)
+            assert all(set(ms) == {"1", "32"} for ms in measured["latency_ms"].values())
+        assert report["ratios"]["size"] > 3
+        row = next(m for m in client.models() if m["model"] == "tiny-int8")
+        assert row["parent"] == "tiny:1" and row["recipe"]["op"] == "compress"
+        assert row["metrics"]["compression"]["drop"] == report["drop"]
+        loaded = client.load("tiny-int8")  # only where it runs: the OpenVINO host
+        assert loaded["devices"] == ["openvino:cpu"]
+        assert len(client.classify("tiny-int8", ["a lovely film"])) == 1
+        assert progress and progress[-1]["done"] and progress[-1]["fraction"] == 1.0
+        assert {"phase", "fraction"} <= set(progress[0])
+
+
+def test_promote_under_load_fails_no_request(kernel):
+    process, _ = kernel
+    with process.client() as client:
+        client.load("tiny", version=1, driver="torch")
+    errors: list[str] = []
+    served: list[tuple[bool, str]] = []  # (sent after the swap, version that answered)
+    swapped = threading.Event()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with process.client() as client:
+            while not stop.is_set():
+                after = swapped.is_set()
+                try:
+                    served.append((after, client.infer("tiny", "classify", ["a dull film"])["model"]))
+                except KernelError as exc:
+                    errors.append(str(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        while len(served) < 20:
+            threading.Event().wait(0.01)
+        with process.client() as client:
+            promoted = client.promote("tiny", 2)
+        swapped.set()
+        count = len(served)
+        while len(served) < count + 40:
+            threading.Event().wait(0.01)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert promoted["model"] == "tiny:2" and promoted["previous"] == "tiny:1"
+    assert not errors
+    assert {version for after, version in served if after} == {"tiny:2"}
+    assert {version for after, version in served if not after} >= {"tiny:1"}
+    with process.client() as client:
+        rows = {f"{m['model']}:{m['version']}": m for m in client.models()}
+        assert rows["tiny:2"]["serving"] and not rows["tiny:1"]["serving"]
+        for _ in range(100):  # the old version is unloaded once its jobs are done
+            if not client.models()[0]["loaded_on"]:
+                break
+            threading.Event().wait(0.05)
+        assert {f"{m['model']}:{m['version']}": m["loaded_on"]
+                for m in client.models()}["tiny:1"] == []
