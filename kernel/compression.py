@@ -33,6 +33,19 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 
+#: The recipes ``compress --search`` tries (each from the parent); the Pareto front of
+#: those within the gate become versions.
+SEARCH_GRID: list[list[dict[str, Any]]] = [
+    [{"step": "quantize", "method": "openvino-int8"}],
+    [{"step": "quantize", "method": "openvino-int8-weights"}],
+    [{"step": "quantize", "method": "onnxruntime-int8"}],
+    [{"step": "prune", "sparsity": 0.5}, {"step": "quantize", "method": "openvino-int8"}],
+    [{"step": "prune", "method": "neurons", "sparsity": 0.25},
+     {"step": "quantize", "method": "openvino-int8"}],
+    [{"step": "quantize", "method": "fp16"}],
+]
+
+
 def drivers_of(version: ModelVersion) -> list[str] | None:
     """The drivers that can serve a version (None: any; compressed graphs name theirs)."""
     return version.recipe.get("drivers")
@@ -89,12 +102,16 @@ class CompressionSyscalls:
     def _compress(self, request: Request) -> Job:
         args = request.args
         version = self.registry.resolve(args["model"], args["version"])
-        steps = self.ext.compression_steps.resolve(args["recipe"] or [])
+        if bool(args["recipe"]) == bool(args["search"]):
+            raise KernelError(ErrorCode.BAD_REQUEST, "compress: give a recipe or search "
+                              "(not both)")
+        grid = SEARCH_GRID if args["search"] else [args["recipe"]]
+        recipes = [self.ext.compression_steps.resolve(recipe) for recipe in grid]
         _check_classifier(version)
         data = self._evaluation_data(version, args)
         name = check_name(args["name"] or version.model)
         self._trainers()
-        job = self._admit(request, base=str(version.path), parent=version.ref, steps=steps,
+        job = self._admit(request, base=str(version.path), parent=version.ref, recipes=recipes,
                           dataset=data, output_name=name)
         folder = self.config.home / "jobs" / str(job.id)
         job.args.update(output=str(folder / "output"), workdir=str(folder / "work"))
@@ -114,7 +131,7 @@ class CompressionSyscalls:
 
     def _compress_task(self, job: Job, host: DeviceHost) -> Task:
         job.args["host"] = host.name
-        spec = {"base": job.args["base"], "steps": job.args["steps"], "data": job.args["dataset"],
+        spec = {"base": job.args["base"], "recipes": job.args["recipes"], "data": job.args["dataset"],
                 "output": job.args["output"], "workdir": job.args["workdir"],
                 "max_drop": job.args["max_drop"], "seed": job.args["seed"],
                 "max_tokens": job.args["max_tokens"], "eval_limit": job.args["eval_limit"]}
@@ -134,20 +151,34 @@ class CompressionSyscalls:
                 job.attempts = 0
                 self.scheduler.push(job)
                 continue
-            report = progress["report"]
-            result: dict[str, Any] = {"model": None, "parent": job.args["parent"],
-                                      "servable": progress["output"] is not None, "report": report}
-            if progress["output"]:
-                version, _ = self.registry.import_folder(
-                    job.args["output_name"], Path(progress["output"]),
-                    recipe={"op": "compress", "steps": [{"step": s["step"], **s["params"]}
-                                                         for s in job.args["steps"]],
-                            "data": job.args["dataset"], "max_drop": job.args["max_drop"],
-                            "drivers": report["result"]["drivers"]},
-                    parent=job.args["parent"], metrics={"compression": report}, move=True)
-                result["model"] = version.ref
+            self._finish(job, self._register_results(job, progress["report"],
+                                                     progress["outputs"]))
             shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
-            self._finish(job, result)
+
+    def _register_results(self, job: Job, report: dict[str, Any],
+                          outputs: dict[str, str]) -> dict[str, Any]:
+        """Import each kept candidate as a version; the reply (flat for one recipe)."""
+        models: list[str | None] = []
+        for number, entry in enumerate(report["candidates"]):
+            if str(number) not in outputs:
+                models.append(None)
+                continue
+            steps = job.args["recipes"][number]
+            version, _ = self.registry.import_folder(
+                job.args["output_name"], Path(outputs[str(number)]),
+                recipe={"op": "compress", "steps": [{"step": s["step"], **s["params"]}
+                                                     for s in steps],
+                        "data": job.args["dataset"], "max_drop": job.args["max_drop"],
+                        "drivers": entry["result"]["drivers"]},
+                parent=job.args["parent"],
+                metrics={"compression": {"parent": report["parent"], **entry}}, move=True)
+            models.append(version.ref)
+        if not job.args["search"]:
+            return {"model": models[0], "parent": job.args["parent"],
+                    "servable": models[0] is not None,
+                    "report": {"parent": report["parent"], **report["candidates"][0]}}
+        return {"models": models, "front": report["front"], "parent": job.args["parent"],
+                "report": report}
 
     # --- promote ----------------------------------------------------------------------
 

@@ -161,7 +161,8 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     ), "Accuracy, macro-F1 and confusion matrix of a classifier on a dataset split.",
         job=True),
     Syscall("compress", (
-        _MODEL, _VERSION, Arg("recipe", "maps", required=True, minimum=1, maximum=16), *_DATA,
+        _MODEL, _VERSION, Arg("recipe", "maps", minimum=1, maximum=16),
+        Arg("search", "bool", default=False), *_DATA,
         Arg("name", "str", minimum=1, maximum=64),
         Arg("max_drop", "float", minimum=0.0, maximum=100.0),
         Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),

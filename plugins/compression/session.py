@@ -45,7 +45,8 @@ class CompressSpec:
     """What to compress: sent by the kernel in each ``compress`` task."""
 
     base: str
-    steps: list[dict[str, Any]]
+    #: Recipes to try from the parent (one for a plain compress; a grid for a search).
+    recipes: list[list[dict[str, Any]]]
     data: dict[str, str]
     output: str
     workdir: str
@@ -99,15 +100,17 @@ def weight_bytes(folder: Path) -> int:
 
 
 class CompressionSession:
-    """One compress job's model and progress through its phases."""
+    """One compress job's models and progress through its phases."""
 
     def __init__(self, spec: CompressSpec, threads: int) -> None:
         self.spec = spec
         self.threads = max(1, threads - 1)  # one core stays free for inference elsewhere
-        self.report: dict[str, Any] = {"steps": []}
+        self.report: dict[str, Any] = {"candidates": []}
+        self.outputs: dict[str, str] = {}
         self.phase = "starting"
         self.done = False
-        self.total_phases = 4 + len(spec.steps)  # the yields of _work, and its end
+        # the yields of _work (one per recipe step, three per recipe, one more), and its end
+        self.total_phases = 2 + sum(3 + len(recipe) for recipe in spec.recipes)
         self.finished_phases = 0
         self._phases = self._work()
 
@@ -117,20 +120,20 @@ class CompressionSession:
         torch.set_num_threads(self.threads)
         started = time.perf_counter()
         try:
-            while not self.done and (self.finished_phases == 0
-                                     or time.perf_counter() - started < seconds):
+            ran = 0
+            while not self.done and (ran == 0 or time.perf_counter() - started < seconds):
                 self.phase = next(self._phases, "done")
                 self.finished_phases += 1
+                ran += 1
                 self.done = self.phase == "done"
-                if not self.done and time.perf_counter() - started >= seconds:
-                    break
         finally:
             torch.set_num_threads(inference_threads)
-        progress = {"phase": self.phase, "done": self.done,
-                    "fraction": round(min(1.0, self.finished_phases / self.total_phases), 3)}
+        progress: dict[str, Any] = {
+            "phase": self.phase, "done": self.done,
+            "fraction": 1.0 if self.done else round(self.finished_phases / self.total_phases, 3)}
         if self.done:
             progress["report"] = self.report
-            progress["output"] = self.spec.output if self.report["gate"]["passed"] else None
+            progress["outputs"] = self.outputs
         return progress
 
     # --- the phases -------------------------------------------------------------------
@@ -157,25 +160,37 @@ class CompressionSession:
         yield "measuring the parent"
         before = self._measure(parent, texts, targets, weight_bytes(Path(spec.base)))
         self.report["parent"] = before.describe()
-        candidate = Candidate(copy.deepcopy(parent.model), parent.tokenizer)
-        for index, step in enumerate(spec.steps):
-            yield f"step {index + 1}/{len(spec.steps)}: {step['step']}"
-            started = time.perf_counter()
-            notes = len(candidate.notes)
-            candidate = import_step(step["qualname"])(candidate, step["params"], context)
-            entry = {"step": step["step"], "params": step["params"],
-                     "seconds": round(time.perf_counter() - started, 2)}
-            for note in candidate.notes[notes:]:
-                entry.update(note)
-            self.report["steps"].append(entry)
-        yield "saving"
-        drivers = candidate.save(Path(spec.output))
-        yield "measuring the result"
-        after = self._measure(candidate, texts, targets, weight_bytes(Path(spec.output)))
-        self.report["result"] = {**after.describe(), "form": candidate.form, "drivers": drivers}
-        self._gate(before, after)
-        if not self.report["gate"]["passed"]:
-            shutil.rmtree(spec.output, ignore_errors=True)
+        for number, recipe in enumerate(spec.recipes):
+            where = f"recipe {number + 1}/{len(spec.recipes)}: " if len(spec.recipes) > 1 else ""
+            entry: dict[str, Any] = {"steps": []}
+            candidate = Candidate(copy.deepcopy(parent.model), parent.tokenizer)
+            for index, step in enumerate(recipe):
+                yield f"{where}step {index + 1}/{len(recipe)}: {step['step']}"
+                started = time.perf_counter()
+                notes = len(candidate.notes)
+                candidate = import_step(step["qualname"])(candidate, step["params"], context)
+                done = {"step": step["step"], "params": step["params"],
+                        "seconds": round(time.perf_counter() - started, 2)}
+                for note in candidate.notes[notes:]:
+                    done.update(note)
+                entry["steps"].append(done)
+            yield f"{where}saving"
+            output = Path(spec.output) / str(number)
+            drivers = candidate.save(output)
+            yield f"{where}measuring the result"
+            after = self._measure(candidate, texts, targets, weight_bytes(output))
+            entry["result"] = {**after.describe(), "form": candidate.form, "drivers": drivers}
+            entry.update(_gate(before, after, spec.max_drop))
+            self.report["candidates"].append(entry)
+            if entry["gate"]["passed"]:
+                self.outputs[str(number)] = str(output)
+            shutil.rmtree(context.workdir, ignore_errors=True)
+            context.workdir.mkdir(parents=True)
+        yield "choosing"
+        self.report["front"] = pareto_front(self.report["candidates"])
+        for number in list(self.outputs):
+            if int(number) not in self.report["front"]:
+                shutil.rmtree(self.outputs.pop(number), ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
     def _measure(self, candidate: Candidate, texts: list[str], targets: list[int],
@@ -196,24 +211,41 @@ class CompressionSession:
             measured.latency_ms[runtime][str(batch)] = _latency(predict, feeds, warmup, runs)
         return measured
 
-    def _gate(self, before: _Measured, after: _Measured) -> None:
-        drop = round((before.accuracy - after.accuracy) * 100, 3)
-        self.report["drop"] = drop
-        parent_ms = before.latency_ms["torch"]["1"]
-        result_ms = next(iter(after.latency_ms.values()))["1"]
-        self.report["ratios"] = {"size": round(before.bytes / max(1, after.bytes), 3),
-                                 "speedup_batch1": round(parent_ms / result_ms, 3)}
-        limit = self.spec.max_drop
-        if limit is None:
-            self.report["gate"] = {"max_drop": None, "passed": True, "reason": "no gate asked"}
-        elif drop <= limit:
-            self.report["gate"] = {"max_drop": limit, "passed": True,
-                                   "reason": f"accuracy dropped {drop:.2f} points <= {limit:g}"}
-        else:
-            self.report["gate"] = {"max_drop": limit, "passed": False,
-                                   "reason": f"accuracy dropped {drop:.2f} points "
-                                             f"({before.accuracy:.4f} -> {after.accuracy:.4f}), "
-                                             f"more than --max-drop {limit:g}: no version made"}
+
+def _gate(before: _Measured, after: _Measured, limit: float | None) -> dict[str, Any]:
+    """``drop`` (accuracy points), ``ratios`` against the parent, and the ``gate`` verdict."""
+    drop = round((before.accuracy - after.accuracy) * 100, 3)
+    result_ms = next(iter(after.latency_ms.values()))["1"]
+    ratios = {"size": round(before.bytes / max(1, after.bytes), 3),
+              "speedup_batch1": round(before.latency_ms["torch"]["1"] / result_ms, 3)}
+    if limit is None:
+        gate = {"max_drop": None, "passed": True, "reason": "no gate asked"}
+    elif drop <= limit:
+        gate = {"max_drop": limit, "passed": True,
+                "reason": f"accuracy dropped {drop:.2f} points <= {limit:g}"}
+    else:
+        gate = {"max_drop": limit, "passed": False,
+                "reason": f"accuracy dropped {drop:.2f} points ({before.accuracy:.4f} -> "
+                          f"{after.accuracy:.4f}), more than the max drop {limit:g}: no version made"}
+    return {"drop": drop, "ratios": ratios, "gate": gate}
+
+
+def pareto_front(candidates: list[dict[str, Any]]) -> list[int]:
+    """Indices of the gate-passing candidates no other passing one beats on every count:
+    bytes, batch-1 latency on its runtime, and accuracy (at least as good, one better)."""
+    def point(entry: dict[str, Any]) -> tuple[float, float, float]:
+        result = entry["result"]
+        return (result["bytes"], next(iter(result["latency_ms"].values()))["1"], -result["accuracy"])
+
+    passing = [i for i, entry in enumerate(candidates) if entry["gate"]["passed"]]
+    front = []
+    for i in passing:
+        mine = point(candidates[i])
+        beaten = any(all(o <= m for o, m in zip(other, mine, strict=True)) and other != mine
+                     for other in (point(candidates[j]) for j in passing if j != i))
+        if not beaten:
+            front.append(i)
+    return front
 
 
 def _latency(predict: Callable[[Any], Any], feeds: dict[str, Any], warmup: int, runs: int) -> float:

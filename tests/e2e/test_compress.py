@@ -15,7 +15,6 @@ import pytest
 from llmos import ErrorCode, KernelError
 from llmos.kernel.sources import _minilm_path
 from llmos.kernel.testing import KernelProcess, build_tiny_classifier, running_kernel
-
 from tests.conftest import short_home
 
 
@@ -63,6 +62,7 @@ def versions(kernel: KernelProcess) -> list[str]:
     ([{"step": "quantize"}], {"data": None}, ErrorCode.BAD_REQUEST,
      "tiny:1 has no evaluation data for the quality gate"),
     ([], {}, ErrorCode.BAD_REQUEST, "argument 'recipe' must be >= 1"),
+    (None, {}, ErrorCode.BAD_REQUEST, "compress: give a recipe or search (not both)"),
 ])
 def test_bad_recipes_are_refused_and_write_nothing(kernel, recipe, options, code, fragment):
     process, data = kernel
