@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="start a kernel, run the main job, stop it")
     for name, text in (("train", "fine-tune a classifier (progress bar; see `llmos train help`)"),
                        ("evaluate", "measure a classifier on a dataset split"),
-                       ("datasets", "the bundled labelled datasets")):
+                       ("datasets", "the bundled labelled datasets"),
+                       ("compress", "compress a classifier with a recipe, gated on accuracy"),
+                       ("promote", "make MODEL:VERSION serve MODEL (hot swap)")):
         # One implementation: these run the shell's command of the same name.
         sub.add_parser(name, help=text, add_help=False).add_argument(
             "rest", nargs=argparse.REMAINDER, help="as in the shell (`help train`)")
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         if args.command in ("keys", "audit"):
             return _local(args)
-        if args.command in ("shell", "train", "evaluate", "datasets"):
+        if args.command in ("shell", "train", "evaluate", "datasets", "compress", "promote"):
             from .app import run_shell
 
             if args.command != "shell":

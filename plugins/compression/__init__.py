@@ -12,6 +12,7 @@ from typing import Any
 from llmos.kernel import hookimpl
 from llmos.kernel.recipes import StepRegistry, StepSpec
 from llmos.kernel.syscalls import Arg
+from llmos.shell.commands import Command, CommandRegistry, Param
 
 #: Quantization methods: the form each produces (and so the drivers that serve it).
 QUANTIZE_METHODS: dict[str, str] = {
@@ -59,3 +60,33 @@ STEPS: tuple[StepSpec, ...] = (
 def llmos_register_compression_steps(steps: StepRegistry) -> None:
     for spec in STEPS:
         steps.add(spec)
+
+
+_SHELL = "llmos.plugins.compression.shell:"
+_JOB_OPTIONS = (Param("priority", "int", option=True, metavar="NICE"),
+                Param("timeout", "number", option=True, metavar="SECONDS"))
+COMMANDS: tuple[Command, ...] = (
+    Command("compress", "Compress a classifier with a recipe of steps (STEP[:KEY=VALUE...],... "
+            "e.g. prune:sparsity=0.5,quantize:method=openvino-int8) or --search a grid; gated on "
+            "validation accuracy (--max-drop POINTS); prints the report. Long: try it with &.",
+            _SHELL + "compress",
+            (Param("model", "model", required=True, metavar="MODEL[:VERSION]"),
+             Param("data", "dataset", metavar="DATASET"),
+             Param("recipe", option=True, metavar="STEPS"), Param("search", "flag", option=True),
+             Param("max_drop", "number", option=True, metavar="POINTS"),
+             Param("path", "path", option=True), Param("name", option=True),
+             Param("plot", "path", option=True, metavar="PNG"),
+             Param("seed", "int", option=True, metavar="N"),
+             Param("max_tokens", "int", option=True, metavar="N"),
+             Param("eval_limit", "int", option=True, metavar="ROWS"),
+             Param("quantum", "number", option=True, metavar="SECONDS"), *_JOB_OPTIONS)),
+    Command("promote", "Make MODEL:VERSION the version that serves MODEL: loaded where the "
+            "serving one is, then switched; no request fails.", _SHELL + "promote",
+            (Param("model", "model", required=True, metavar="MODEL:VERSION"), *_JOB_OPTIONS)),
+)
+
+
+@hookimpl
+def llmos_register_shell_commands(commands: CommandRegistry) -> None:
+    for command in COMMANDS:
+        commands.add(command)

@@ -22,7 +22,7 @@ SYSCALL_COMMANDS = {
     "models": "models", "import": "import", "export": "export", "load": "load",
     "unload": "unload", "infer": "embed", "datasets": "datasets", "train": "train",
     "evaluate": "evaluate", "jobs": "ps", "job": "job", "cancel": "kill", "renice": "nice",
-    "stats": "stats", "shutdown": "shutdown",
+    "stats": "stats", "shutdown": "shutdown", "compress": "compress", "promote": "promote",
 }
 
 
