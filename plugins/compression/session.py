@@ -8,8 +8,11 @@ meanwhile runs between quanta. Accuracy is measured on the dataset's validation 
 the parent and for the result, in the form the result will be served in; latency at batch
 1 and 32 (padded to ``latency_tokens``) on every runtime the form runs on here.
 
-When the last phase ends, the progress carries the ``report`` and, when the quality gate
-passed, the ``output`` folder for the kernel to import as a new version.
+A job tries one recipe, or for a search several, each from the parent. When the last phase
+ends, the progress carries the ``report`` (the parent's measurements, one entry per recipe,
+and the Pareto ``front`` of those within the quality gate) and the ``outputs``: the saved
+folder of each front member, for the kernel to import as a new version. Nothing else is
+kept.
 """
 
 from __future__ import annotations
@@ -184,6 +187,8 @@ class CompressionSession:
             self.report["candidates"].append(entry)
             if entry["gate"]["passed"]:
                 self.outputs[str(number)] = str(output)
+            else:
+                shutil.rmtree(output, ignore_errors=True)
             shutil.rmtree(context.workdir, ignore_errors=True)
             context.workdir.mkdir(parents=True)
         yield "choosing"
