@@ -15,8 +15,8 @@ from llmos.shell.commands import JobRequest, Output, ShellContext, Table
 from llmos.shell.handlers import split_handle
 
 Args = dict[str, Any]
-COLUMNS = ("VERSION", "STEPS", "FORM", "ACCURACY", "DROP", "SIZE", "SMALLER", "RUNTIME", "B1 ms",
-           "B32 ms", "B1 x", "GATE")
+QUALITY = ("VERSION", "ACCURACY", "DROP", "MB", "SMALLER", "GATE")
+SPEED = ("VERSION", "RUNTIME", "BATCH 1 ms", "BATCH 32 ms", "SPEED-UP")
 
 
 def parse_recipe(text: str) -> list[dict[str, Any]]:
@@ -81,7 +81,7 @@ def rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None, dict[
     """(version label, candidate entry or None for the parent, measurements) per line."""
     report = result["report"]
     lines: list[tuple[str, dict[str, Any] | None, dict[str, Any]]] = [
-        (f"{result['parent']} (parent)", None, report["parent"])]
+        (result["parent"], None, report["parent"])]
     if "candidates" in report:
         models = result["models"]
         for number, entry in enumerate(report["candidates"]):
@@ -92,34 +92,36 @@ def rows(result: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None, dict[
 
 
 def compressed(result: dict[str, Any], plot: Path | None = None) -> Output:
-    """The report as a table (parent first), the gate's verdict, per-layer ranks; a plot."""
-    table_rows = []
-    notes = []
+    """The report as two tables (quality and size; latency), parent first; each version's
+    steps, per-layer ranks, the gate's verdict; the Pareto front of a search; a plot."""
+    quality, speed, notes = [], [], []
     for label, entry, measured in rows(result):
         runtime, ms = next(iter(measured["latency_ms"].items()))
-        steps = "-" if entry is None else " + ".join(_step(s) for s in entry["steps"])
-        table_rows.append((
-            label, steps, measured.get("form", "torch"), f"{measured['accuracy']:.4f}",
-            "-" if entry is None else f"{entry['drop']:.2f}", f"{measured['bytes'] / 1e6:.1f} MB",
-            "1.00x" if entry is None else f"{entry['ratios']['size']:.2f}x", runtime,
-            f"{ms['1']:.1f}", f"{ms['32']:.0f}",
-            "1.00" if entry is None else f"{entry['ratios']['speedup_batch1']:.2f}",
-            "-" if entry is None else ("pass" if entry["gate"]["passed"] else "FAIL")))
-        for step in entry["steps"] if entry else []:
+        parent = entry is None
+        quality.append((label, f"{measured['accuracy']:.4f}",
+                        "-" if parent else f"{entry['drop']:.2f}", f"{measured['bytes'] / 1e6:.1f}",
+                        "1.00x" if parent else f"{entry['ratios']['size']:.2f}x",
+                        "parent" if parent else ("pass" if entry["gate"]["passed"] else "FAIL")))
+        speed.append((label, runtime, f"{ms['1']:.1f}", f"{ms['32']:.0f}",
+                      "1.00x" if parent else f"{entry['ratios']['speedup_batch1']:.2f}x"))
+        if parent:
+            continue
+        notes.append(f"{label}: {' + '.join(_step(s) for s in entry['steps'])}; "
+                     f"{entry['gate']['reason']}")
+        for step in entry["steps"]:
             if "ranks" in step:
                 ranks = ", ".join(f"{name.removeprefix('bert.encoder.')}={rank}"
                                   for name, rank in step["ranks"].items())
                 notes.append(f"{label} per-layer ranks: {ranks}")
-        if entry is not None and not entry["gate"]["passed"]:
-            notes.append(f"{label}: {entry['gate']['reason']}")
     if "front" in result["report"]:
         front = [result["models"][i] for i in result["report"]["front"]]
         notes.append(f"Pareto front (size, batch-1 latency, accuracy): {', '.join(front) or 'none'}")
     if plot is not None:
         draw(result, plot)
         notes.append(f"plot written to {plot}")
-    return Output(data=result, text="\n".join(notes),
-                  tables=(Table("compression report", COLUMNS, tuple(table_rows)),))
+    return Output(data=result, text="\n".join(notes), tables=(
+        Table("accuracy (validation) and size", QUALITY, tuple(quality)),
+        Table("latency, 128 tokens (parent: PyTorch fp32 eager)", SPEED, tuple(speed))))
 
 
 def _step(step: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,3 +155,27 @@ def test_promote_under_load_fails_no_request(kernel):
             threading.Event().wait(0.05)
         assert {f"{m['model']}:{m['version']}": m["loaded_on"]
                 for m in client.models()}["tiny:1"] == []
+
+
+def llmos(kernel: KernelProcess, *words: str) -> subprocess.CompletedProcess[str]:
+    """The ``llmos`` command against the test kernel."""
+    return subprocess.run([sys.executable, "-m", "llmos.shell", "--address", kernel.address,
+                           *words], capture_output=True, text=True, timeout=300)
+
+
+def test_llmos_compress_prints_the_report_and_a_plot(kernel, tmp_path):
+    process, data = kernel
+    plot = tmp_path / "report.png"
+    done = llmos(process, "compress", "tiny:1", "--path", str(data), "--recipe",
+                 "quantize:method=onnxruntime-int8", "--max-drop", "100", "--name", "tiny-cli",
+                 "--plot", str(plot))
+    assert done.returncode == 0, done.stderr
+    assert "accuracy (validation) and size" in done.stdout and "parent" in done.stdout
+    assert "tiny-cli:1: quantize(method=onnxruntime-int8)" in done.stdout
+    assert "onnxruntime" in done.stdout
+    assert plot.stat().st_size > 1000
+    refused = llmos(process, "compress", "tiny:1", "--path", str(data), "--recipe",
+                    "prune:sparsity=1.5")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("error BAD_REQUEST: recipe step 1 (prune): argument "
+                                      "'sparsity' must be <= 0.99")

@@ -196,8 +196,9 @@ def test_the_report_table_lists_parent_and_result_and_draws_a_plot(tiny, tmp_pat
               "report": {"parent": progress["report"]["parent"],
                          **progress["report"]["candidates"][0]}}
     output = compressed(result, tmp_path / "plot.png")
-    (table,) = output.tables
-    assert [row[0] for row in table.rows] == ["tiny:1 (parent)", "tiny:2"]
+    quality, speed = output.tables
+    assert [row[0] for row in quality.rows] == [row[0] for row in speed.rows] == ["tiny:1", "tiny:2"]
+    assert quality.rows[0][-1] == "parent" and speed.rows[0][1] == "torch"
     assert "per-layer ranks" in output.text and (tmp_path / "plot.png").stat().st_size > 1000
 
 
