@@ -6,7 +6,8 @@ step, measure the result, save); each ``compress`` task runs phases for about ``
 and reports progress, so the kernel publishes progress events and inference queued
 meanwhile runs between quanta. Accuracy is measured on the dataset's validation split for
 the parent and for the result, in the form the result will be served in; latency at batch
-1 and 32 (padded to ``latency_tokens``) on every runtime the form runs on here.
+1 and 32 (padded to ``latency_tokens``) on the result's runtime, in rounds alternating with
+the parent's PyTorch fp32 eager (``baseline_ms``), which the speed-up is computed from.
 
 A job tries one recipe, or for a search several, each from the parent. When the last phase
 ends, the progress carries the ``report`` (the parent's measurements, one entry per recipe,
@@ -33,11 +34,14 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from llmos.kernel import datasets
 from llmos.kernel.protocol import ErrorCode, KernelError
 
-from .candidate import GRAPH_FILES, Candidate, StepContext
+from .candidate import GRAPH_FILES, Candidate, Predict, StepContext
 from .structure import load_compressed, needs_rebuild
 
 #: Latency runs per shape: (warm-up, timed) calls at batch 1 and 32.
-LATENCY_RUNS = {1: (3, 15), 32: (1, 3)}
+LATENCY_RUNS = {1: (3, 10), 32: (1, 2)}
+#: A result's latency is measured in this many rounds alternating with the parent's
+#: (other processes slow torch: baseline and subject interleave); medians are kept.
+LATENCY_ROUNDS = 3
 _COMMON: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
 
 Step = Callable[[Candidate, dict[str, Any], StepContext], Candidate]
@@ -66,6 +70,8 @@ class _Measured:
     parameters: int
     bytes: int
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The parent's latency measured alongside (alternating rounds), for the ratios.
+    baseline_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "parameters": self.parameters, "bytes": self.bytes,
@@ -161,7 +167,8 @@ class CompressionSession:
         context = StepContext(workdir, train_texts, [remap[t] for t in train_targets],
                               spec.max_tokens, self.threads, spec.seed)
         yield "measuring the parent"
-        before = self._measure(parent, texts, targets, weight_bytes(Path(spec.base)))
+        parent_predict = parent.predictor(self.threads)
+        before = self._measure(parent, parent_predict, texts, targets, weight_bytes(Path(spec.base)))
         self.report["parent"] = before.describe()
         for number, recipe in enumerate(spec.recipes):
             where = f"recipe {number + 1}/{len(spec.recipes)}: " if len(spec.recipes) > 1 else ""
@@ -181,8 +188,10 @@ class CompressionSession:
             output = Path(spec.output) / str(number)
             drivers = candidate.save(output)
             yield f"{where}measuring the result"
-            after = self._measure(candidate, texts, targets, weight_bytes(output))
+            after = self._measure(candidate, candidate.predictor(self.threads), texts, targets,
+                                  weight_bytes(output), parent_predict)
             entry["result"] = {**after.describe(), "form": candidate.form, "drivers": drivers}
+            entry["baseline_ms"] = after.baseline_ms
             entry.update(_gate(before, after, spec.max_drop))
             self.report["candidates"].append(entry)
             if entry["gate"]["passed"]:
@@ -198,9 +207,10 @@ class CompressionSession:
                 shutil.rmtree(self.outputs.pop(number), ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    def _measure(self, candidate: Candidate, texts: list[str], targets: list[int],
-                 size: int) -> _Measured:
-        predict = candidate.predictor(self.threads)
+    def _measure(self, candidate: Candidate, predict: Predict, texts: list[str],
+                 targets: list[int], size: int, baseline: Predict | None = None) -> _Measured:
+        """Accuracy on ``texts``, then latency at batch 1 and 32; with a ``baseline`` (the
+        parent), its latency too, alternating with the candidate's round by round."""
         correct = 0
         for start in range(0, len(texts), 64):
             feeds = candidate.feeds(texts[start:start + 64], self.spec.max_tokens)
@@ -210,10 +220,20 @@ class CompressionSession:
         parameters = sum(p.numel() for p in candidate.model.parameters())
         measured = _Measured(correct / max(1, len(texts)), parameters, size)
         runtime = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[candidate.form]
-        measured.latency_ms[runtime] = {}
+        mine: dict[str, float] = {}
+        theirs: dict[str, float] = {}
         for batch, (warmup, runs) in LATENCY_RUNS.items():
             feeds = candidate.feeds(texts[:1] * batch, self.spec.latency_tokens, pad=True)
-            measured.latency_ms[runtime][str(batch)] = _latency(predict, feeds, warmup, runs)
+            if baseline is None:
+                mine[str(batch)] = _latency(predict, feeds, warmup, runs * LATENCY_ROUNDS)
+                continue
+            rounds = [(_latency(baseline, feeds, warmup, runs), _latency(predict, feeds, warmup, runs))
+                      for _ in range(LATENCY_ROUNDS)]
+            theirs[str(batch)] = round(statistics.median(r[0] for r in rounds), 3)
+            mine[str(batch)] = round(statistics.median(r[1] for r in rounds), 3)
+        measured.latency_ms[runtime] = mine
+        if theirs:
+            measured.baseline_ms = {"torch": theirs}
         return measured
 
 
@@ -221,8 +241,9 @@ def _gate(before: _Measured, after: _Measured, limit: float | None) -> dict[str,
     """``drop`` (accuracy points), ``ratios`` against the parent, and the ``gate`` verdict."""
     drop = round((before.accuracy - after.accuracy) * 100, 3)
     result_ms = next(iter(after.latency_ms.values()))["1"]
+    parent_ms = (after.baseline_ms or before.latency_ms)["torch"]["1"]
     ratios = {"size": round(before.bytes / max(1, after.bytes), 3),
-              "speedup_batch1": round(before.latency_ms["torch"]["1"] / result_ms, 3)}
+              "speedup_batch1": round(parent_ms / result_ms, 3)}
     if limit is None:
         gate = {"max_drop": None, "passed": True, "reason": "no gate asked"}
     elif drop <= limit:
