@@ -15,6 +15,7 @@ import torch
 
 from llmos import ErrorCode, KernelError, hookimpl
 from llmos.drivers.pytorch import load_hf
+from llmos.drivers.training import evaluate_folder
 from llmos.kernel.plugins import collect, get_plugin_manager
 from llmos.kernel.recipes import StepSpec
 from llmos.kernel.sources import _minilm_path
@@ -107,6 +108,9 @@ def test_lowrank_reports_ranks_and_keeps_half_the_parameters(tiny, tmp_path):
     assert np.isfinite(step["recovery_loss"])
     model, _ = load_hf(progress["outputs"]["0"])
     assert model.bert.encoder.layer[0].attention.self.query.rank == 16
+    metrics = evaluate_folder(progress["outputs"]["0"], {"path": str(tiny / "data.jsonl")},
+                              "validation", 0)  # the evaluate syscall's code loads it too
+    assert metrics["rows"] == 20
 
 
 def test_lowrank_with_full_energy_is_exact(tiny, tmp_path):
