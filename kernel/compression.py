@@ -112,7 +112,10 @@ class CompressionSyscalls:
         name = check_name(args["name"] or version.model)
         self._trainers()
         job = self._admit(request, base=str(version.path), parent=version.ref, recipes=recipes,
-                          dataset=data, output_name=name)
+                          dataset=data, output_name=name,
+                          train_limit=int(version.recipe.get("limit") or 0))
+        if job.args["seed"] is None:  # the parent's split: its validation rows are unseen
+            job.args["seed"] = int(version.recipe.get("seed") or 0)
         folder = self.config.home / "jobs" / str(job.id)
         job.args.update(output=str(folder / "output"), workdir=str(folder / "work"))
         return job
@@ -134,7 +137,8 @@ class CompressionSyscalls:
         spec = {"base": job.args["base"], "recipes": job.args["recipes"], "data": job.args["dataset"],
                 "output": job.args["output"], "workdir": job.args["workdir"],
                 "max_drop": job.args["max_drop"], "seed": job.args["seed"],
-                "max_tokens": job.args["max_tokens"], "eval_limit": job.args["eval_limit"]}
+                "max_tokens": job.args["max_tokens"], "eval_limit": job.args["eval_limit"],
+                "train_limit": job.args["train_limit"]}
         return Task("compress", {"job": str(job.id), "spec": spec,
                                  "seconds": job.args["quantum"]}, [job])
 
@@ -168,8 +172,9 @@ class CompressionSyscalls:
                 job.args["output_name"], Path(outputs[str(number)]),
                 recipe={"op": "compress", "steps": [{"step": s["step"], **s["params"]}
                                                      for s in steps],
-                        "data": job.args["dataset"], "max_drop": job.args["max_drop"],
-                        "drivers": entry["result"]["drivers"]},
+                        "data": job.args["dataset"], "seed": job.args["seed"],
+                        "limit": job.args["train_limit"],
+                        "max_drop": job.args["max_drop"], "drivers": entry["result"]["drivers"]},
                 parent=job.args["parent"],
                 metrics={"compression": {"parent": report["parent"], **entry}}, move=True)
             models.append(version.ref)

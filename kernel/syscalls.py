@@ -165,7 +165,7 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("search", "bool", default=False), *_DATA,
         Arg("name", "str", minimum=1, maximum=64),
         Arg("max_drop", "float", minimum=0.0, maximum=100.0),
-        Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
+        Arg("seed", "int", minimum=0, maximum=2**31 - 1),
         Arg("max_tokens", "int", default=128, minimum=8, maximum=8192),
         Arg("eval_limit", "int", default=0, minimum=0, maximum=10**7),
         Arg("quantum", "float", default=1.0, minimum=0.05, maximum=600),

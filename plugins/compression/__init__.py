@@ -37,8 +37,11 @@ STEPS: tuple[StepSpec, ...] = (
     StepSpec("prune", "llmos.plugins.compression.prune:prune", (
         Arg("method", "str", default="magnitude", choices=("magnitude", "heads", "neurons")),
         Arg("sparsity", "float", default=0.5, minimum=0.01, maximum=0.99),
+        Arg("recover_steps", "int", default=0, minimum=0, maximum=100_000),
+        Arg("learning_rate", "float", default=5e-5, minimum=1e-7, maximum=1.0),
     ), "magnitude: zero the smallest weights of every Linear (made permanent); heads / "
-       "neurons: remove that share of attention heads / FFN neurons (matrices shrink)."),
+       "neurons: remove that share of attention heads / FFN neurons (matrices shrink); then "
+       "`recover_steps` of fine-tuning."),
     StepSpec("quantize", "llmos.plugins.compression.quantize:quantize", (
         Arg("method", "str", default="openvino-int8", choices=tuple(QUANTIZE_METHODS)),
         Arg("samples", "int", default=128, minimum=1, maximum=4096),

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from .candidate import Candidate, StepContext
 from .layers import blocks, linear
+from .recover import fine_tune
 from .structure import LowRankLinear, record, set_module
-
-RECOVER_BATCH = 16
 
 
 def lowrank(candidate: Candidate, params: dict[str, Any], context: StepContext) -> Candidate:
@@ -52,8 +50,8 @@ def lowrank(candidate: Candidate, params: dict[str, Any], context: StepContext) 
     note: dict[str, Any] = {"ranks": ranks, "linear_parameters": {"before": before, "after": after,
                                                                   "kept": round(after / before, 4)}}
     if params["recover_steps"]:
-        note["recovery_loss"] = _recover(candidate, context, params["recover_steps"],
-                                         params["learning_rate"])
+        note["recovery_loss"] = fine_tune(candidate, context, params["recover_steps"],
+                                          params["learning_rate"])
     candidate.notes.append(note)
     return candidate
 
@@ -67,27 +65,3 @@ def _rank(s: torch.Tensor, in_features: int, out_features: int, params: dict[str
         return min(limit, int((share < params["energy"]).sum()) + 1)
     budget = params["budget"] if params["budget"] is not None else 0.5
     return max(1, min(limit, int(budget * in_features * out_features / (in_features + out_features))))
-
-
-def _recover(candidate: Candidate, context: StepContext, steps: int, learning_rate: float) -> float:
-    """Fine-tune the factorized model for ``steps`` batches; the last smoothed loss."""
-    model = candidate.model
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    order = np.random.RandomState(context.seed).permutation(len(context.train_texts))
-    smoothed = float("nan")
-    for step in range(steps):
-        picked = order[(step * RECOVER_BATCH) % len(order):][:RECOVER_BATCH]
-        batch = candidate.tokenizer([context.train_texts[i] for i in picked], padding="longest",
-                                    truncation=True, max_length=context.max_tokens,
-                                    return_tensors="pt")
-        labels = torch.tensor([context.train_targets[i] for i in picked])
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-        smoothed = value if np.isnan(smoothed) else 0.9 * smoothed + 0.1 * value
-    model.eval()
-    return round(smoothed, 4)

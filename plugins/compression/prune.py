@@ -5,6 +5,8 @@ Linear (``torch.nn.utils.prune``, then made permanent: plain weights with zeros)
 ``heads`` removes that share of attention heads in every layer and ``neurons`` that share
 of feed-forward neurons, ranked by the norms of their weights; the matrices really shrink
 (and the version records their shapes, see :mod:`.structure`), so compute shrinks too.
+``recover_steps`` of fine-tuning then recover accuracy (for ``magnitude`` with the masks
+attached, so pruned weights stay zero).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .candidate import Candidate, StepContext
 from .layers import Block, blocks, linear
+from .recover import fine_tune
 from .structure import record, set_module
 
 
@@ -25,16 +28,19 @@ def prune(candidate: Candidate, params: dict[str, Any], context: StepContext) ->
     method, sparsity = params["method"], params["sparsity"]
     model = candidate.model
     found = blocks(model)
+    note: dict[str, Any] = {}
     if method == "magnitude":
-        zeros = total = 0
-        for block in found:
-            for name in block.linears:
-                layer = linear(model, name)
-                torch_prune.l1_unstructured(layer, "weight", amount=sparsity)
-                torch_prune.remove(layer, "weight")
-                zeros += int((layer.weight == 0).sum())
-                total += layer.weight.numel()
-        candidate.notes.append({"sparsity": round(zeros / total, 4)})
+        layers = [linear(model, name) for block in found for name in block.linears]
+        for layer in layers:
+            torch_prune.l1_unstructured(layer, "weight", amount=sparsity)
+        if params["recover_steps"]:  # the masks stay attached: pruned weights stay zero
+            note["recovery_loss"] = fine_tune(candidate, context, params["recover_steps"],
+                                              params["learning_rate"])
+        for layer in layers:
+            torch_prune.remove(layer, "weight")  # permanent: plain weights with zeros
+        zeros = sum(int((layer.weight == 0).sum()) for layer in layers)
+        note["sparsity"] = round(zeros / sum(layer.weight.numel() for layer in layers), 4)
+        candidate.notes.append(note)
         return candidate
     shapes: dict[str, list[int]] = {}
     kept = []
@@ -44,7 +50,11 @@ def prune(candidate: Candidate, params: dict[str, Any], context: StepContext) ->
         else:
             kept.append(_prune_neurons(model, block, sparsity, shapes))
     record(model, shapes=shapes)
-    candidate.notes.append({f"kept_{method}": kept})
+    note[f"kept_{method}"] = kept
+    if params["recover_steps"]:
+        note["recovery_loss"] = fine_tune(candidate, context, params["recover_steps"],
+                                          params["learning_rate"])
+    candidate.notes.append(note)
     return candidate
 
 

@@ -62,6 +62,9 @@ class CompressSpec:
     max_tokens: int = 128
     latency_tokens: int = 128
     eval_limit: int = 0  # evaluate on at most this many validation rows (0: all)
+    #: Calibrate and recover on at most this many training rows (0: all): the rows the
+    #: parent was trained on, so recovery sees no data the parent did not.
+    train_limit: int = 0
 
 
 @dataclass(slots=True)
@@ -164,6 +167,8 @@ class CompressionSession:
             texts, targets = texts[:spec.eval_limit], targets[:spec.eval_limit]
         targets = [remap[t] for t in targets]
         train_texts, train_targets = dataset.split("train", spec.seed)
+        if spec.train_limit:
+            train_texts, train_targets = train_texts[:spec.train_limit], train_targets[:spec.train_limit]
         context = StepContext(workdir, train_texts, [remap[t] for t in train_targets],
                               spec.max_tokens, self.threads, spec.seed)
         yield "measuring the parent"
