@@ -9,7 +9,9 @@ with PyTorch fp32 eager on the same input, at batch 1 and 128 tokens on 2 thread
 processes slow torch, so baseline and subject alternate and the median of the rounds is
 kept).
 
-Run: ``.venv/bin/python bench/compression.py [--recover-steps 300] [--json out.json]``.
+Recovery fine-tuning (low-rank, pruning) uses only the rows the parent was trained on.
+
+Run: ``.venv/bin/python bench/compression.py [--recover-steps 400] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def recipes(recover_steps: int) -> dict[str, tuple[list[dict[str, Any]], float]]
         "int8 (OpenVINO PTQ)": ([{"step": "quantize", "method": "openvino-int8"}], 1.0),
         "int8 weights (OpenVINO)": ([{"step": "quantize", "method": "openvino-int8-weights"}], 1.0),
         "int8 (ONNX Runtime dynamic)": ([{"step": "quantize", "method": "onnxruntime-int8"}], 1.0),
-        "prune 50% + int8": ([{"step": "prune", "sparsity": 0.5},
+        "prune 50% + int8": ([{"step": "prune", "sparsity": 0.5, "recover_steps": recover_steps // 2},
                               {"step": "quantize", "method": "openvino-int8"}], 1.5),
         "prune 25% heads": ([{"step": "prune", "method": "heads", "sparsity": 0.25}], 100.0),
         "prune 50% FFN neurons": ([{"step": "prune", "method": "neurons", "sparsity": 0.5}], 100.0),
@@ -82,7 +84,8 @@ def interleaved(int8_xml: Path, parent: Path, rounds: int = 5, runs: int = 20) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recover-steps", type=int, default=300)
+    parser.add_argument("--recover-steps", type=int, default=400,
+                        help="low-rank recovery steps (pruning gets half)")
     parser.add_argument("--only", nargs="*", help="run only these recipe labels")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

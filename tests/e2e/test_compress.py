@@ -179,3 +179,18 @@ def test_llmos_compress_prints_the_report_and_a_plot(kernel, tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.strip() == ("error BAD_REQUEST: recipe step 1 (prune): argument "
                                       "'sparsity' must be <= 0.99")
+
+
+def test_search_keeps_the_pareto_front_as_versions(kernel):
+    process, data = kernel
+    with process.client() as client:
+        result = client.compress("tiny", None, version=1, search=True, path=str(data),
+                                 max_drop=100.0, name="tiny-search", eval_limit=20)
+        candidates = result["report"]["candidates"]
+        assert len(candidates) == len(result["models"]) >= 5
+        kept = [model for model in result["models"] if model]
+        assert kept and len(kept) == len(result["front"])
+        assert [result["models"][i] for i in result["front"]] == kept
+        names = {f"{m['model']}:{m['version']}" for m in client.models()}
+        assert set(kept) <= names
+        assert not any(n.startswith("tiny-search:") and n not in kept for n in names)
