@@ -201,9 +201,14 @@ class CompressionSyscalls:
         targets = [h for h in serving if allowed is None or h.spec.name in allowed]
         targets = targets or serving_hosts(new, hosts)
         todo = [h for h in targets if new.ref not in h.wanted]
+        if not todo:  # already loaded there: switch now
+            self.registry.set_serving(new.model, new.version)
+            self._retiring.add(current.ref)
+            self._retire()
+            return {**self._placements(new.ref, targets), "previous": current.ref}
         return self._admit(request, handle=new.ref, path=str(new.path), previous=current.ref,
                            memory=self._check_memory(new, todo) if todo else 0,
-                           precision="f32", targets=[h.name for h in todo], tune=[],
+                           precision="f32", targets=[h.name for h in todo], tune=[],  # swap fast
                            done=[h.name for h in targets if h not in todo])
 
     def _promoted(self, job: Job) -> None:

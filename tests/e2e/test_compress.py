@@ -149,12 +149,25 @@ def test_promote_under_load_fails_no_request(kernel):
     with process.client() as client:
         rows = {f"{m['model']}:{m['version']}": m for m in client.models()}
         assert rows["tiny:2"]["serving"] and not rows["tiny:1"]["serving"]
+        def loaded_on(handle: str) -> list[str]:
+            return next(m["loaded_on"] for m in client.models()
+                        if f"{m['model']}:{m['version']}" == handle)
+
         for _ in range(100):  # the old version is unloaded once its jobs are done
-            if not client.models()[0]["loaded_on"]:
+            if not loaded_on("tiny:1"):
                 break
             threading.Event().wait(0.05)
-        assert {f"{m['model']}:{m['version']}": m["loaded_on"]
-                for m in client.models()}["tiny:1"] == []
+        assert loaded_on("tiny:1") == [] and loaded_on("tiny:2") == ["torch:cpu"]
+        client.load("tiny", version=1, driver="torch")  # both loaded: the switch is immediate
+        back = client.promote("tiny", 1)
+        assert back["model"] == "tiny:1" and back["previous"] == "tiny:2"
+        assert back["devices"] == ["torch:cpu"]
+        assert client.infer("tiny", "classify", ["a dull film"])["model"] == "tiny:1"
+        for _ in range(100):
+            if not loaded_on("tiny:2"):
+                break
+            threading.Event().wait(0.05)
+        assert loaded_on("tiny:2") == []
 
 
 def llmos(kernel: KernelProcess, *words: str) -> subprocess.CompletedProcess[str]:
