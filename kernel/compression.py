@@ -185,6 +185,11 @@ class CompressionSyscalls:
         return {"models": models, "front": report["front"], "parent": job.args["parent"],
                 "report": report}
 
+    def _compress_ended(self, job: Job, state: JobState) -> None:
+        """A compress job that did not finish leaves nothing: its folder goes."""
+        if state is not JobState.DONE and job.args.get("output"):
+            shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
+
     # --- promote ----------------------------------------------------------------------
 
     def _promote(self, request: Request) -> Job | dict[str, Any]:

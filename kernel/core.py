@@ -435,6 +435,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, CompressionSy
         if job.syscall in ("train", "compress"):
             if job.syscall == "train":
                 self._journal(job, state)
+            else:
+                self._compress_ended(job, state)
             host = self._hosts().get(job.args.get("host", ""))
             if state is not JobState.DONE and host is not None and host.state is HostState.READY:
                 assert self.devices is not None

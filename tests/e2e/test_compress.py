@@ -207,3 +207,16 @@ def test_search_keeps_the_pareto_front_as_versions(kernel):
         names = {f"{m['model']}:{m['version']}" for m in client.models()}
         assert set(kept) <= names
         assert not any(n.startswith("tiny-search:") and n not in kept for n in names)
+
+
+def test_a_recipe_failing_in_the_host_writes_nothing(kernel):
+    process, data = kernel
+    before = versions(process)
+    recipe = [{"step": "quantize", "method": "onnxruntime-int8"}, {"step": "prune"}]
+    with process.client() as client, pytest.raises(KernelError) as info:
+        client.compress("tiny", recipe, version=1, path=str(data), name="tiny-bad")
+    assert info.value.code is ErrorCode.BAD_REQUEST
+    assert "put runtime quantization last in the recipe" in info.value.message
+    assert versions(process) == before
+    assert not (process.home / "models" / "tiny-bad").exists()
+    assert not any((process.home / "jobs").iterdir())
