@@ -71,8 +71,14 @@ class Driver(ABC):
         when the job is done also ``metrics`` and the saved model's ``output`` folder."""
         raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot train")
 
+    def compress(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Run about ``seconds`` of compress job ``job`` (see
+        :mod:`llmos.plugins.compression.session`); returns progress, and when the job is
+        done also the ``report`` and the saved ``output`` folder (None if the gate failed)."""
+        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot compress")
+
     def forget(self, job: str) -> None:  # noqa: B027 (optional: only trainers keep state)
-        """Drop the in-memory state of training job ``job`` (its checkpoint stays)."""
+        """Drop the in-memory state of training or compress job ``job``."""
 
     def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
         """Accuracy, macro-F1 and confusion matrix of the classifier in ``path``."""

@@ -39,6 +39,9 @@ from llmos.kernel.registry import digest_files
 
 #: Artifact file name per format.
 FORMATS: dict[str, str] = {"onnx": "model.onnx", "openvino": "model.xml"}
+#: Graph file a version folder may carry instead of safetensors (made by ``compress``), with
+#: a ``meta.json`` beside it; used as the artifact as it is.
+PREBUILT: dict[str, str] = {"onnx": "model.onnx", "openvino": "openvino_model.xml"}
 #: Bump when the export code changes what it writes: existing artifacts are then rebuilt.
 EXPORT_VERSION = 1
 ONNX_OPSET = 17
@@ -68,6 +71,9 @@ def ensure_artifact(model_dir: Path, fmt: str) -> tuple[Path, bool]:
         raise KernelError(ErrorCode.BAD_REQUEST,
                           f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     model_dir = Path(model_dir)
+    prebuilt = model_dir / PREBUILT[fmt]
+    if prebuilt.is_file():  # a compressed version that is this runtime's graph
+        return prebuilt, False
     expected = _expected_meta(model_dir, fmt)
     target = artifact_dir(model_dir, fmt)
     artifact = target / FORMATS[fmt]

@@ -57,9 +57,14 @@ def load_hf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer from a local folder: safetensors only, no remote code, offline."""
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     config = AutoConfig.from_pretrained(path, **common)
-    auto = (AutoModelForCausalLM if is_causal_lm(config)
-            else AutoModelForSequenceClassification if is_classifier(config) else AutoModel)
-    model = auto.from_pretrained(path, use_safetensors=True, **common)
+    if getattr(config, "llmos_compression", None):  # layers reshaped by llmos compress
+        from llmos.plugins.compression.structure import load_compressed
+
+        model = load_compressed(path)
+    else:
+        auto = (AutoModelForCausalLM if is_causal_lm(config)
+                else AutoModelForSequenceClassification if is_classifier(config) else AutoModel)
+        model = auto.from_pretrained(path, use_safetensors=True, **common)
     tokenizer = AutoTokenizer.from_pretrained(path, **common)
     return model.eval(), tokenizer
 
@@ -77,6 +82,7 @@ class TorchDriver(Driver):
         self._sessions: dict[str, TrainingSession] = {}
         #: Finish events of generations whose model was unloaded, sent with the next step.
         self._orphaned: list[dict[str, Any]] = []
+        self._compressions: dict[str, Any] = {}
 
     def describe(self) -> dict[str, Any]:
         if self._torch_device.type == "cuda":
@@ -165,8 +171,25 @@ class TorchDriver(Driver):
             self.forget(job)
         return progress
 
+    def compress(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+        from llmos.plugins.compression.session import CompressionSession, CompressSpec
+
+        session = self._compressions.get(job)
+        if session is None:
+            session = self._compressions[job] = CompressionSession(CompressSpec(**spec),
+                                                                   self.threads)
+        try:
+            progress = session.run(seconds)
+        except BaseException:
+            self.forget(job)
+            raise
+        if session.done:
+            self.forget(job)
+        return progress
+
     def forget(self, job: str) -> None:
         self._sessions.pop(job, None)
+        self._compressions.pop(job, None)
 
     def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
         return evaluate_folder(path, data, split, seed)

@@ -74,7 +74,12 @@ def evaluate_texts(model: PreTrainedModel, tokenizer: Any, texts: list[str], tar
 def evaluate_folder(path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
     """Metrics of the classifier in ``path`` on a dataset split (labels matched by name)."""
     dataset = datasets.load(**data)
-    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, **_COMMON)
+    if not list(Path(path).glob("*.safetensors")):
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{path} holds a runtime's graph, not torch "
+                          "weights: its compress report has its accuracy")
+    from .pytorch import load_hf  # a compressed version may need its layers reshaped
+
+    model, _ = load_hf(path)
     known = {str(label): int(i) for i, label in model.config.id2label.items()}
     if set(dataset.labels) - set(known):
         raise KernelError(ErrorCode.BAD_REQUEST, f"the model's labels {sorted(known)} do not "

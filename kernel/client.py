@@ -141,6 +141,16 @@ class _Syscalls:
         return self._call("evaluate", {"model": model, "data": data, "path": path,
                                        "split": split, **options})
 
+    def compress(self, model: str, recipe: list[dict[str, Any]], **options: Any) -> Any:
+        """Run a compression recipe (``[{"step": "quantize", "method": ...}, ...]``); waits for
+        the result: the new version (None if the gate failed) and the report (options: version,
+        data, path, name, max_drop, seed, max_tokens, eval_limit, quantum, priority, timeout)."""
+        return self._call("compress", {"model": model, "recipe": recipe, **options})
+
+    def promote(self, model: str, version: int) -> Any:
+        """Make ``model:version`` serve ``model`` (hot swap; no request fails)."""
+        return self._call("promote", {"model": model, "version": version})
+
     def jobs(self, *, owner: str | None = None, finished: bool = True) -> Any:
         return self._call("jobs", {"owner": owner, "finished": finished}, _field("jobs"))
 

@@ -24,6 +24,7 @@ import numpy as np
 import pluggy
 import zmq
 
+from .compression import CompressionSyscalls
 from .config import KernelConfig
 from .control import ControlSyscalls
 from .devices import STREAMING_OPS, DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
@@ -58,7 +59,7 @@ KERNEL_DEVICE = "kernel"
 IDLE_POLL = 0.05
 
 #: Jobs that run in the background of their hardware (see Scheduler.background).
-BACKGROUND_SYSCALLS = frozenset({"train", "generate"})
+BACKGROUND_SYSCALLS = frozenset({"train", "generate", "compress"})
 
 DOORBELL = "inproc://llmos-doorbell"
 OUTBOX = "inproc://llmos-outbox"
@@ -93,7 +94,7 @@ class Counters:
 
 
 class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSyscalls,
-                 LearningSyscalls):
+                 LearningSyscalls, CompressionSyscalls):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -120,6 +121,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.scheduler = Scheduler(policy, self._batch_key, self._candidates, self._batching,
                                    cost=self._cost, hardware=hardware_of,
                                    background=lambda job: job.syscall in BACKGROUND_SYSCALLS)
+        self._retiring: set[str] = set()
         self.devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         self._handlers: dict[str, Callable[[Request], Any]] = {
@@ -127,7 +129,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             "import": self._import, "export": self._export, "load": self._load,
             "unload": self._unload, "datasets": self._datasets, "train": self._train,
             "evaluate": self._evaluate, "infer": self._infer, "generate": self._generate,
-            "learn": self._learn,
+            "learn": self._learn, "compress": self._compress, "promote": self._promote,
             "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
             "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
         }
@@ -273,7 +275,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
     def _candidates(self, job: Job) -> list[str]:
         if job.syscall in ("import", "export"):
             return [KERNEL_DEVICE]
-        if job.syscall in ("train", "evaluate"):
+        if job.syscall in ("train", "evaluate", "compress"):
             return self._training_candidates(job)
         if job.syscall in ("infer", "generate"):
             assert self.devices is not None
@@ -322,6 +324,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
                                 "inputs": inputs}, batch.jobs)
         assert self.devices is not None
         host = self.devices.hosts[batch.device]
+        if first.syscall == "compress":
+            return self._compress_task(first, host)
         if first.syscall in ("train", "evaluate"):
             return self._training_task(first, host)
         op, payload = self._placement_payload(first, host)
@@ -390,6 +394,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             self._on_placed(host, task.op, task.payload, body.get("info", {}), live)
         elif task.op in ("train", "evaluate"):
             self._on_trained(host, task, body, live)
+        elif task.op == "compress":
+            self._on_compressed(task, body, live)
         elif task.op == "run":
             self._split_outputs(host, task, body, buffers, live)
         elif task.op == "generate":
@@ -460,12 +466,17 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.finished_by_state[str(state)] += 1
         if job.syscall in PRIVILEGED:
             self.audit.record(job.owner, job.syscall, job.args, str(state))
-        if job.syscall == "train":
-            self._journal(job, state)
+        if job.syscall in ("train", "compress"):
+            if job.syscall == "train":
+                self._journal(job, state)
+            else:
+                self._compress_ended(job, state)
             host = self._hosts().get(job.args.get("host", ""))
             if state is not JobState.DONE and host is not None and host.state is HostState.READY:
                 assert self.devices is not None
                 self.devices.submit(host, Task("forget", {"job": str(job.id)}))
+        if self._retiring:
+            self._retire()
         try:
             self.pm.hook.llmos_job_finished(job=job)
         except Exception:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from llmos.shell.commands import CommandRegistry
 
     from .jobs import Job
+    from .recipes import StepRegistry
     from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 
 hookspec = pluggy.HookspecMarker("llmos")
@@ -55,6 +56,21 @@ def llmos_register_model_sources(sources: SourceRegistry) -> None:
     inside an installed package; nothing is ever downloaded.
 
     :param sources: the kernel's model-source registry.
+    """
+
+
+@hookspec
+def llmos_register_compression_steps(steps: StepRegistry) -> None:
+    """Add compression methods for ``compress`` recipes with ``steps.add(StepSpec(...))``.
+
+    A :class:`~llmos.kernel.recipes.StepSpec` names its function by qualname
+    (``"package.module:function"``) and declares its parameters, which the kernel checks
+    before it creates a job. The function runs in the driver host that compresses:
+    ``function(candidate, params, context) -> candidate`` transforms a
+    :class:`~llmos.plugins.compression.candidate.Candidate` (a torch model, or an exported
+    graph) and may add entries to ``candidate.notes`` for the report.
+
+    :param steps: the kernel's compression-step registry.
     """
 
 

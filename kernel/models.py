@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from .compression import serving_hosts
 from .devices import DeviceHost, DeviceManager, HostState
 from .generation import GENERATE_BATCHING
 from .jobs import Job, JobState
@@ -47,6 +49,8 @@ class ModelSyscalls:
     memory_budget: int | None
     _executor: ThreadPoolExecutor
     _kernel_task: tuple[Future[dict[str, Any]], Job] | None
+    #: Finishes a promote job once its version is loaded (in CompressionSyscalls).
+    _promoted: Callable[[Job], None]
 
     def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
         raise NotImplementedError
@@ -179,7 +183,8 @@ class ModelSyscalls:
     def _load(self, request: Request) -> Job | dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
         generative = is_generative(version.path)
-        hosts = self._targets(request.args["device"], request.args["driver"], generative)
+        hosts = serving_hosts(version, self._targets(request.args["device"], request.args["driver"],
+                                                     generative))
         options = {"precision": request.args["precision"]}
         if generative and request.args["max_seqs"]:
             options["max_seqs"] = request.args["max_seqs"]
@@ -246,6 +251,8 @@ class ModelSyscalls:
                 job.transition(JobState.QUEUED)  # on to the next host
                 job.attempts = 0
                 self.scheduler.push(job)
+            elif job.syscall == "promote":
+                self._promoted(job)
             elif op == "load":
                 self._finish(job, self._placements(handle, [self._hosts()[n]
                                                             for n in job.args["done"]]))

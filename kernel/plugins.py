@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pluggy
 
 from . import hookspecs
+from .recipes import StepRegistry
 from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "llmos.kernel.sources",
     "llmos.drivers.builtin",
     "llmos.shell.builtin_commands",
+    "llmos.plugins.compression",
 )
 
 ENTRY_POINT_GROUP = "llmos"
@@ -57,14 +59,16 @@ class Extensions:
     drivers: DriverRegistry
     policies: PolicyRegistry
     sources: SourceRegistry
+    compression_steps: StepRegistry
 
 
 def collect(pm: pluggy.PluginManager) -> Extensions:
     """Call the registration hooks once and return the filled registries."""
-    ext = Extensions(DriverRegistry(), PolicyRegistry(), SourceRegistry())
+    ext = Extensions(DriverRegistry(), PolicyRegistry(), SourceRegistry(), StepRegistry())
     pm.hook.llmos_register_drivers(drivers=ext.drivers)
     pm.hook.llmos_register_policies(policies=ext.policies)
     pm.hook.llmos_register_model_sources(sources=ext.sources)
+    pm.hook.llmos_register_compression_steps(steps=ext.compression_steps)
     return ext
 
 

@@ -34,7 +34,8 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ALLOWED_FILES = re.compile(
     r"^(config\.json|generation_config\.json|.*\.safetensors|model\.safetensors\.index\.json|"
     r"tokenizer(_config)?\.json|special_tokens_map\.json|vocab\.(txt|json)|merges\.txt|"
-    r"added_tokens\.json|chat_template\.(jinja|json))$"
+    r"added_tokens\.json|chat_template\.(jinja|json)|"
+    r"model\.onnx|openvino_model\.(xml|bin)|meta\.json)$"
 )
 _PICKLE_WEIGHTS = re.compile(r".*\.(bin|pt|pth|pkl|ckpt)$")
 
@@ -222,6 +223,12 @@ class Registry:
                 shutil.rmtree(staging, ignore_errors=True)
         return record, True
 
+    def set_serving(self, model: str, version: int) -> None:
+        """Make ``version`` the one that serves ``model`` (it must exist)."""
+        with self._lock:
+            self._db.execute("UPDATE models SET serving = ? WHERE name = ?", (version, model))
+            self._db.commit()
+
     def add_metrics(self, version: ModelVersion, key: str, metrics: dict[str, Any]) -> None:
         """Record measured metrics (e.g. an evaluation) on a version under ``key``."""
         with self._lock:
@@ -293,7 +300,8 @@ def _select_files(source: Path) -> list[Path]:
     if not (source / "config.json").is_file():
         raise KernelError(ErrorCode.BAD_REQUEST, f"{source} has no config.json")
     names = sorted(p.name for p in source.iterdir() if p.is_file())
-    if not any(n.endswith(".safetensors") for n in names):
+    graphs = {"model.onnx", "openvino_model.xml"}  # compressed versions: a runtime's graph
+    if not any(n.endswith(".safetensors") or n in graphs for n in names):
         pickled = [n for n in names if _PICKLE_WEIGHTS.match(n)]
         hint = f" (found {', '.join(pickled)}: pickle-based weights are refused)" if pickled else ""
         raise KernelError(ErrorCode.BAD_REQUEST, f"{source} has no .safetensors weights{hint}")

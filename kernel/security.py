@@ -38,11 +38,11 @@ REQUIRED: dict[str, str] = {
     "infer": "infer", "generate": "infer", "train": "train", "evaluate": "train",
     "learn": "train",
     "import": "admin", "export": "admin", "load": "admin", "unload": "admin",
-    "shutdown": "admin",
+    "shutdown": "admin", "compress": "admin", "promote": "admin",
 }
 #: Syscalls written to the audit log.
 PRIVILEGED = frozenset({"import", "export", "load", "unload", "train", "learn", "shutdown",
-                        "cancel", "renice"})
+                        "cancel", "renice", "compress", "promote"})
 #: The owner name of unauthenticated local clients (ipc or loopback without CURVE).
 LOCAL = "local"
 

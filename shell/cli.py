@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("serve", "the OpenAI-compatible HTTP gateway (`llmos serve --http "
                                  "127.0.0.1:8000`; a plugin)"),
                        ("learn", "send labelled feedback to a classifier (`llmos learn MODEL "
-                                 "--feedback FILE|-`)")):
+                                 "--feedback FILE|-`)"),
+                       ("compress", "compress a classifier with a recipe, gated on accuracy"),
+                       ("promote", "make MODEL:VERSION serve MODEL (hot swap)")):
         # One implementation: these run the shell's command of the same name.
         sub.add_parser(name, help=text, add_help=False).add_argument(
             "rest", nargs=argparse.REMAINDER, help="as in the shell (`help train`)")
@@ -300,7 +302,7 @@ def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
 
 
 #: Commands that run the shell command of the same name with the words that follow.
-DELEGATED = ("train", "evaluate", "datasets", "chat", "serve", "learn")
+DELEGATED = ("train", "evaluate", "datasets", "chat", "serve", "learn", "compress", "promote")
 #: Global options that take a value (their value is not a command name).
 _GLOBAL_VALUES = ("--address", "--home")
 

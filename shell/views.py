@@ -157,5 +157,7 @@ def progress(summary: dict[str, Any], now: float) -> str:
     done = summary.get("progress") or {}
     steps = (f" step {done['step']}/{done['total_steps']} loss {done['loss']:.3f}"
              if {"step", "total_steps", "loss"} <= done.keys() else "")
+    if {"phase", "fraction"} <= done.keys():  # compress
+        steps = f" {done['phase']} ({done['fraction']:.0%})"
     return (f"job {summary['id']} {summary['state']}{where}{steps} "
             f"{max(0.0, now - started):.1f} s (Ctrl-C cancels)")

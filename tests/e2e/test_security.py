@@ -68,7 +68,9 @@ def test_capabilities_decide_what_a_key_may_call(curve_kernel):
                      lambda: alice.evaluate("minilm", data="reviews"),
                      lambda: alice.export("minilm", "onnx"),
                      lambda: alice.learn("minilm", [{"text": "good", "label": "positive"}]),
-                     alice.shutdown):
+                     alice.shutdown,
+                     lambda: alice.compress("minilm", [{"step": "quantize"}]),
+                     lambda: alice.promote("minilm", 1)):
             with pytest.raises(KernelError) as info:
                 call()
             assert info.value.code is ErrorCode.DENIED
@@ -100,4 +102,6 @@ def test_privileged_syscalls_are_audited(curve_kernel):
                for e in lines)
     assert any(e["who"] == "alice" and e["syscall"] == "unload" and e["result"] == "DENIED"
                for e in lines)
+    assert {e["syscall"] for e in lines if e["who"] == "alice" and e["result"] == "DENIED"} >= {
+        "compress", "promote"}
     assert all({"time", "who", "syscall", "args", "result"} <= e.keys() for e in lines)
