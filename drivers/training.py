@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from llmos.kernel import datasets
+from llmos.kernel.monitor import CONFIDENCE_EDGES, LENGTH_EDGES, histogram, words
 from llmos.kernel.protocol import ErrorCode, KernelError
 
 _COMMON: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
@@ -50,14 +51,18 @@ class TrainSpec:
 
 def evaluate_texts(model: PreTrainedModel, tokenizer: Any, texts: list[str], targets: list[int],
                    num_labels: int, max_tokens: int = 128, batch_size: int = 64) -> dict[str, Any]:
-    """Accuracy, macro-F1 and the confusion matrix (rows: true, columns: predicted)."""
+    """Accuracy, macro-F1, the confusion matrix (rows: true, columns: predicted) and the
+    histogram of the top class's confidence (bins: monitor.CONFIDENCE_EDGES)."""
     model.eval()
     predictions: list[int] = []
+    confidences: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], padding="longest", truncation=True,
                               max_length=max_tokens, return_tensors="pt")
-            predictions += model(**batch).logits.argmax(-1).tolist()
+            probs = torch.softmax(model(**batch).logits.float(), dim=-1)
+            predictions += probs.argmax(-1).tolist()
+            confidences += probs.max(-1).values.tolist()
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
     for truth, guess in zip(targets, predictions, strict=True):
         confusion[truth, guess] += 1
@@ -68,7 +73,8 @@ def evaluate_texts(model: PreTrainedModel, tokenizer: Any, texts: list[str], tar
         recall = tp / max(1, confusion[k, :].sum())
         f1s.append(0.0 if tp == 0 else 2 * precision * recall / (precision + recall))
     return {"accuracy": float(np.trace(confusion) / max(1, len(texts))),
-            "macro_f1": float(np.mean(f1s)), "confusion": confusion.tolist(), "rows": len(texts)}
+            "macro_f1": float(np.mean(f1s)), "confusion": confusion.tolist(), "rows": len(texts),
+            "confidence_histogram": histogram(confidences, CONFIDENCE_EDGES)}
 
 
 def evaluate_folder(path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
@@ -177,11 +183,15 @@ class TrainingSession:
 
     def finish(self) -> dict[str, Any]:
         """Evaluate on validation and test, save the model folder; returns the metrics."""
-        metrics = {}
+        metrics: dict[str, Any] = {}
         for split in ("validation", "test"):
             texts, targets = self.dataset.split(split, self.spec.seed)
             metrics[split] = evaluate_texts(self.model, self.tokenizer, texts, targets,
                                             len(self.dataset.labels), self.spec.max_tokens)
+        train_texts, _ = self.dataset.split("train", self.spec.seed)
+        metrics["reference"] = {  # what monitoring compares live traffic with
+            "input_words": histogram([words(t) for t in train_texts], LENGTH_EDGES),
+            "confidence": metrics["test"]["confidence_histogram"]}
         output = Path(self.spec.output)
         shutil.rmtree(output, ignore_errors=True)
         self.model.save_pretrained(output, safe_serialization=True)

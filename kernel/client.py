@@ -163,8 +163,10 @@ class _Syscalls:
     def renice(self, job_id: int, priority: int) -> Any:
         return self._call("renice", {"id": job_id, "priority": priority})
 
-    def stats(self) -> Any:
-        return self._call("stats", {})
+    def stats(self, model: str | None = None, *, version: int | None = None) -> Any:
+        """Kernel counters; with ``model``, that version's monitoring (traffic, latency,
+        errors, feedback accuracy, drift scores, alerts)."""
+        return self._call("stats", {"model": model, "version": version})
 
     def shutdown(self) -> Any:
         return self._call("shutdown", {})

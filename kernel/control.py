@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 class ControlSyscalls:
     """Status and control handlers."""
 
+    # Provided by other mixins of the core (annotations only: a stub here would shadow them).
+    _renice_generation: Callable[[Job], None]
+    _model_stats: Callable[[str, int | None], dict[str, Any]]
+
     ext: Extensions
     devices: DeviceManager | None
     scheduler: Scheduler
@@ -40,8 +45,6 @@ class ControlSyscalls:
     def _fail(self, job: Job, state: JobState, code: ErrorCode | str, message: str) -> None:
         raise NotImplementedError
 
-    def _renice_generation(self, job: Job) -> None:
-        raise NotImplementedError
 
     def _drivers(self, request: Request) -> dict[str, Any]:
         rows = []
@@ -101,6 +104,8 @@ class ControlSyscalls:
         return job.summary()
 
     def _stats(self, request: Request) -> dict[str, Any]:
+        if request.args["model"] is not None:
+            return self._model_stats(request.args["model"], request.args["version"])
         assert self.devices is not None
         states = Counter(str(j.state) for j in self.active.values())
         return {

@@ -33,6 +33,7 @@ from .generation import GenerationSyscalls
 from .jobs import Job, JobState
 from .learning import LearningSyscalls
 from .models import ModelSyscalls
+from .monitor import ModelMonitor
 from .placement import CostModel
 from .plugins import Extensions
 from .protocol import (
@@ -102,6 +103,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
                  inbox: deque[Request], audit: AuditLog) -> None:
         self.config, self.pm, self.ext, self.registry = config, pm, ext, registry
         self.feedback = FeedbackStore(config.home)
+        self.monitors: dict[str, ModelMonitor] = {}
         self.ctx, self.counters, self.inbox, self.audit = ctx, counters, inbox, audit
         self.started = time.time()
         self.stop_requested = threading.Event()
@@ -423,6 +425,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
                         {"label": labels[int(i)] if labels else str(int(i)),
                          "score": float(row[int(i)])}
                         for row, i in zip(probs, np.argmax(probs, axis=1), strict=True)]
+                self._observe(job, [(p["label"], p["score"]) for p in result.get("predictions", [])])
                 self._finish(job, result, out_buffers)
             start += count
 
@@ -446,6 +449,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
 
     def _fail(self, job: Job, state: JobState, code: ErrorCode | str, message: str) -> None:
         job.error = f"{code}: {message}"
+        if job.syscall == "infer" and state is not JobState.CANCELLED and "handle" in job.args:
+            self._monitor(job.args["handle"]).record_error()
         self._end(job, state)
         if job.reply_route:
             identity, msg_id = job.reply_route

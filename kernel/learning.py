@@ -1,18 +1,22 @@
-"""The ``learn`` syscall: labelled feedback for a classifier, stored durably.
+"""Learning and monitoring: ``learn`` (durable feedback) and per-model ``stats``.
 
-A mixin of :class:`~llmos.kernel.core.KernelCore`. Each example is checked against the
-model's own labels before anything is written; a batch with one bad example is refused
+A mixin of :class:`~llmos.kernel.core.KernelCore`. ``learn`` checks each example against
+the model's own labels before anything is written; a batch with one bad example is refused
 whole. The examples go to the :class:`~llmos.kernel.feedback.FeedbackStore`, on disk
 before the reply. (Updating the model from the buffer is the incremental-learning plugin's
-job; the buffer is its input.)
+job; the buffer is its input.) Each finished ``infer`` job and each ``learn`` call also
+feed the version's :class:`~llmos.kernel.monitor.ModelMonitor`.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 from .feedback import FeedbackStore
+from .jobs import Job
+from .monitor import ModelMonitor
 from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion, Registry
 from .syscalls import MAX_TEXT_CHARS
@@ -60,14 +64,37 @@ def check_examples(examples: list[dict[str, Any]], labels: list[str]) -> list[tu
 
 
 class LearningSyscalls:
-    """The ``learn`` handler."""
+    """The ``learn`` handler, and the monitors of the versions that serve."""
 
     registry: Registry
     feedback: FeedbackStore
+    monitors: dict[str, ModelMonitor]
 
     def _learn(self, request: Request) -> dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
         pairs = check_examples(request.args["examples"], classifier_labels(version))
         ids = self.feedback.add(version.model, version.version, request.owner, pairs)
+        self._monitor(version.ref).record_feedback(pairs)
         return {"model": version.ref, "accepted": len(ids), "first_id": ids[0],
                 "last_id": ids[-1], "buffered": self.feedback.count(version.model)}
+
+    def _monitor(self, handle: str) -> ModelMonitor:
+        """The monitor of a version, made on first use with the references its training
+        recorded (none for imported versions: no drift score then)."""
+        monitor = self.monitors.get(handle)
+        if monitor is None:
+            name, _, number = handle.rpartition(":")
+            reference = self.registry.resolve(name, int(number)).metrics.get("reference") or {}
+            monitor = self.monitors[handle] = ModelMonitor(
+                handle, reference.get("input_words"), reference.get("confidence"))
+        return monitor
+
+    def _observe(self, job: Job, predictions: list[tuple[str, float]]) -> None:
+        """A finished infer job: its texts, latency and predictions go to its monitor."""
+        self._monitor(job.args["handle"]).record(
+            job.args["inputs"], time.time() - job.created_at, predictions)
+
+    def _model_stats(self, model: str, version: int | None) -> dict[str, Any]:
+        found = self.registry.resolve(model, version)
+        return {**self._monitor(found.ref).snapshot(),
+                "buffered_feedback": self.feedback.count(found.model)}

@@ -215,7 +215,9 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("id", "int", required=True, minimum=1),
         Arg("priority", "int", required=True, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
     ), "Change a queued or running job's priority (nice value, lower runs first)."),
-    Syscall("stats", (), "Counters: requests, errors, drops, queue depth, jobs, memory."),
+    Syscall("stats", (Arg("model", "str", minimum=1, maximum=64), _VERSION),
+            "Counters: requests, errors, drops, queue depth, jobs, memory; with a model, its "
+            "monitoring: traffic, latency, errors, feedback accuracy, drift, alerts."),
     Syscall("shutdown", (), "Stop the kernel: reply, stop driver hosts, exit."),
 )}
 

@@ -94,8 +94,12 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
     Command("wait", "Wait for a job (default: this shell's last background job) with a "
             "progress line, then show its result; Ctrl-C cancels it.", _H + "wait",
             (Param("id", "job", metavar="ID"),), aliases=("fg",)),
-    Command("stats", "Kernel counters: requests, errors, queue depth, jobs, memory.",
-            _H + "stats", _NONE),
+    Command("stats", "Kernel counters: requests, errors, queue depth, jobs, memory; with a "
+            "MODEL, its monitoring (traffic, latency, feedback accuracy, drift, alerts).",
+            _H + "stats", (Param("model", "model", metavar="MODEL[:VERSION]"),)),
+    Command("monitor", "A model's monitoring, refreshed every --interval seconds until Ctrl-C: "
+            "traffic, latency, errors, feedback accuracy, drift scores, alerts.", _H + "monitor",
+            (_MODEL, Param("interval", "number", option=True, metavar="SECONDS"))),
     Command("top", "A live view of devices, models, queues, throughput and memory; q quits.",
             _H + "top", _NONE),
     Command("ping", "Check the kernel answers, and how fast.", _H + "ping", _NONE),

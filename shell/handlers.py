@@ -251,7 +251,28 @@ def wait(context: ShellContext, args: Args) -> Output:
 
 
 def stats(context: ShellContext, args: Args) -> Output:
+    if args["model"]:
+        name, version = split_handle(args["model"])
+        return views.monitor(context.client.stats(name, version=version))
     return views.mapping("stats", context.client.stats())
+
+
+def monitor(context: ShellContext, args: Args) -> Output:
+    """Refresh the model's monitoring every --interval seconds until Ctrl-C (one snapshot
+    when not interactive)."""
+    name, version = split_handle(args["model"])
+    interval = args["interval"] or 2.0
+    if interval <= 0:
+        raise KernelError(ErrorCode.BAD_REQUEST, "monitor: --interval must be > 0")
+    if not context.interactive:
+        return views.monitor(context.client.stats(name, version=version))
+    try:
+        while True:
+            render.console.clear()
+            render.show(views.monitor(context.client.stats(name, version=version)))
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return Output()
 
 
 def top(context: ShellContext, args: Args) -> Output:

@@ -94,7 +94,8 @@ def _scores(metrics: Mapping[str, Any]) -> str:
 
 def trained(result: dict[str, Any]) -> Output:
     lines = [f"trained {result['model']} from {result['parent']} in {result['steps']} steps"]
-    lines += [f"{split}: {_scores(m)}" for split, m in result["metrics"].items()]
+    lines += [f"{split}: {_scores(result['metrics'][split])}" for split in ("validation", "test")
+              if split in result["metrics"]]
     return message("\n".join(lines), result)
 
 
@@ -161,3 +162,29 @@ def progress(summary: dict[str, Any], now: float) -> str:
         steps = f" {done['phase']} ({done['fraction']:.0%})"
     return (f"job {summary['id']} {summary['state']}{where}{steps} "
             f"{max(0.0, now - started):.1f} s (Ctrl-C cancels)")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def monitor(snapshot: dict[str, Any]) -> Output:
+    """One model version's monitoring (``stats MODEL``): traffic, latency, feedback, drift."""
+    latency = snapshot["latency_ms"]
+    drift = snapshot["drift"]
+    feedback = snapshot["feedback"]
+    rows = [
+        ("requests / texts / errors", f"{snapshot['requests']} / {snapshot['texts']} / "
+                                      f"{snapshot['errors']}"),
+        ("requests/s (last minute)", _fmt(snapshot["requests_per_s_last_minute"])),
+        ("latency p50 / p95 / p99 ms", " / ".join(_fmt(latency[k], 1) for k in ("p50", "p95", "p99"))),
+        ("input words (mean)", _fmt(snapshot["input_words"]["mean"], 1)),
+        ("confidence (mean)", _fmt(snapshot["confidence"]["mean"])),
+        ("feedback: examples / judged", f"{feedback['examples']} / {feedback['judged']} "
+                                        f"({snapshot['buffered_feedback']} buffered)"),
+        ("feedback accuracy", _fmt(feedback["accuracy"])),
+        ("drift PSI: input length", _fmt(drift["input_length"])),
+        ("drift PSI: confidence", _fmt(drift["confidence"])),
+        ("alerts", "; ".join(f"{a['kind']} PSI {a['psi']}" for a in snapshot["alerts"]) or "none"),
+    ]
+    return table(f"monitor {snapshot['model']}", ("METRIC", "VALUE"), rows, data=snapshot)

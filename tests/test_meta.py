@@ -85,3 +85,15 @@ def test_a_wheel_contains_every_package(tmp_path):
     for module in ("llmos/__init__.py", "llmos/kernel/core.py", "llmos/kernel/scheduler/fifo.py",
                    "llmos/drivers/pytorch.py", "llmos/shell/cli.py", "llmos/plugins/__init__.py"):
         assert module in names, module
+
+
+def test_no_mixin_stub_shadows_a_real_method():
+    """The core's mixins declare what they use from each other; a declaration written as a
+    stub method would win over the real one when its mixin comes first in the MRO."""
+    import inspect
+
+    from llmos.kernel.core import KernelCore
+
+    stubs = [name for name, member in inspect.getmembers(KernelCore, inspect.isfunction)
+             if inspect.getsource(member).rstrip().endswith("raise NotImplementedError")]
+    assert stubs == []

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from llmos.kernel import datasets
 from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.sources import _minilm_path
 from llmos.kernel.testing import build_tiny_classifier, running_kernel
@@ -93,3 +94,34 @@ def test_llmos_learn_reads_a_file_or_stdin(home, tiny, tmp_path):
     assert "2 examples stored" in from_file.stdout
     assert from_stdin.returncode == 0 and "3 in its feedback buffer" in from_stdin.stdout
     assert bad.returncode == 2 and "BAD_REQUEST" in bad.stderr
+
+
+def test_stats_of_a_model_show_traffic_feedback_and_drift(home, tiny):
+    reviews, drugs = datasets.load("reviews"), datasets.load("drugs")
+    movies = reviews.split("test")[0][:120]
+    drug_texts = drugs.split("train")[0][:200]
+    with running_kernel(home, "--devices", "torch:cpu") as kernel, kernel.client() as client:
+        client.import_model(path=str(tiny), name="tiny")
+        trained = client.train("tiny", data="reviews", name="watched", limit=64, epochs=1.0,
+                               batch_size=16, max_tokens=32)
+        assert trained["model"] == "watched:1"
+        client.load("watched")
+        predictions = []
+        for start in range(0, len(movies), 40):
+            predictions += client.classify("watched", movies[start:start + 40])
+        calm = client.stats("watched")
+        client.learn("watched", [{"text": t, "label": "fresh"} for t in movies[:10]])
+        for start in range(0, len(drug_texts), 40):
+            client.classify("watched", drug_texts[start:start + 40])
+        drifted = client.stats("watched")
+        with pytest.raises(KernelError) as info:
+            client.stats("no-such-model")
+        assert info.value.code is ErrorCode.NOT_FOUND
+    assert calm["texts"] == 120 and calm["requests"] == 3 and calm["errors"] == 0
+    assert calm["drift"]["input_length"] < 0.1 and calm["alerts"] == []
+    assert calm["drift"]["confidence"] is not None
+    assert drifted["drift"]["input_length"] > 0.25
+    assert any(a["kind"] == "drift:input_length" for a in drifted["alerts"])
+    expected = sum(p["label"] == "fresh" for p in predictions[:10]) / 10
+    assert drifted["feedback"] == {"examples": 10, "judged": 10, "accuracy": expected}
+    assert drifted["buffered_feedback"] == 10
