@@ -177,3 +177,24 @@ def test_models_that_cannot_generate_or_are_unknown(chat_kernel):
         with pytest.raises(KernelError) as info:
             client.load("smollm2", driver="onnxruntime")
         assert info.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_renice_reaches_the_engine_and_preempts(chat_kernel, one_slot):
+    with chat_kernel.client() as client:
+        base = {"model": one_slot, "max_tokens": 400, "ignore_eos": True, "temperature": 0.0,
+                "priority": 5}
+        running = client.submit("generate", {**base, "prompt": "Tell me about trains."},
+                                events=True)
+        next(e for e in running.stream() if e.event == "token")
+        waiting = client.submit("generate", {**base, "prompt": "Tell me about ships.",
+                                             "max_tokens": 3}, events=True)
+        waiting_id = waiting.job_id()
+        assert client.job(waiting_id)["state"] == "RUNNING"  # on the host, waiting for a slot
+        client.renice(waiting_id, -5)
+        assert waiting.result()["usage"]["completion_tokens"] == 3
+        preempted = client.job(running.job_id())
+        client.cancel(running.job_id())
+        with pytest.raises(KernelError):
+            running.result()
+    assert preempted["progress"].get("preemptions") == 1  # renice made the waiting one urgent
+    assert preempted["state"] in ("RUNNING", "PREEMPTED") and preempted["tokens"] < 400
