@@ -33,13 +33,7 @@ def is_local(address: str) -> bool:
             raise KernelError(ErrorCode.BAD_REQUEST, f"ipc path too long (>{_IPC_PATH_MAX}): {address}")
         return True
     if address.startswith("tcp://"):
-        host = urlsplit(address).hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(urlsplit(address).hostname or "")
     raise KernelError(ErrorCode.BAD_REQUEST, f"address must be ipc://PATH or tcp://HOST:PORT: {address}")
 
 
@@ -92,3 +86,13 @@ class KernelConfig:
     @property
     def log_dir(self) -> Path:
         return self.home / "logs"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

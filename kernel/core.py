@@ -46,7 +46,7 @@ from .protocol import (
     tensor_from_ref,
     tensor_ref,
 )
-from .registry import Registry
+from .registry import ModelVersion, Registry
 from .scheduler import Batch, Scheduler
 from .security import LOCAL_PRINCIPAL, PRIVILEGED, AuditLog, Principal
 from .syscalls import Syscall, check_inputs
@@ -532,6 +532,13 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
 
     def _infer(self, request: Request) -> Job:
         check_inputs(request.args["inputs"])
+        version = self._loaded_version(request, request.args["task"],
+                                       "classify needs a model with a classification head")
+        return self._admit(request, handle=version.ref)
+
+    def _loaded_version(self, request: Request, task: str, hint: str) -> ModelVersion:
+        """The version a request names, loaded (or loading) somewhere and able to do
+        ``task``; KernelError NOT_FOUND or BAD_REQUEST (with ``hint``) otherwise."""
         version = self.registry.resolve(request.args["model"], request.args["version"])
         assert self.devices is not None
         hosts = [h for h in self.devices.hosts.values()
@@ -539,10 +546,9 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         if not hosts:
             raise KernelError(ErrorCode.NOT_FOUND,
                               f"{version.ref} is not loaded (run: llmos load {version.model})")
-        task = request.args["task"]
         info = next((h.loaded[version.ref] for h in hosts if version.ref in h.loaded), None)
         if info is not None and task not in info["tasks"]:
             raise KernelError(ErrorCode.BAD_REQUEST,
                               f"{version.ref} cannot {task} (it can: {', '.join(info['tasks'])}); "
-                              "classify needs a model with a classification head")
-        return self._admit(request, handle=version.ref)
+                              f"{hint}")
+        return version

@@ -15,12 +15,13 @@ anything yet: a client never sees text twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .devices import DeviceManager, HostState, Task
 from .jobs import Job, JobState
-from .protocol import ErrorCode, KernelError, encode_event
-from .registry import Registry
+from .protocol import ErrorCode, encode_event
+from .registry import ModelVersion, Registry
 from .scheduler import BatchingConfig
 from .syscalls import check_generation
 
@@ -40,6 +41,8 @@ class GenerationSyscalls:
     registry: Registry
     devices: DeviceManager | None
     active: dict[int, Job]
+    # Provided by the core (an annotation only: a stub method would shadow it).
+    _loaded_version: Callable[[Request, str, str], ModelVersion]
 
     def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
         raise NotImplementedError
@@ -55,18 +58,8 @@ class GenerationSyscalls:
 
     def _generate(self, request: Request) -> Job:
         check_generation(request.args)
-        version = self.registry.resolve(request.args["model"], request.args["version"])
-        assert self.devices is not None
-        hosts = [h for h in self.devices.hosts.values()
-                 if version.ref in h.wanted or version.ref in h.loaded]
-        if not hosts:
-            raise KernelError(ErrorCode.NOT_FOUND,
-                              f"{version.ref} is not loaded (run: llmos load {version.model})")
-        info = next((h.loaded[version.ref] for h in hosts if version.ref in h.loaded), None)
-        if info is not None and "generate" not in info["tasks"]:
-            raise KernelError(ErrorCode.BAD_REQUEST,
-                              f"{version.ref} cannot generate (it can: {', '.join(info['tasks'])}); "
-                              "generate needs a causal language model such as smollm2")
+        version = self._loaded_version(request, "generate",
+                                       "generate needs a causal language model such as smollm2")
         return self._admit(request, handle=version.ref)
 
     def _generation_task(self, jobs: list[Job]) -> Task:

@@ -18,7 +18,6 @@ key (``Authorization: Bearer KEY``).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import itertools
 import json
 import logging
@@ -30,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from llmos.kernel.client import Client, Pending, unpack_result
+from llmos.kernel.config import is_loopback_host
 from llmos.kernel.protocol import ErrorCode, KernelError
 
 from . import openai_api as api
@@ -42,22 +42,13 @@ MAX_BODY_BYTES = 4 * 2**20
 API_KEY_ENV = "LLMOS_API_KEY"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Gateway(ThreadingHTTPServer):
     """The server: where the kernel is, the API key, metrics, one client per thread."""
 
     daemon_threads = True
 
     def __init__(self, host: str, port: int, kernel_address: str, api_key: str | None = None) -> None:
-        if not is_loopback(host) and not api_key:
+        if not is_loopback_host(host) and not api_key:
             raise KernelError(ErrorCode.BAD_REQUEST,
                               f"refusing to serve HTTP on {host} without an API key: pass "
                               f"--api-key or set {API_KEY_ENV} (clients send it as a bearer token)")
