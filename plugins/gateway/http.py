@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP gateway: a client of the kernel, not a second engine.
 
-A threaded HTTP/1.1 server (the standard library's): each connection's thread talks to the
-kernel through its own blocking :class:`~llmos.kernel.client.Client`, so requests run
-concurrently and the kernel batches them like any other clients'. Routes:
+A threaded HTTP/1.1 server (the standard library's): each request borrows a blocking
+:class:`~llmos.kernel.client.Client` from a pool (one request at a time per client), so
+requests run concurrently and the kernel batches them like any other clients'. Routes:
 
 * ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``;
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent
@@ -22,9 +22,11 @@ import itertools
 import json
 import logging
 import os
+import queue
 import socket
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -42,8 +44,12 @@ MAX_BODY_BYTES = 4 * 2**20
 API_KEY_ENV = "LLMOS_API_KEY"
 
 
+#: Idle kernel clients kept for reuse; more are made under load and closed afterwards.
+IDLE_CLIENTS = 32
+
+
 class Gateway(ThreadingHTTPServer):
-    """The server: where the kernel is, the API key, metrics, one client per thread."""
+    """The server: where the kernel is, the API key, metrics, a pool of kernel clients."""
 
     daemon_threads = True
 
@@ -57,7 +63,7 @@ class Gateway(ThreadingHTTPServer):
         self.kernel_address = kernel_address
         self.api_key = api_key
         self.metrics = Metrics()
-        self._local = threading.local()
+        self._idle: queue.LifoQueue[Client] = queue.LifoQueue()
         self._names = itertools.count(1)
 
     @property
@@ -65,13 +71,26 @@ class Gateway(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def client(self) -> Client:
-        """This thread's kernel client (created on first use)."""
-        client = getattr(self._local, "client", None)
-        if client is None:
+    @contextmanager
+    def client(self) -> Iterator[Client]:
+        """A kernel client for one request, returned to the pool afterwards (a client is
+        not thread-safe: no two requests share one at a time)."""
+        try:
+            client = self._idle.get_nowait()
+        except queue.Empty:
             client = Client(self.kernel_address, name=f"gateway-{os.getpid()}-{next(self._names)}")
-            self._local.client = client
-        return client
+        try:
+            yield client
+        finally:
+            if self._idle.qsize() < IDLE_CLIENTS:
+                self._idle.put(client)
+            else:
+                client.close()
+
+    def server_close(self) -> None:
+        super().server_close()
+        while not self._idle.empty():
+            self._idle.get_nowait().close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -94,6 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: dict[str, Any]) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self.body_read = self.command != "POST"
         started = time.monotonic()
         status = 500
         try:
@@ -129,6 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
                                "authentication_error", "invalid_api_key")
 
     def _body(self) -> dict[str, Any]:
+        self.body_read = True
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise api.ApiError(411, "a Content-Length header is required")
@@ -146,6 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
     # --- responses ----------------------------------------------------------------------
 
     def _json(self, status: int, payload: dict[str, Any]) -> int:
+        if not self.body_read or status in (411, 413):
+            self.close_connection = True  # an unread body would be taken for the next request
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -175,14 +198,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _health(self) -> int:
         try:
-            self.server.client().ping(timeout=2.0)
+            with self.server.client() as client:
+                client.ping(timeout=2.0)
         except KernelError as exc:
             return self._json(503, {"status": "unavailable", "reason": exc.message})
         return self._json(200, {"status": "ok"})
 
     def _metrics(self) -> int:
         try:
-            stats = self.server.client().stats()
+            with self.server.client() as client:
+                stats = client.stats()
         except KernelError:
             stats = None
         data = self.server.metrics.render(stats).encode()
@@ -194,12 +219,14 @@ class _Handler(BaseHTTPRequestHandler):
         return 200
 
     def _models(self) -> int:
-        return self._json(200, api.model_list(self.server.client().models()))
+        with self.server.client() as client:
+            return self._json(200, api.model_list(client.models()))
 
     def _embeddings(self) -> int:
         body = self._body()
         args, encoding = api.embedding_args(body)
-        result = self.server.client().infer(**args)
+        with self.server.client() as client:
+            result = client.infer(**args)
         return self._json(200, api.embeddings(result, body["model"], encoding))
 
     def _completions(self) -> int:
@@ -211,7 +238,11 @@ class _Handler(BaseHTTPRequestHandler):
         return self._generate(body, api.chat_args(body), chat=True)
 
     def _generate(self, body: dict[str, Any], args: dict[str, Any], chat: bool) -> int:
-        client = self.server.client()
+        with self.server.client() as client:
+            return self._generate_with(client, body, args, chat)
+
+    def _generate_with(self, client: Client, body: dict[str, Any], args: dict[str, Any],
+                       chat: bool) -> int:
         model = body["model"]
         if not body.get("stream"):
             result = client.generate(**args)
