@@ -57,7 +57,6 @@ def messages(i: int) -> list[dict[str, str]]:
 
 def hf_baselines(path: Path, requests: int, tokens: int) -> dict[str, float]:
     """(a) one at a time and (b) one static batch, tokens/s, with transformers generate."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "left"
