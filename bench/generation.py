@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -29,14 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The same OpenMP wait policy as llmos's driver hosts, so the baselines are not handicapped.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import torch  # noqa: E402 (after the OpenMP setting)
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from llmos import Client  # noqa: E402
-from llmos.kernel.testing import KernelProcess, running_kernel  # noqa: E402
+from llmos import Client
+from llmos.kernel.testing import KernelProcess, running_kernel
 
 QUESTIONS = [
     "My parcel has not arrived yet. What should I do?", "How do I reset my password?",

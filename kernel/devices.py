@@ -166,11 +166,7 @@ class DeviceManager:
         self._by_identity = {h.identity: h for h in self.hosts.values()}
         self.log_dir.mkdir(parents=True, exist_ok=True)
         logfile = open(self.log_dir / f"host-{host.name.replace(':', '-')}.log", "ab")  # noqa: SIM115
-        # Hosts share the machine with the kernel, clients and each other: OpenMP threads that
-        # spin while they wait make every parallel region as slow as its most starved thread
-        # (measured here: a batch-16 decode step 894 ms spinning, 113 ms passive, with one
-        # other busy process on 2 cores). A user's own setting wins.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, hostwire.TOKEN_ENV: host.token}
+        env = {**os.environ, hostwire.TOKEN_ENV: host.token}
         host.process = subprocess.Popen(
             [sys.executable, "-m", "llmos.drivers.host", "--connect", self.address,
              "--driver", host.spec.qualname, "--device", host.device,
