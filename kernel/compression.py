@@ -146,7 +146,7 @@ class CompressionSyscalls:
         """A quantum finished: publish progress, requeue, or make the version."""
         progress = body["progress"]
         for job in jobs:
-            job.progress = {k: v for k, v in progress.items() if k not in ("report", "output")}
+            job.progress = {k: v for k, v in progress.items() if k not in ("report", "outputs")}
             if job.wants_events and job.reply_route:
                 identity, msg_id = job.reply_route
                 self._send(identity, encode_event(msg_id, "compress", "progress", job.progress))
