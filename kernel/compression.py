@@ -213,7 +213,8 @@ class CompressionSyscalls:
             return {**self._placements(new.ref, targets), "previous": current.ref}
         return self._admit(request, handle=new.ref, path=str(new.path), previous=current.ref,
                            memory=self._check_memory(new, todo) if todo else 0,
-                           precision="f32", targets=[h.name for h in todo], tune=[],  # swap fast
+                           precision="f32", options={"precision": "f32"},  # as load's
+                           targets=[h.name for h in todo], tune=[],  # swap fast
                            done=[h.name for h in targets if h not in todo])
 
     def _promoted(self, job: Job) -> None:
