@@ -9,7 +9,8 @@ with PyTorch fp32 eager on the same input, at batch 1 and 128 tokens on 2 thread
 processes slow torch, so baseline and subject alternate and the median of the rounds is
 kept).
 
-Recovery fine-tuning (low-rank, pruning) uses only the rows the parent was trained on.
+Recovery fine-tuning (low-rank, pruning; distilled from the parent) uses only the rows the
+parent was trained on.
 
 Run: ``.venv/bin/python bench/compression.py [--recover-steps 400] [--json out.json]``.
 """
@@ -38,6 +39,9 @@ def recipes(recover_steps: int) -> dict[str, tuple[list[dict[str, Any]], float]]
         "int8 (OpenVINO PTQ)": ([{"step": "quantize", "method": "openvino-int8"}], 1.0),
         "int8 weights (OpenVINO)": ([{"step": "quantize", "method": "openvino-int8-weights"}], 1.0),
         "int8 (ONNX Runtime dynamic)": ([{"step": "quantize", "method": "onnxruntime-int8"}], 1.0),
+        "25% FFN neurons + int8": ([{"step": "prune", "method": "neurons", "sparsity": 0.25,
+                                    "recover_steps": recover_steps // 2},
+                                   {"step": "quantize", "method": "openvino-int8"}], 1.0),
         "prune 50% + int8": ([{"step": "prune", "sparsity": 0.5, "recover_steps": recover_steps // 2},
                               {"step": "quantize", "method": "openvino-int8"}], 1.5),
         "prune 25% heads": ([{"step": "prune", "method": "heads", "sparsity": 0.25}], 100.0),

@@ -146,7 +146,7 @@ class CompressionSyscalls:
         """A quantum finished: publish progress, requeue, or make the version."""
         progress = body["progress"]
         for job in jobs:
-            job.progress = {k: v for k, v in progress.items() if k not in ("report", "output")}
+            job.progress = {k: v for k, v in progress.items() if k not in ("report", "outputs")}
             if job.wants_events and job.reply_route:
                 identity, msg_id = job.reply_route
                 self._send(identity, encode_event(msg_id, "compress", "progress", job.progress))
@@ -213,7 +213,8 @@ class CompressionSyscalls:
             return {**self._placements(new.ref, targets), "previous": current.ref}
         return self._admit(request, handle=new.ref, path=str(new.path), previous=current.ref,
                            memory=self._check_memory(new, todo) if todo else 0,
-                           precision="f32", targets=[h.name for h in todo], tune=[],  # swap fast
+                           precision="f32", options={"precision": "f32"},  # as load's
+                           targets=[h.name for h in todo], tune=[],  # swap fast
                            done=[h.name for h in targets if h not in todo])
 
     def _promoted(self, job: Job) -> None:

@@ -51,13 +51,13 @@ STEPS: tuple[StepSpec, ...] = (
         Arg("energy", "float", minimum=0.01, maximum=1.0),
         Arg("budget", "float", minimum=0.01, maximum=0.99),
         Arg("rank", "int", minimum=1, maximum=65536),
-        Arg("allocation", "str", default="global", choices=("global", "uniform")),
+        Arg("allocation", "str", default="uniform", choices=("uniform", "global")),
         Arg("recover_steps", "int", default=0, minimum=0, maximum=100_000),
         Arg("learning_rate", "float", default=5e-5, minimum=1e-7, maximum=1.0),
     ), "Each encoder Linear becomes two factors of a truncated SVD; the rank keeps `energy` "
        "of the spectrum, or fits a `budget` of the parameters (default 0.5; `allocation` "
-       "global by energy per parameter, or uniform per layer), or is `rank`; then "
-       "`recover_steps` of fine-tuning.", consistent=_one_lowrank_target),
+       "uniform per layer, or global by energy per parameter), or is `rank`; then "
+       "`recover_steps` of fine-tuning distilled from the parent.", consistent=_one_lowrank_target),
 )
 
 

@@ -45,6 +45,8 @@ class StepContext:
     max_tokens: int
     threads: int
     seed: int = 0
+    #: The parent model (eval mode, never modified), for distillation.
+    teacher: PreTrainedModel | None = None
 
     def calibration(self, samples: int) -> list[str]:
         return self.train_texts[:samples]

@@ -170,7 +170,7 @@ class CompressionSession:
         if spec.train_limit:
             train_texts, train_targets = train_texts[:spec.train_limit], train_targets[:spec.train_limit]
         context = StepContext(workdir, train_texts, [remap[t] for t in train_targets],
-                              spec.max_tokens, self.threads, spec.seed)
+                              spec.max_tokens, self.threads, spec.seed, teacher=parent.model)
         yield "measuring the parent"
         parent_predict = parent.predictor(self.threads)
         before = self._measure(parent, parent_predict, texts, targets, weight_bytes(Path(spec.base)))

@@ -99,7 +99,7 @@ def test_structured_pruning_shrinks_matrices_and_loads_back(tiny, tmp_path, meth
 
 
 def test_lowrank_reports_ranks_and_keeps_half_the_parameters(tiny, tmp_path):
-    recipe = [{"step": "lowrank", "budget": 0.5, "allocation": "uniform", "recover_steps": 2}]
+    recipe = [{"step": "lowrank", "budget": 0.5, "recover_steps": 2}]
     progress = run(tiny, [recipe], tmp_path)
     step = progress["report"]["candidates"][0]["steps"][0]
     assert len(step["ranks"]) == 12  # 6 Linear layers in each of 2 blocks
@@ -114,7 +114,7 @@ def test_lowrank_reports_ranks_and_keeps_half_the_parameters(tiny, tmp_path):
 
 
 def test_a_global_budget_gives_ranks_where_the_energy_is(tiny, tmp_path):
-    progress = run(tiny, [[{"step": "lowrank", "budget": 0.4}]], tmp_path)
+    progress = run(tiny, [[{"step": "lowrank", "budget": 0.4, "allocation": "global"}]], tmp_path)
     step = progress["report"]["candidates"][0]["steps"][0]
     assert step["linear_parameters"]["kept"] == pytest.approx(0.4, abs=0.01)
     assert len(set(step["ranks"].values())) > 2  # not one share per layer
