@@ -51,7 +51,7 @@ def histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
     """Counts per bin; bin i holds values in [edges[i], edges[i + 1])."""
     counts = [0] * len(edges)
     for value in values:
-        counts[max(0, bisect.bisect_right(edges, value) - 1)] += 1
+        counts[_bin(value, edges)] += 1
     return counts
 
 
@@ -65,6 +65,35 @@ def psi(reference: Sequence[int], observed: Sequence[int], floor: float = 1e-4) 
         p, q = max(ref / total_ref, floor), max(obs / total_obs, floor)
         score += (q - p) * math.log(q / p)
     return score
+
+
+def _bin(value: float, edges: Sequence[float]) -> int:
+    return max(0, bisect.bisect_right(edges, value) - 1)
+
+
+@dataclass
+class RollingHistogram:
+    """The last :data:`WINDOW` values and their bin counts, kept up to date in O(1) per
+    value (the scheduling loop feeds it; a drift check reads only the counts)."""
+
+    edges: tuple[float, ...]
+    values: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    counts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.edges)
+
+    def add(self, value: float) -> None:
+        if len(self.values) == self.values.maxlen:
+            self.counts[_bin(self.values[0], self.edges)] -= 1
+        self.values.append(value)
+        self.counts[_bin(value, self.edges)] += 1
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def mean(self) -> float | None:
+        return sum(self.values) / len(self.values) if self.values else None
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -87,8 +116,9 @@ class ModelMonitor:
     requests: int = 0
     texts: int = 0
     errors: int = 0
-    lengths: deque[int] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    confidences: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    lengths: RollingHistogram = field(default_factory=lambda: RollingHistogram(LENGTH_EDGES))
+    confidences: RollingHistogram = field(
+        default_factory=lambda: RollingHistogram(CONFIDENCE_EDGES))
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     finished_at: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     predictions: OrderedDict[bytes, str] = field(default_factory=OrderedDict)
@@ -103,9 +133,10 @@ class ModelMonitor:
         self.texts += len(texts)
         self.latencies.append(seconds)
         self.finished_at.append(time.monotonic())
-        self.lengths.extend(words(t) for t in texts)
+        for text in texts:
+            self.lengths.add(words(text))
         for text, (label, confidence) in zip(texts, predictions, strict=False):
-            self.confidences.append(confidence)
+            self.confidences.add(confidence)
             key = _digest(text)
             self.predictions[key] = label
             self.predictions.move_to_end(key)
@@ -129,10 +160,9 @@ class ModelMonitor:
         traffic, or no reference)."""
         scores: dict[str, float | None] = {"input_length": None, "confidence": None}
         if self.length_reference and len(self.lengths) >= MIN_OBSERVATIONS:
-            scores["input_length"] = psi(self.length_reference, histogram(self.lengths, LENGTH_EDGES))
+            scores["input_length"] = psi(self.length_reference, self.lengths.counts)
         if self.confidence_reference and len(self.confidences) >= MIN_OBSERVATIONS:
-            scores["confidence"] = psi(self.confidence_reference,
-                                       histogram(self.confidences, CONFIDENCE_EDGES))
+            scores["confidence"] = psi(self.confidence_reference, self.confidences.counts)
         return scores
 
     def _check_drift(self) -> None:
@@ -152,17 +182,15 @@ class ModelMonitor:
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
         recent = [t for t in self.finished_at if now - t <= 60.0]
-        lengths, confidences = list(self.lengths), list(self.confidences)
         return {
             "model": self.handle, "requests": self.requests, "texts": self.texts,
             "errors": self.errors, "requests_per_s_last_minute": len(recent) / 60.0,
             "latency_ms": {f"p{int(q * 100)}": None if (v := _percentile(self.latencies, q)) is None
                            else round(1000 * v, 2) for q in (0.5, 0.95, 0.99)},
-            "input_words": {"mean": sum(lengths) / len(lengths) if lengths else None,
-                            "histogram": histogram(lengths, LENGTH_EDGES),
+            "input_words": {"mean": self.lengths.mean(), "histogram": list(self.lengths.counts),
                             "reference": self.length_reference, "edges": list(LENGTH_EDGES)},
-            "confidence": {"mean": sum(confidences) / len(confidences) if confidences else None,
-                           "histogram": histogram(confidences, CONFIDENCE_EDGES),
+            "confidence": {"mean": self.confidences.mean(),
+                           "histogram": list(self.confidences.counts),
                            "reference": self.confidence_reference,
                            "edges": list(CONFIDENCE_EDGES)},
             "feedback": {"examples": self.feedback, "judged": len(self.judged),

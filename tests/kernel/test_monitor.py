@@ -61,3 +61,14 @@ def test_feedback_judges_recent_predictions():
     feedback = monitor.snapshot()["feedback"]
     assert feedback == {"examples": 3, "judged": 2, "accuracy": 0.5}
     assert monitor.drift() == {"input_length": None, "confidence": None}  # no reference
+
+
+def test_rolling_counts_match_a_fresh_histogram_after_evictions():
+    from llmos.kernel.monitor import WINDOW, RollingHistogram
+
+    rolling = RollingHistogram(LENGTH_EDGES)
+    values = [(i * 7) % 150 for i in range(WINDOW + 345)]
+    for value in values:
+        rolling.add(value)
+    assert rolling.counts == histogram(values[-WINDOW:], LENGTH_EDGES)
+    assert len(rolling) == WINDOW
