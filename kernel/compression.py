@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .devices import DeviceHost, DeviceManager, Task
+from .devices import DeviceHost, Task
 from .jobs import Job, JobState
+from .mixin import CoreServices
 from .protocol import ErrorCode, KernelError, encode_event
-from .registry import ModelVersion, Registry, check_name
+from .registry import ModelVersion, check_name
 
 if TYPE_CHECKING:
-    from .config import KernelConfig
     from .core import Request
-    from .plugins import Extensions
-    from .scheduler import Scheduler
 
 
 #: The recipes ``compress --search`` tries (each from the parent); the Pareto front of
@@ -61,41 +60,15 @@ def serving_hosts(version: ModelVersion, hosts: list[DeviceHost]) -> list[Device
     return usable
 
 
-class CompressionSyscalls:
+class CompressionSyscalls(CoreServices):
     """Handlers and completion logic for compress and promote jobs."""
 
-    config: KernelConfig
-    registry: Registry
-    ext: Extensions
-    devices: DeviceManager | None
-    scheduler: Scheduler
-    active: dict[int, Job]
     #: Versions replaced by ``promote``, unloaded once no job routed to them is left.
     _retiring: set[str]
-
-    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
-        raise NotImplementedError
-
-    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
-        raise NotImplementedError
-
-    def _hosts(self) -> dict[str, DeviceHost]:
-        raise NotImplementedError
-
-    def _send(self, identity: bytes, frames: list[bytes]) -> None:
-        raise NotImplementedError
-
-    def _trainers(self) -> list[str]:
-        raise NotImplementedError
-
-    def _data_spec(self, args: dict[str, Any]) -> dict[str, str]:
-        raise NotImplementedError
-
-    def _check_memory(self, version: ModelVersion, hosts: list[DeviceHost]) -> int:
-        raise NotImplementedError
-
-    def _placements(self, handle: str, hosts: list[DeviceHost]) -> dict[str, Any]:
-        raise NotImplementedError
+    _trainers: Callable[[], list[str]]
+    _data_spec: Callable[[dict[str, Any]], dict[str, str]]
+    _check_memory: Callable[[ModelVersion, list[DeviceHost]], int]
+    _placements: Callable[[str, list[DeviceHost]], dict[str, Any]]
 
     # --- compress ---------------------------------------------------------------------
 

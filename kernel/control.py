@@ -13,38 +13,29 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .devices import DeviceManager
 from .jobs import Job, JobState
+from .mixin import CoreServices
 from .protocol import ErrorCode, KernelError
 
 if TYPE_CHECKING:
     from .core import Counters, Request
-    from .plugins import Extensions
-    from .scheduler import BatchingConfig, Scheduler
+    from .scheduler import BatchingConfig
 
 
-class ControlSyscalls:
+class ControlSyscalls(CoreServices):
     """Status and control handlers."""
 
     # Provided by other mixins of the core (annotations only: a stub here would shadow them).
     _renice_generation: Callable[[Job], None]
     _model_stats: Callable[[str, int | None], dict[str, Any]]
 
-    ext: Extensions
-    devices: DeviceManager | None
-    scheduler: Scheduler
     batching: BatchingConfig
     counters: Counters
-    active: dict[int, Job]
     history: Any
     per_owner: Counter[str]
     finished_by_state: Counter[str]
     started: float
     stop_requested: threading.Event
-
-    def _fail(self, job: Job, state: JobState, code: ErrorCode | str, message: str) -> None:
-        raise NotImplementedError
-
 
     def _drivers(self, request: Request) -> dict[str, Any]:
         rows = []

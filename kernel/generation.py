@@ -15,13 +15,12 @@ anything yet: a client never sees text twice.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .devices import DeviceManager, HostState, Task
+from .devices import HostState, Task
 from .jobs import Job, JobState
+from .mixin import CoreServices
 from .protocol import ErrorCode, encode_event
-from .registry import ModelVersion, Registry
 from .scheduler import BatchingConfig
 from .syscalls import check_generation
 
@@ -35,26 +34,8 @@ _REQUEST_ARGS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "st
                  "ignore_eos")
 
 
-class GenerationSyscalls:
+class GenerationSyscalls(CoreServices):
     """The ``generate`` handler and the streaming of its results."""
-
-    registry: Registry
-    devices: DeviceManager | None
-    active: dict[int, Job]
-    # Provided by the core (an annotation only: a stub method would shadow it).
-    _loaded_version: Callable[[Request, str, str], ModelVersion]
-
-    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
-        raise NotImplementedError
-
-    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
-        raise NotImplementedError
-
-    def _fail(self, job: Job, state: JobState, code: ErrorCode | str, message: str) -> None:
-        raise NotImplementedError
-
-    def _send(self, identity: bytes, frames: list[bytes]) -> None:
-        raise NotImplementedError
 
     def _generate(self, request: Request) -> Job:
         check_generation(request.args)

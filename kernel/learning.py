@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from .feedback import FeedbackStore
 from .jobs import Job
+from .mixin import CoreServices
 from .monitor import ModelMonitor
 from .protocol import ErrorCode, KernelError
-from .registry import ModelVersion, Registry
+from .registry import ModelVersion
 from .syscalls import MAX_TEXT_CHARS
 
 if TYPE_CHECKING:
@@ -63,10 +64,9 @@ def check_examples(examples: list[dict[str, Any]], labels: list[str]) -> list[tu
     return pairs
 
 
-class LearningSyscalls:
+class LearningSyscalls(CoreServices):
     """The ``learn`` handler, and the monitors of the versions that serve."""
 
-    registry: Registry
     feedback: FeedbackStore
     monitors: dict[str, ModelMonitor]
 

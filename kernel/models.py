@@ -21,29 +21,25 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .compression import serving_hosts
-from .devices import DeviceHost, DeviceManager, HostState
+from .devices import DeviceHost, HostState
 from .generation import GENERATE_BATCHING
 from .jobs import Job, JobState
+from .mixin import CoreServices
 from .placement import TUNE_SHAPES, CostModel, batch_shape, is_generative, machine_id, memory_need
 from .protocol import ErrorCode, KernelError
-from .registry import ModelVersion, Registry, check_name
+from .registry import ModelVersion, check_name
 
 if TYPE_CHECKING:
     from .core import Request
-    from .plugins import Extensions
-    from .scheduler import BatchingConfig, Scheduler
+    from .scheduler import BatchingConfig
 
 #: Share of a hardware's memory that loaded models may use (CPU: of RAM).
 MEMORY_FRACTION = 0.8
 
 
-class ModelSyscalls:
+class ModelSyscalls(CoreServices):
     """Handlers and completion logic for everything that changes where models live."""
 
-    registry: Registry
-    ext: Extensions
-    devices: DeviceManager | None
-    scheduler: Scheduler
     costs: CostModel
     batching: BatchingConfig
     memory_budget: int | None
@@ -51,18 +47,8 @@ class ModelSyscalls:
     _kernel_task: tuple[Future[dict[str, Any]], Job] | None
     #: Finishes a promote job once its version is loaded (in CompressionSyscalls).
     _promoted: Callable[[Job], None]
-
-    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
-        raise NotImplementedError
-
-    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
-        raise NotImplementedError
-
-    def _fail_orphans(self) -> None:
-        raise NotImplementedError
-
-    def _candidates(self, job: Job) -> list[str]:
-        raise NotImplementedError
+    _fail_orphans: Callable[[], None]
+    _candidates: Callable[[Job], list[str]]
 
     # --- import and export (kernel pseudo-device) -------------------------------------
 

@@ -21,36 +21,19 @@ from typing import TYPE_CHECKING, Any
 from . import datasets
 from .devices import DeviceHost, HostState, Task
 from .jobs import Job, JobState, continue_ids_after
+from .mixin import CoreServices
 from .protocol import ErrorCode, KernelError, encode_event
-from .registry import Registry, check_name
+from .registry import check_name
 
 if TYPE_CHECKING:
-    from .config import KernelConfig
     from .core import Request
-    from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-class TrainingSyscalls:
+class TrainingSyscalls(CoreServices):
     """Handlers and completion logic for training and evaluation jobs."""
 
-    config: KernelConfig
-    registry: Registry
-    scheduler: Scheduler
-    active: dict[int, Job]
     per_owner: Any
-
-    def _admit(self, request: Request, device: str | None = None, **extra: Any) -> Job:
-        raise NotImplementedError
-
-    def _finish(self, job: Job, result: dict[str, Any], buffers: list[bytes] | None = None) -> None:
-        raise NotImplementedError
-
-    def _hosts(self) -> dict[str, DeviceHost]:
-        raise NotImplementedError
-
-    def _send(self, identity: bytes, frames: list[bytes]) -> None:
-        raise NotImplementedError
 
     # --- handlers ---------------------------------------------------------------------
 
