@@ -110,7 +110,7 @@ def test_stats_of_a_model_show_traffic_feedback_and_drift(home, tiny):
         for start in range(0, len(movies), 40):
             predictions += client.classify("watched", movies[start:start + 40])
         calm = client.stats("watched")
-        client.learn("watched", [{"text": t, "label": "fresh"} for t in movies[:10]])
+        client.learn("watched", [{"text": t, "label": "positive"} for t in movies[:10]])
         for start in range(0, len(drug_texts), 40):
             client.classify("watched", drug_texts[start:start + 40])
         drifted = client.stats("watched")
@@ -122,6 +122,6 @@ def test_stats_of_a_model_show_traffic_feedback_and_drift(home, tiny):
     assert calm["drift"]["confidence"] is not None
     assert drifted["drift"]["input_length"] > 0.25
     assert any(a["kind"] == "drift:input_length" for a in drifted["alerts"])
-    expected = sum(p["label"] == "fresh" for p in predictions[:10]) / 10
+    expected = sum(p["label"] == "positive" for p in predictions[:10]) / 10
     assert drifted["feedback"] == {"examples": 10, "judged": 10, "accuracy": expected}
     assert drifted["buffered_feedback"] == 10
