@@ -38,6 +38,7 @@ DELEGATED_HELP: dict[str, str] = {
     "learn": "send labelled feedback to a classifier (`llmos learn MODEL --feedback FILE|-`)",
     "update": "learn from a classifier's feedback: train, gate, promote (`llmos update MODEL`)",
     "rollback": "serve again the version that served before the current one (hot swap)",
+    "monitor": "a model's monitoring, live (`--plot PNG`: accuracy and drift over time)",
     "compress": "compress a classifier with a recipe, gated on accuracy",
     "promote": "make MODEL:VERSION serve MODEL (hot swap)",
 }
