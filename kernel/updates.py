@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from .devices import DeviceHost, Task
 from .feedback import Example, FeedbackStore
-from .jobs import Job, JobState
+from .jobs import Job
 from .learning import classifier_labels
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError, encode_event
+from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class UpdateSyscalls(CoreServices):
     _evaluation_data: Callable[[ModelVersion, dict[str, Any], str], dict[str, str]]
     _promote: Callable[[Request], Job | dict[str, Any]]
     _swap: Callable[..., Job | dict[str, Any]]
+    _next_quantum: Callable[[Job, dict[str, Any], tuple[str, ...]], bool]
     #: A request made by the kernel itself for ``owner`` (no client waits for its reply).
     _internal_request: Callable[[str, str, dict[str, Any]], Request]
 
@@ -126,14 +127,7 @@ class UpdateSyscalls(CoreServices):
         """A quantum finished: publish progress, requeue, or register the candidate."""
         progress = body["progress"]
         for job in jobs:
-            job.progress = {k: v for k, v in progress.items() if k != "report"}
-            if job.wants_events and job.reply_route:
-                identity, msg_id = job.reply_route
-                self._send(identity, encode_event(msg_id, "update", "progress", job.progress))
-            if not progress["done"]:
-                job.transition(JobState.QUEUED)  # yield: queued inference runs first
-                job.attempts = 0
-                self.scheduler.push(job)
+            if self._next_quantum(job, progress, ("report",)):
                 continue
             self._finish(job, self._register_candidate(job, progress["report"]))
             shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)

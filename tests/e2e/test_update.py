@@ -14,7 +14,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,12 @@ import torch
 
 from llmos import ErrorCode, KernelError
 from llmos.kernel.sources import _minilm_path
-from llmos.kernel.testing import KernelProcess, build_tiny_classifier, running_kernel
+from llmos.kernel.testing import (
+    KernelProcess,
+    build_tiny_classifier,
+    classify_load,
+    running_kernel,
+)
 from llmos.plugins.learning.session import gate
 from tests.conftest import short_home
 
@@ -138,35 +142,17 @@ def test_rollback_under_load_fails_no_request(kernel):
     with kernel.client() as client:
         current = serving(client, "films")
         assert current != "films:1"  # the promoted update
-    errors: list[str] = []
-    served: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with kernel.client() as client:
-            while not stop.is_set():
-                try:
-                    served.append(client.infer("films", "classify",
-                                               ["a lovely film, 4 scenes"])["model"])
-                except KernelError as exc:
-                    errors.append(str(exc))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        time.sleep(0.5)
+    with classify_load(kernel, "films", "a lovely film, 4 scenes") as load:
+        load.wait_for(20)
         with kernel.client() as client:
             result = client.rollback("films")
             assert result["model"] == "films:1" and result["previous"] == current
             assert serving(client, "films") == "films:1"
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    assert errors == []
-    assert current in served and served[-1] == "films:1"
+        load.marked.set()
+        load.wait_for(len(load.served) + 20)
+    assert load.errors == []
+    assert load.versions(after_mark=False) >= {current}
+    assert load.versions(after_mark=True) == {"films:1"}
     with kernel.client() as client, pytest.raises(KernelError) as info:
         client.rollback("films")
     assert info.value.code is ErrorCode.BAD_REQUEST
