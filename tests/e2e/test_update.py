@@ -179,7 +179,7 @@ def test_bad_updates_are_refused_and_write_nothing(kernel, model, options, code,
     assert after == before
 
 
-def test_too_little_feedback_is_refused(home, tmp_path):
+def test_updates_start_on_their_own_and_too_little_feedback_is_refused(home, tmp_path):
     tiny = build_tiny_classifier(tmp_path / "tiny", _minilm_path())
     data = tmp_path / "films.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in examples("films", 64, 0)))
@@ -188,6 +188,7 @@ def test_too_little_feedback_is_refused(home, tmp_path):
         client.import_model(path=str(tiny), name="tiny")
         client.train("tiny", path=str(data), name="films", epochs=1.0, batch_size=16,
                      max_tokens=16)
+        client.load("films")
         client.learn("films", examples("medicine", 5, 3))
         with pytest.raises(KernelError) as info:
             client.update("films")
@@ -195,14 +196,33 @@ def test_too_little_feedback_is_refused(home, tmp_path):
         assert "films has 5 usable feedback examples; it needs at least 10" in info.value.message
         # --update-after 12: the twelfth example starts an update on its own
         client.learn("films", examples("medicine", 7, 4))
-        for _ in range(1200):
-            jobs = [j for j in client.jobs() if j["syscall"] == "update"]
-            if jobs and jobs[0]["state"] in ("DONE", "FAILED"):
-                break
-            time.sleep(0.1)
-        made = [m for m in client.models() if m["model"] == "films" and m["version"] == 2]
-    assert jobs[0]["state"] == "DONE" and jobs[0]["owner"] == client.name
-    assert made and made[0]["recipe"]["feedback"]["examples"] == 12
+        first = wait_for_update(client, 1)
+        while any(j["state"] not in ("DONE", "FAILED", "CANCELLED") for j in client.jobs()):
+            time.sleep(0.05)  # a passing update's promotion is its own job
+        # 10 more examples (fewer than 12), then a drift alert: inputs far longer than the
+        # training texts start the next update
+        client.learn("films", examples("medicine", 10, 5))
+        long_texts = [" ".join(["a superb film"] * 15) + f" {i}" for i in range(60)]
+        client.classify("films", long_texts[:30])
+        assert not [j for j in client.jobs() if j["syscall"] == "update"][1:]
+        client.classify("films", long_texts[30:])
+        second = wait_for_update(client, 2)
+        made = {m["version"]: m for m in client.models() if m["model"] == "films"}
+    assert first["state"] == second["state"] == "DONE"
+    assert first["owner"] == second["owner"] == client.name
+    assert made[2]["recipe"]["feedback"]["examples"] == 12
+    assert made[3]["recipe"]["feedback"]["examples"] == 22
+
+
+def wait_for_update(client, count: int) -> dict:
+    """The ``count``-th update job, once it has ended."""
+    for _ in range(1200):
+        jobs = sorted((j for j in client.jobs() if j["syscall"] == "update"),
+                      key=lambda j: j["id"])
+        if len(jobs) >= count and jobs[count - 1]["state"] in ("DONE", "FAILED"):
+            return jobs[count - 1]
+        time.sleep(0.1)
+    raise AssertionError(f"update {count} did not end")
 
 
 def test_llmos_update_and_rollback_from_the_command_line(kernel):
