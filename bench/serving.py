@@ -8,7 +8,7 @@ characters so lengths vary as in real traffic, sampled with a fixed seed. Conten
 
 * ``hf-eager-1by1``: Hugging Face ``AutoModel`` fp32 on the bundled MiniLM, one request at a
   time (tokenize one sentence, forward, mean-pool, normalise), 2 torch threads;
-* ``in-process-batched``: one llmos driver (``--driver``; ``auto`` is OpenVINO for bf16, the
+* ``in-process-batched``: one llmos driver (``--driver``; ``auto`` is OpenVINO for bf16 and int8, the
   only driver that computes in it, else the host the kernel's autotune timed fastest at
   32x64) on a private copy of the model folder, fed by the
   kernel's own ``Scheduler`` (FifoPolicy, max batch 32, max queue delay 2 ms) in one worker
@@ -22,11 +22,13 @@ included alike. (a) and (b) serve a queue from one worker thread in this process
 kernel's thread count (``--threads``, default 2). (a) is what a plain transformers service
 does; (b) is the best the kernel's drivers and batching can do without IPC, so (c)/(b)
 shows the kernel's own cost. Contenders are interleaved, the order reversed every round, each
-warmed up first, so drift on a shared machine hits all alike. ``--precision bf16`` loads (b)
-(OpenVINO) and (c) in bf16, (a) stays fp32, and the bf16 embeddings are compared with fp32
-ones by cosine similarity (printed in both modes). Numbers on a small shared box are noisy.
+warmed up first, so drift on a shared machine hits all alike. ``--precision bf16`` (or
+``int8``: OpenVINO's nncf int8, calibrated on the bundled movie reviews) loads (b)
+(OpenVINO) and (c) with that precision allowed, (a) stays fp32, and the embeddings are
+compared with fp32 ones by cosine similarity (printed in every mode). Numbers on a small
+shared box are noisy.
 
-Run: ``.venv/bin/python bench/serving.py [--precision f32|bf16] [--clients 32]
+Run: ``.venv/bin/python bench/serving.py [--precision f32|bf16|int8] [--clients 32]
 [--requests 640] [--rounds 3] [--driver auto|torch|onnxruntime|openvino] [--json out.json]``.
 """
 
@@ -69,7 +71,9 @@ from llmos.kernel.scheduler.fifo import FifoPolicy
 from llmos.kernel.sources import _minilm_path
 from llmos.kernel.testing import running_kernel
 
-TARGET_VS_EAGER = {"f32": 2.0, "bf16": 3.0}
+TARGET_VS_EAGER = {"f32": 2.0, "bf16": 3.0, "int8": 3.0}
+#: int8 calibrates on the bundled movie reviews (the traffic is drug reviews).
+CALIBRATION = "reviews"
 TARGET_VS_INPROCESS = 0.9
 MIN_COSINE = 0.99
 DRIVERS = {"torch": "llmos.drivers.pytorch:TorchDriver",
@@ -252,8 +256,9 @@ def cosine(got: list[Any], reference: list[np.ndarray]) -> dict[str, float]:
 
 
 def pick_driver(precision: str, timings: dict[str, dict[str, float]]) -> str:
-    """OpenVINO for bf16; else the driver whose host the autotune timed fastest at 32x64."""
-    if precision == "bf16":
+    """OpenVINO for bf16 and int8; else the driver whose host the autotune timed fastest at
+    32x64."""
+    if precision in ("bf16", "int8"):
         return "openvino"
     timed = {host: table["32x64"] for host, table in timings.items() if "32x64" in table}
     return min(timed, key=lambda host: timed[host]).partition(":")[0] if timed else "openvino"
@@ -274,13 +279,17 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with running_kernel(tmp / "home", "--threads", str(args.threads)) as kernel:
         with kernel.client("bench-admin", timeout=900.0) as admin:
             admin.import_model("minilm")
-            res["kernel_load"] = admin.load("minilm", precision=args.precision)
+            res["kernel_load"] = admin.load(
+                "minilm", precision=args.precision,
+                calibrate=CALIBRATION if args.precision == "int8" else None)
             res["kernel_timings_ms"] = admin.models()[0]["timings_ms"]
         driver_name = (pick_driver(args.precision, res["kernel_timings_ms"])
                        if args.driver == "auto" else args.driver)
         module, _, cls = DRIVERS[driver_name].partition(":")
         driver: Driver = getattr(importlib.import_module(module), cls)("cpu", args.threads)
-        options = {"precision": args.precision} if driver_name == "openvino" else {}
+        options: dict[str, Any] = {"precision": args.precision} if driver_name == "openvino" else {}
+        if args.precision == "int8":
+            options["calibration"] = {"name": CALIBRATION}
         info = driver.load(HANDLE, str(model_dir), options)
         res["inprocess"] = {"driver": driver_name, "precision": info.precision}
         print(f"(b) uses {driver_name} computing in {info.precision}; kernel precisions: "
@@ -356,7 +365,7 @@ def report(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
+    parser.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32")
     parser.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
     parser.add_argument("--requests", type=int, default=640, help="per contender per round")
     parser.add_argument("--rounds", type=int, default=3)

@@ -94,14 +94,16 @@ class ExportedGraphDriver(Driver):
         self._models: dict[str, _Entry] = {}
 
     @abstractmethod
-    def open_graph(self, artifact: Path, options: dict[str, Any]) -> Graph:
-        """Open the artifact file on this driver's device; KernelError for bad options."""
+    def open_graph(self, artifact: Path, options: dict[str, Any],
+                   tokenizer: PreTrainedTokenizerBase) -> Graph:
+        """Open the artifact file on this driver's device (``tokenizer``: the model's, for
+        calibration); KernelError for bad options."""
 
     def load(self, handle: str, path: str, options: dict[str, Any]) -> LoadedModel:
         """Export (or reuse) the artifact, open it; ``classify`` iff the graph has logits."""
         artifact, _ = ensure_artifact(Path(path), self.artifact_format)
-        graph = self.open_graph(artifact, options)
         config, tokenizer = load_config_and_tokenizer(Path(path))
+        graph = self.open_graph(artifact, options, tokenizer)
         tasks, labels = ["embed"], []
         if "logits" in graph.outputs:
             tasks.append("classify")

@@ -41,7 +41,7 @@ class OnnxRuntimeDriver(ExportedGraphDriver):
         return {"device": self.device, "framework": f"onnxruntime {onnxruntime.__version__}",
                 "threads": self.threads, "memory_bytes": int(psutil.virtual_memory().total)}
 
-    def open_graph(self, artifact: Path, options: dict[str, Any]) -> Graph:
+    def open_graph(self, artifact: Path, options: dict[str, Any], tokenizer: Any) -> Graph:
         settings = onnxruntime.SessionOptions()
         settings.intra_op_num_threads = self.threads
         settings.inter_op_num_threads = 1

@@ -2,13 +2,20 @@
 
 Same tasks, inputs and outputs as the torch driver (see :mod:`llmos.drivers.common`).
 Computes in exact fp32 by default: OpenVINO would otherwise pick bf16 on CPUs that have it.
-Load option ``precision``: ``"f32"`` (default) or ``"bf16"`` (faster, ~1e-2 error); the
-precision OpenVINO actually uses is reported in the load reply. Devices: ``cpu``, ``gpu`` /
+Load option ``precision``: ``"f32"`` (default), ``"bf16"`` (~1e-2 error; slower than f32 on
+CPUs without AMX), or ``"int8"``: the IR quantized by nncf post-training quantization
+(weights and activations), calibrated on :data:`CALIBRATION_ROWS` training texts of the
+dataset in option ``calibration`` (``{"name"}`` or ``{"path"}``), cached beside the IR per
+dataset. The precision used is reported in the load reply. Devices: ``cpu``, ``gpu`` /
 ``gpu:N``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,10 @@ from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .common import ExportedGraphDriver, Graph
 
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
+#: Texts an int8 quantization is calibrated on, and how many go in one calibration batch.
+CALIBRATION_ROWS = 64
+CALIBRATION_BATCH = 8
 
 
 class OpenVinoDriver(ExportedGraphDriver):
@@ -48,12 +58,15 @@ class OpenVinoDriver(ExportedGraphDriver):
         return {"device": self.device, "framework": f"openvino {version('openvino')}",
                 "threads": self.threads, "memory_bytes": int(memory)}
 
-    def open_graph(self, artifact: Path, options: dict[str, Any]) -> Graph:
+    def open_graph(self, artifact: Path, options: dict[str, Any], tokenizer: Any) -> Graph:
         precision = options.get("precision", "f32")
         if precision not in PRECISIONS:
             raise KernelError(ErrorCode.BAD_REQUEST,
                               f"openvino precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+        if precision == "int8":
+            artifact = quantized(artifact, options.get("calibration"), tokenizer)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32" if precision == "int8"
+                                  else precision}  # int8 layers run int8; the rest exact
         if self._target == "CPU":
             config["INFERENCE_NUM_THREADS"] = self.threads
         compiled = self._core.compile_model(str(artifact), self._target, config)
@@ -62,6 +75,38 @@ class OpenVinoDriver(ExportedGraphDriver):
             result = compiled.create_infer_request().infer(feeds)
             return {name: result[name] for name in outputs}
 
+        used = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         return Graph(run=run, inputs=[i.get_any_name() for i in compiled.inputs],
                      outputs=[o.get_any_name() for o in compiled.outputs],
-                     precision=compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+                     precision="int8" if precision == "int8" else used)
+
+
+def quantized(artifact: Path, calibration: dict[str, str] | None, tokenizer: Any) -> Path:
+    """The int8 IR of ``artifact`` calibrated on ``calibration`` (a dataset spec), made once
+    and cached beside it (written under a temporary name, then renamed into place)."""
+    if not calibration:
+        raise KernelError(ErrorCode.BAD_REQUEST, "int8 needs calibration texts: load with "
+                          "calibrate (a bundled dataset or a CSV/JSONL path)")
+    key = hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:16]
+    target = artifact.with_name(f"int8-{key}.xml")
+    if target.exists():
+        return target
+    import nncf  # heavy: only for a quantization
+
+    from llmos.kernel import datasets
+
+    texts = datasets.load(**calibration).split("train")[0][:CALIBRATION_ROWS]
+    model = openvino.Core().read_model(str(artifact))
+    names = {i.get_any_name() for i in model.inputs}
+    batches = []
+    for start in range(0, len(texts), CALIBRATION_BATCH):
+        encoded = tokenizer(texts[start:start + CALIBRATION_BATCH], padding="longest",
+                            truncation=True, max_length=128, return_tensors="np")
+        batches.append({k: v.astype(np.int64) for k, v in encoded.items() if k in names})
+    int8 = nncf.quantize(model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(batches))
+    with tempfile.TemporaryDirectory(dir=artifact.parent) as staging:
+        openvino.save_model(int8, str(Path(staging) / "model.xml"), compress_to_fp16=False)
+        os.replace(Path(staging) / "model.bin", target.with_suffix(".bin"))
+        os.replace(Path(staging) / "model.xml", target)  # last: its presence means complete
+    return target

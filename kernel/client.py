@@ -84,12 +84,14 @@ class _Syscalls:
 
     def load(self, model: str, *, version: int | None = None, device: str | None = None,
              driver: str | None = None, precision: str | None = None,
-             max_seqs: int | None = None) -> Any:
+             calibrate: str | None = None, max_seqs: int | None = None) -> Any:
         """Load onto one device, one driver's devices, or (default) every driver, autotuned
-        (a generative model: onto the drivers that generate, ``max_seqs`` at once)."""
+        (a generative model: onto the drivers that generate, ``max_seqs`` at once).
+        ``precision`` is the lowest allowed (``bf16``, ``int8``: calibrated on
+        ``calibrate``, a bundled dataset or a file, default the version's training data)."""
         return self._call("load", {"model": model, "version": version, "device": device,
                                    "driver": driver, "precision": precision,
-                                   "max_seqs": max_seqs})
+                                   "calibrate": calibrate, "max_seqs": max_seqs})
 
     def export(self, model: str, to: str, *, version: int | None = None) -> Any:
         """Export to ``onnx`` or ``openvino``; the artifact is cached per version."""

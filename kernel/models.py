@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from . import datasets
 from .compression import serving_hosts
 from .devices import DeviceHost, HostState
 from .generation import GENERATE_BATCHING
@@ -171,7 +172,9 @@ class ModelSyscalls(CoreServices):
         generative = is_generative(version.path)
         hosts = serving_hosts(version, self._targets(request.args["device"], request.args["driver"],
                                                      generative))
-        options = {"precision": request.args["precision"]}
+        options: dict[str, Any] = {"precision": request.args["precision"]}
+        if request.args["precision"] == "int8":
+            options["calibration"] = self._calibration(version, request.args["calibrate"])
         if generative and request.args["max_seqs"]:
             options["max_seqs"] = request.args["max_seqs"]
         todo = [h for h in hosts if version.ref not in h.wanted
@@ -190,6 +193,24 @@ class ModelSyscalls(CoreServices):
         return self._admit(
             request, handle=version.ref, path=str(version.path), memory=need, options=options,
             targets=[h.name for h in todo], tune=tune, done=[h.name for h in hosts if h not in todo])
+
+    @staticmethod
+    def _calibration(version: ModelVersion, calibrate: str | None) -> dict[str, str]:
+        """The texts an int8 load calibrates on: ``calibrate`` (a bundled dataset or a file),
+        else the data the version was trained on; KernelError if neither."""
+        if calibrate in datasets.BUNDLED:
+            return {"name": calibrate}
+        if calibrate:
+            file = Path(calibrate).expanduser().resolve()
+            if not file.is_file():
+                raise KernelError(ErrorCode.NOT_FOUND, f"calibrate: {calibrate!r} is neither a "
+                                  f"bundled dataset ({', '.join(datasets.BUNDLED)}) nor a file")
+            return {"path": str(file)}
+        if version.recipe.get("data"):
+            return dict(version.recipe["data"])
+        raise KernelError(ErrorCode.BAD_REQUEST, f"load: precision int8 calibrates on texts, and "
+                          f"{version.ref} records no training data: pass calibrate (a bundled "
+                          f"dataset such as reviews, or a CSV/JSONL path)")
 
     def _unload(self, request: Request) -> Job:
         version = self.registry.resolve(request.args["model"], request.args["version"])

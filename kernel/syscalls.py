@@ -133,11 +133,14 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     ), "Export a model version to ONNX or OpenVINO IR (cached per version).", job=True),
     Syscall("load", (
         _MODEL, _VERSION, Arg("device", "str", maximum=128), Arg("driver", "str", maximum=64),
-        Arg("precision", "str", default="f32", choices=("f32", "bf16")),
+        Arg("precision", "str", default="f32", choices=("f32", "bf16", "int8")),
+        Arg("calibrate", "str", minimum=1, maximum=4096),
         Arg("max_seqs", "int", minimum=1, maximum=256), *_JOB_OPTIONS,
     ), "Load a model version: onto one device, one driver's, or (default) every driver, "
-       "timing each so batches go where they run fastest. Generative models go to drivers "
-       "that generate; max_seqs caps their running batch (default 16).", job=True),
+       "timing each so batches go where they run fastest. precision is the lowest each driver "
+       "may use (int8: OpenVINO, calibrated on the calibrate dataset or the version's training "
+       "data). Generative models go to drivers that generate; max_seqs caps their running "
+       "batch (default 16).", job=True),
     Syscall("unload", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
             "Unload a model version from a device (where it is loaded if not named).", job=True),
     Syscall("infer", (

@@ -33,7 +33,8 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
     Command("load", "Load a model version onto one device, one driver's devices, or every "
             "driver (default, autotuned).", _H + "load",
             (_MODEL, Param("device", "device", option=True), Param("driver", "driver", option=True),
-             Param("precision", option=True, choices=("f32", "bf16")),
+             Param("precision", option=True, choices=("f32", "bf16", "int8")),
+             Param("calibrate", "dataset", option=True, metavar="DATASET|PATH"),
              Param("max_seqs", "int", option=True, metavar="N"), *JOB_OPTIONS)),
     Command("unload", "Unload a model version from a device (everywhere if none is named).",
             _H + "unload", (_MODEL, Param("device", "device", option=True), *JOB_OPTIONS)),

@@ -167,7 +167,7 @@ def _work(args: argparse.Namespace, client: Client) -> int:
     if command == "load":
         output = views.loaded(client.load(args.model, version=args.version, device=args.device,
                                           driver=args.driver, precision=args.precision,
-                                          max_seqs=args.max_seqs))
+                                          calibrate=args.calibrate, max_seqs=args.max_seqs))
     elif command == "unload":
         output = views.unloaded(client.unload(args.model, version=args.version, device=args.device))
     elif command == "export":
@@ -227,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="driver:device, e.g. torch:cpu")
         if name == "load":
             p.add_argument("--driver", help="only this driver (default: every driver, autotuned)")
-            p.add_argument("--precision", choices=("f32", "bf16"), help="allow bf16 (OpenVINO)")
+            p.add_argument("--precision", choices=("f32", "bf16", "int8"),
+                           help="the lowest precision allowed (bf16, int8: OpenVINO)")
+            p.add_argument("--calibrate", metavar="DATASET|PATH",
+                           help="int8: texts to calibrate on (default: the training data)")
             p.add_argument("--max-seqs", type=int, help="generative models: most sequences "
                            "in the running batch (default 16)")
     export = sub.add_parser("export", help="export a model version to ONNX or OpenVINO IR")

@@ -175,7 +175,8 @@ def import_(context: ShellContext, args: Args) -> JobRequest:
 
 def load(context: ShellContext, args: Args) -> JobRequest:
     return JobRequest("load", {**_model(args), "device": args["device"], "driver": args["driver"],
-                               "precision": args["precision"], "max_seqs": args["max_seqs"]},
+                               "precision": args["precision"], "calibrate": args["calibrate"],
+                               "max_seqs": args["max_seqs"]},
                       views.loaded)
 
 
