@@ -30,8 +30,8 @@ from .common import ExportedGraphDriver, Graph
 
 PRECISIONS = ("f32", "bf16", "int8")
 #: Texts an int8 quantization is calibrated on, and how many go in one calibration batch.
-CALIBRATION_ROWS = 64
-CALIBRATION_BATCH = 8
+CALIBRATION_ROWS = 256
+CALIBRATION_BATCH = 16
 
 
 class OpenVinoDriver(ExportedGraphDriver):
