@@ -98,7 +98,7 @@ def test_rows_leave_and_padding_is_trimmed(parts):
     eng.step()  # the long prompt's sequence has finished
     assert [s.id for s in eng.batch.seqs] == [2]
     assert bool(eng.batch.mask.all())  # no padding column is left
-    assert eng.batch.layers[0][0].shape[2] == eng.batch.mask.shape[1]
+    assert eng.batch.cache.windows()[0][0].shape[2] == eng.batch.mask.shape[1]
 
 
 def test_cancel_running_and_waiting(parts):
