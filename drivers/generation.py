@@ -121,7 +121,8 @@ class GenerationEngine:
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.layers = int(model.config.get_text_config().num_hidden_layers)
         self.waiting: list[Sequence] = []
-        self.batch = _Batch([], RowCache(self.layers), torch.zeros(0, 0, dtype=torch.long))
+        self.batch = _Batch([], RowCache(self.layers, self.context),
+                            torch.zeros(0, 0, dtype=torch.long))
         #: The long prompt being prefilled in chunks (one at a time), if any.
         self.chunking: Sequence | None = None
         self.device = next(model.parameters()).device
@@ -257,7 +258,7 @@ class GenerationEngine:
         assert seq.swapped is not None
         layers, seq.swapped = seq.swapped, None
         length = layers[0][0].shape[2]
-        return _Batch([seq], RowCache.wrap(layers), torch.ones(1, length, dtype=torch.long))
+        return _Batch([seq], RowCache.wrap(layers, self.context), torch.ones(1, length, dtype=torch.long))
 
     def _prefill(self, seqs: list[Sequence], events: list[dict[str, Any]]) -> _Batch | None:
         """Run the prompts of ``seqs`` together; sample each one's first token."""
@@ -268,7 +269,7 @@ class GenerationEngine:
         mask = torch.tensor([[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids)
                              for s in seqs])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = RowCache(self.layers)
+        cache = RowCache(self.layers, self.context)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), cache=cache,
                          use_cache=True, logits_to_keep=1)
@@ -286,7 +287,7 @@ class GenerationEngine:
         sample its first token and return it as a part to merge (None if it finished)."""
         started = time.process_time()
         if seq.partial is None:
-            seq.partial = RowCache(self.layers)
+            seq.partial = RowCache(self.layers, self.context)
         end = min(len(seq.prompt_ids), seq.prefilled + self.max_prefill_tokens)
         ids = torch.tensor([seq.prompt_ids[seq.prefilled:end]], device=self.device)
         positions = torch.arange(seq.prefilled, end, device=self.device).unsqueeze(0)

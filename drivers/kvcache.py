@@ -7,8 +7,9 @@ every row and every layer, with each row's own tokens right-aligned in it (left 
 masked out by the caller's attention mask, is zeros). A forward pass writes its new keys and
 values in place at column ``end`` and attends over the window only (views, no copy), so a
 decode step costs no concatenation of the whole cache as :class:`~transformers.DynamicCache`
-does. Buffers grow geometrically when the window reaches the end of the columns, and are
-reallocated when rows join that do not fit; both copy the window once, to column 0.
+does. Buffers grow geometrically (up to the model's context) when the window reaches the
+end of the columns, and are reallocated when rows join that do not fit; both copy the
+window once, to column 0. They are freed when the last row leaves.
 
 Rows leave with :meth:`RowCache.keep` (the kept rows move to the front, leading padding shared
 by all of them is skipped), join with :meth:`RowCache.extend` (other caches' windows are copied
@@ -35,8 +36,9 @@ class _Layer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self) -> None:
+    def __init__(self, max_length: int) -> None:
         super().__init__()
+        self.max_length = max_length
         self.start = 0
         self.end = 0
 
@@ -53,20 +55,31 @@ class _Layer(CacheLayerMixin):
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        empty = key_states[:, :, :0]
-        self.set(empty, value_states[:, :, :0], 0, 0)
+        self.set(key_states[:, :, :0], value_states[:, :, :0], 0, 0)
 
-    def reserve(self, rows: int, columns: int, at_least: int) -> None:
+    def release(self) -> None:
+        """Drop the buffers (no row is left)."""
+        self.keys = self.values = None
+        self.start = self.end = 0
+        self.is_initialized = False
+
+    def capacity(self, needed: int, wanted: int) -> int:
+        """Columns for a new buffer: ``wanted``, but at most ``max_length``, and at least
+        ``needed``."""
+        return max(needed, min(wanted, self.max_length))
+
+    def reserve(self, rows: int, columns: int, wanted: int) -> None:
         """Make room for ``rows`` rows and ``columns`` columns after ``end``; a reallocation
-        gives at least ``at_least`` columns and moves the window to column 0."""
+        gives ``wanted`` columns if it can (see :meth:`capacity`) and moves the window to
+        column 0."""
         assert self.keys is not None and self.values is not None
         if rows <= self.keys.shape[0] and self.end + columns <= self.keys.shape[2]:
             return
         rows_now = min(rows, self.keys.shape[0])
         length = self.length
-        capacity = max(length + columns, at_least)
         keys, values = self.window(rows_now)
-        shape = (max(rows, self.keys.shape[0]), keys.shape[1], capacity, keys.shape[3])
+        shape = (max(rows, self.keys.shape[0]), keys.shape[1],
+                 self.capacity(length + columns, wanted), keys.shape[3])
         new_keys, new_values = keys.new_zeros(shape), values.new_zeros(shape)
         new_keys[:rows_now, :, :length] = keys
         new_values[:rows_now, :, :length] = values
@@ -100,10 +113,12 @@ class RowCache(Cache):
     """The KV cache of ``rows`` left-padded rows (see the module docstring).
 
     Contract: every forward pass through it feeds all ``rows`` rows (or, while it is empty,
-    sets ``rows`` to its batch size), with a 2-D attention mask of ``(rows, length + new)``."""
+    sets ``rows`` to its batch size), with a 2-D attention mask of ``(rows, length + new)``.
+    Buffers never get more than ``max_length`` columns unless the window needs them (give
+    the model's context), and are freed when the last row leaves."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[_Layer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, max_length: int) -> None:
+        super().__init__(layers=[_Layer(max_length) for _ in range(num_layers)])
         self._rows = 0
 
     @property
@@ -129,9 +144,9 @@ class RowCache(Cache):
         return [layer.window(self.rows) for layer in self._kv_layers]
 
     @classmethod
-    def wrap(cls, layers: Sequence[KV]) -> RowCache:
+    def wrap(cls, layers: Sequence[KV], max_length: int) -> RowCache:
         """A cache holding these per-layer tensors as its buffers, without a copy."""
-        cache = cls(len(layers))
+        cache = cls(len(layers), max_length)
         for layer, (keys, values) in zip(cache._kv_layers, layers, strict=True):
             layer.set(keys, values, 0, keys.shape[2])
         cache._rows = layers[0][0].shape[0]
@@ -144,7 +159,12 @@ class RowCache(Cache):
 
     def keep(self, rows: list[int], trim: int) -> None:
         """Keep only ``rows`` (in this order, moved to the front) and drop the first ``trim``
-        columns of the window (padding for every kept row)."""
+        columns of the window (padding for every kept row). Keeping none frees the buffers."""
+        self._rows = len(rows)
+        if not rows:
+            for layer in self._kv_layers:
+                layer.release()
+            return
         moved = rows != list(range(len(rows)))
         index = torch.tensor(rows)
         for layer in self._kv_layers:
@@ -155,21 +175,18 @@ class RowCache(Cache):
                 layer.keys[:len(rows), :, window] = layer.keys[index, :, window]
                 layer.values[:len(rows), :, window] = layer.values[index, :, window]
             layer.start += trim
-        self._rows = len(rows)
 
     def extend(self, others: Sequence[RowCache]) -> None:
         """Append the rows of ``others`` after this cache's rows, padding every row on the
         left to the longest window; reallocates (with room to double) only when needed."""
         old_rows = self._rows
-        length = max([other.length for other in others] + [self.length] * bool(old_rows))
+        length = max(self.length, *(other.length for other in others))
         rows = old_rows + sum(other.rows for other in others)
         windows = [other.windows() for other in others]
         for index, layer in enumerate(self._kv_layers):
             parts = [per_layer[index] for per_layer in windows]
             if not layer.is_initialized:
                 layer.lazy_initialization(*parts[0])
-            if not old_rows:
-                layer.start = layer.end  # nothing of the old window is kept
             self._grow_left(layer, old_rows, rows, length)
             assert layer.keys is not None and layer.values is not None
             first = old_rows
@@ -190,7 +207,7 @@ class RowCache(Cache):
         assert layer.keys is not None and layer.values is not None
         extra = length - layer.length
         if rows > layer.keys.shape[0] or extra > layer.start:
-            capacity = max(2 * length, layer.keys.shape[2])
+            capacity = layer.capacity(length, max(2 * length, layer.keys.shape[2]))
             shape = (rows, layer.keys.shape[1], capacity, layer.keys.shape[3])
             keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
             old_keys, old_values = layer.window(old_rows)

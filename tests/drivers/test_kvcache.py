@@ -6,6 +6,9 @@ import torch
 
 from llmos.drivers.kvcache import RowCache
 
+#: The longest window (a model's context); buffers never grow past it.
+LIMIT = 200
+
 
 def states(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, 2, length, 4), torch.randn(rows, 2, length, 4)
@@ -39,13 +42,13 @@ def step(cache: RowCache, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None
 
 def part(length: int, count: int = 1) -> tuple[RowCache, list[tuple[torch.Tensor, torch.Tensor]]]:
     keys, values = states(count, length)
-    cache = RowCache.wrap([(keys, values), (keys.clone(), values.clone())])
+    cache = RowCache.wrap([(keys, values), (keys.clone(), values.clone())], LIMIT)
     return cache, [(keys[i], values[i]) for i in range(count)]
 
 
 def test_rows_join_decode_across_growth_leave_and_rejoin():
     torch.manual_seed(0)
-    cache, rows = RowCache(2), []
+    cache, rows = RowCache(2, LIMIT), []
     first, first_rows = part(3, count=2)
     cache.extend([first])
     rows += first_rows
@@ -80,7 +83,7 @@ def test_rows_join_decode_across_growth_leave_and_rejoin():
 
 def test_a_row_is_copied_out_and_wrapped_back():
     torch.manual_seed(1)
-    cache, rows = RowCache(2), []
+    cache, rows = RowCache(2, LIMIT), []
     both, both_rows = part(4, count=1)
     other, other_rows = part(7, count=1)
     cache.extend([both, other])
@@ -88,20 +91,32 @@ def test_a_row_is_copied_out_and_wrapped_back():
     step(cache, rows)
     saved = cache.row(0, skip=3)  # its 3 padding columns stay behind
     cache.keep([1], 0)
-    back = RowCache.wrap(saved)
+    back = RowCache.wrap(saved, LIMIT)
     check(back, rows[:1])
     cache.extend([back])
     check(cache, [rows[1], rows[0]])
 
 
-def test_emptied_cache_is_reused_for_new_rows():
+def test_emptied_cache_frees_its_buffers_and_takes_new_rows():
     torch.manual_seed(2)
-    cache, rows = RowCache(2), []
+    cache, rows = RowCache(2, LIMIT), []
     first, rows = part(5)
     cache.extend([first])
     step(cache, rows)
     cache.keep([], cache.length)
-    assert cache.rows == 0 and cache.length == 0
+    assert cache.rows == 0 and cache.length == 0 and cache.layers[0].keys is None
     second, rows = part(3)
     cache.extend([second])
     check(cache, rows)
+
+
+def test_buffers_stop_growing_at_the_limit():
+    torch.manual_seed(3)
+    cache, rows = RowCache(2, LIMIT), []
+    first, rows = part(LIMIT - 10)
+    cache.extend([first])
+    assert cache.layers[0].keys.shape[2] == LIMIT
+    for _ in range(10):
+        step(cache, rows)
+    check(cache, rows)
+    assert cache.layers[0].keys.shape[2] == LIMIT
