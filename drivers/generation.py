@@ -10,9 +10,10 @@ One :class:`GenerationEngine` serves one loaded model inside a driver host. The 
    a prompt longer than that is prefilled in chunks of that size, one chunk a step;
 2. decodes one token for every running sequence in a single forward pass.
 
-Sequences join and leave the running batch between steps. The batch keeps one KV cache,
-left-padded to a common length with an attention mask, so every row attends only to its
-own tokens. A preempted sequence leaves with its own rows of the cache (copied out, kept in
+Sequences join and leave the running batch between steps. The batch keeps one KV cache
+(:class:`~llmos.drivers.kvcache.RowCache`: preallocated, written in place, grown
+geometrically), left-padded to a common length with an attention mask, so every row attends
+only to its own tokens. A preempted sequence leaves with its own rows of the cache (copied out, kept in
 host memory) and the token it sampled last; when it resumes, that state is padded back
 into the batch and decoding continues where it stopped: nothing is recomputed, and under
 greedy decoding its output equals an uninterrupted run's.
@@ -32,9 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llmos.kernel.protocol import ErrorCode, KernelError
+
+from .kvcache import KV, RowCache
 
 #: Roles a chat message may have.
 ROLES = ("system", "user", "assistant")
@@ -70,9 +73,9 @@ class Sequence:
     #: The token sampled last, not yet in the KV cache (None before prefill).
     pending: int | None = None
     #: Per layer (keys, values) of this sequence alone while it is preempted.
-    swapped: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    swapped: list[KV] | None = None
     #: The cache of a long prompt while it is prefilled chunk by chunk, and its progress.
-    partial: DynamicCache | None = None
+    partial: RowCache | None = None
     prefilled: int = 0
     preemptions: int = 0
     cpu_seconds: float = 0.0
@@ -87,16 +90,20 @@ class Sequence:
 
 @dataclass(slots=True)
 class _Batch:
-    """The running sequences, one row each, and their shared left-padded KV cache."""
+    """Sequences, one row each, and their shared left-padded KV cache."""
 
-    seqs: list[Sequence] = field(default_factory=list)
-    cache: DynamicCache = field(default_factory=DynamicCache)
-    #: 1 for a real token, 0 for left padding; shape (rows, cached length).
-    mask: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+    seqs: list[Sequence]
+    cache: RowCache
+    #: 1 for a real token, 0 for left padding; shape (rows, cache length).
+    mask: torch.Tensor
 
-    @property
-    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows``, and none of the padding columns they all share."""
+        mask = self.mask[torch.tensor(rows, dtype=torch.long)]
+        trim = int((mask == 0).all(0).long().cumprod(0).sum())  # leading all-padding columns
+        self.cache.keep(rows, trim)
+        self.seqs = [self.seqs[i] for i in rows]
+        self.mask = mask[:, trim:]
 
 
 class GenerationEngine:
@@ -112,8 +119,10 @@ class GenerationEngine:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.layers = int(model.config.get_text_config().num_hidden_layers)
         self.waiting: list[Sequence] = []
-        self.batch = _Batch()
+        self.batch = _Batch([], RowCache(self.layers, self.context),
+                            torch.zeros(0, 0, dtype=torch.long))
         #: The long prompt being prefilled in chunks (one at a time), if any.
         self.chunking: Sequence | None = None
         self.device = next(model.parameters()).device
@@ -240,9 +249,7 @@ class GenerationEngine:
     def _preempt(self, seq: Sequence) -> None:
         """Copy ``seq``'s own cache rows out of the batch and put it back in the queue."""
         row = self.batch.seqs.index(seq)
-        pad = int((self.batch.mask[row] == 0).sum())
-        seq.swapped = [(k[row:row + 1, :, pad:].clone(), v[row:row + 1, :, pad:].clone())
-                       for k, v in self.batch.layers]
+        seq.swapped = self.batch.cache.row(row, int((self.batch.mask[row] == 0).sum()))
         seq.preemptions += 1
         self._drop_rows({row})
         self.waiting.append(seq)
@@ -251,7 +258,7 @@ class GenerationEngine:
         assert seq.swapped is not None
         layers, seq.swapped = seq.swapped, None
         length = layers[0][0].shape[2]
-        return _Batch([seq], _cache(layers), torch.ones(1, length, dtype=torch.long))
+        return _Batch([seq], RowCache.wrap(layers, self.context), torch.ones(1, length, dtype=torch.long))
 
     def _prefill(self, seqs: list[Sequence], events: list[dict[str, Any]]) -> _Batch | None:
         """Run the prompts of ``seqs`` together; sample each one's first token."""
@@ -262,7 +269,7 @@ class GenerationEngine:
         mask = torch.tensor([[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids)
                              for s in seqs])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = RowCache(self.layers, self.context)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), cache=cache,
                          use_cache=True, logits_to_keep=1)
@@ -272,15 +279,15 @@ class GenerationEngine:
                     if self._accept(s, self._sample(out.logits[:, -1], seqs)[i], events)}
         if len(finished) == len(seqs):
             return None
-        keep = [i for i in range(len(seqs)) if i not in finished]
-        return _select(part, keep)
+        part.keep([i for i in range(len(seqs)) if i not in finished])
+        return part
 
     def _prefill_chunk(self, seq: Sequence, events: list[dict[str, Any]]) -> _Batch | None:
         """Feed the next ``max_prefill_tokens`` of a long prompt; after the last chunk,
         sample its first token and return it as a part to merge (None if it finished)."""
         started = time.process_time()
         if seq.partial is None:
-            seq.partial = DynamicCache()
+            seq.partial = RowCache(self.layers, self.context)
         end = min(len(seq.prompt_ids), seq.prefilled + self.max_prefill_tokens)
         ids = torch.tensor([seq.prompt_ids[seq.prefilled:end]], device=self.device)
         positions = torch.arange(seq.prefilled, end, device=self.device).unsqueeze(0)
@@ -375,50 +382,16 @@ class GenerationEngine:
     # --- the batch's cache ----------------------------------------------------------------
 
     def _merge(self, parts: list[_Batch]) -> None:
-        """Join ``parts`` to the running batch, left-padding every cache to one length."""
-        if self.batch.seqs:
-            parts = [self.batch, *parts]
-        length = max(p.mask.shape[1] for p in parts)
-        per_part = [p.layers for p in parts]
-        layers = []
-        for index in range(len(per_part[0])):
-            keys = [_left_pad(part[index][0], length) for part in per_part]
-            values = [_left_pad(part[index][1], length) for part in per_part]
-            layers.append((torch.cat(keys), torch.cat(values)))
-        mask = torch.cat([_left_pad_mask(p.mask, length) for p in parts])
-        self.batch = _Batch([s for p in parts for s in p.seqs], _cache(layers), mask)
+        """Join ``parts`` to the running batch, left-padding every row to one length."""
+        batch = self.batch
+        batch.cache.extend([p.cache for p in parts])
+        length = batch.cache.length
+        batch.mask = torch.cat([_left_pad_mask(p.mask, length) for p in [batch, *parts]])
+        batch.seqs += [s for p in parts for s in p.seqs]
 
     def _drop_rows(self, rows: set[int]) -> None:
-        if not rows:
-            return
-        keep = [i for i in range(len(self.batch.seqs)) if i not in rows]
-        self.batch = _select(self.batch, keep) if keep else _Batch()
-
-
-def _select(batch: _Batch, keep: list[int]) -> _Batch:
-    """The rows ``keep`` of ``batch``, without the padding columns they all share."""
-    index = torch.tensor(keep)
-    mask = batch.mask[index]
-    trim = int((mask == 0).all(0).long().cumprod(0).sum())  # leading all-padding columns
-    layers = [(k[index.to(k.device), :, trim:], v[index.to(v.device), :, trim:])
-              for k, v in batch.layers]
-    return _Batch([batch.seqs[i] for i in keep], _cache(layers), mask[:, trim:])
-
-
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A cache holding these tensors as they are (the constructor would copy them)."""
-    cache = DynamicCache(ddp_cache_data=[(k[:, :, :0], v[:, :, :0]) for k, v in layers])
-    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
-        layer.keys, layer.values = keys, values
-    return cache
-
-
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - tensor.shape[2]
-    if missing == 0:
-        return tensor
-    shape = (tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+        if rows:
+            self.batch.keep([i for i in range(len(self.batch.seqs)) if i not in rows])
 
 
 def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:

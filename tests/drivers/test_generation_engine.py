@@ -98,7 +98,7 @@ def test_rows_leave_and_padding_is_trimmed(parts):
     eng.step()  # the long prompt's sequence has finished
     assert [s.id for s in eng.batch.seqs] == [2]
     assert bool(eng.batch.mask.all())  # no padding column is left
-    assert eng.batch.layers[0][0].shape[2] == eng.batch.mask.shape[1]
+    assert eng.batch.cache.windows()[0][0].shape[2] == eng.batch.mask.shape[1]
 
 
 def test_cancel_running_and_waiting(parts):
@@ -164,3 +164,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(parts):
     assert len(running_tokens) >= 4
     rest = run(eng)
     assert finishes(rest)[2]["text"] == expected["text"]
+
+
+def test_rows_joining_and_leaving_across_cache_growth_match_generate_alone(parts):
+    """The preallocated cache grows several times and rows leave and join between steps;
+    every sequence still gets exactly transformers' greedy ``generate`` output run alone."""
+    model, tokenizer = parts
+    requests = {1: ("the parcel is late", 40), 2: ("a refund please for the broken item", 6),
+                3: ("hello", 25), 4: ("where can I find my order number today", 30)}
+    eng = engine(parts, max_seqs=3)
+    submit(eng, 1, requests[1][0], max_tokens=requests[1][1])
+    events = run(eng, steps=3)
+    for seq_id in (2, 3):
+        submit(eng, seq_id, requests[seq_id][0], max_tokens=requests[seq_id][1])
+    events += run(eng, steps=10)  # 2 has left, 1 and 3 decode on
+    submit(eng, 4, requests[4][0], max_tokens=requests[4][1])  # joins the leftover rows
+    events += run(eng)
+    done = finishes(events)
+    for seq_id, (prompt, tokens) in requests.items():
+        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+        out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        want = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert done[seq_id]["completion_tokens"] == tokens
+        assert done[seq_id]["text"] == want
