@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "llmos.drivers.builtin",
     "llmos.shell.builtin_commands",
     "llmos.plugins.compression",
+    "llmos.plugins.parallel",
 )
 
 ENTRY_POINT_GROUP = "llmos"
