@@ -86,9 +86,9 @@ def plan_for(pm: pluggy.PluginManager, syscall: str, args: dict[str, Any],
     if plan is None:
         asked = [k for k in ("replicas", "stages", "world_size") if (args.get(k) or 1) > 1]
         if asked or args.get("parallel") not in (None, "none"):
-            raise KernelError(ErrorCode.BAD_REQUEST,
-                              f"{syscall}: no plugin plans parallelism here ({', '.join(asked) or 'parallel'} "
-                              "asked); is llmos.plugins.parallel disabled?")
+            what = ", ".join(asked) or "parallel"
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{syscall}: no plugin plans parallelism "
+                              f"here ({what} asked); is llmos.plugins.parallel disabled?")
         return Plan()
     if not isinstance(plan, Plan):
         raise KernelError(ErrorCode.INTERNAL, f"a llmos_plan_parallelism hook returned {plan!r}")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import datasets

@@ -106,6 +106,14 @@ def _kernel(args: argparse.Namespace) -> int:
         record = start_detached(home, kernel_argv(args))
         render.console.print(f"kernel pid {record['pid']} listening on {record['address']}")
         return 0
+    if args.kernel_command == "join":
+        from llmos.plugins.parallel.launch import join
+
+        try:
+            return join(args.rendezvous, args.world_size, args.rank, args.ranks)
+        except ValueError as exc:
+            render.error("BAD_REQUEST", str(exc))
+            return 2
     address = resolve_address(args)
     if args.kernel_command == "status":
         with Client(address) as client:
@@ -188,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernel_options(start)
     _keep_global(start, "home")
     start.add_argument("--detach", action="store_true", help="run in the background")
+    join = ksub.add_parser("join", help="run DDP ranks of a kernel's train job from this "
+                           "machine (see docs/distributed.md)")
+    join.add_argument("rendezvous", metavar="HOST:PORT", help="the job's rendezvous address")
+    join.add_argument("--world-size", type=int, required=True, help="ranks in the job in all")
+    join.add_argument("--rank", type=int, required=True, help="the first rank to run here")
+    join.add_argument("--ranks", type=int, default=1, help="how many ranks to run here")
     ksub.add_parser("status", help="show the running kernel's info")
     ksub.add_parser("stop", help="shut the kernel down")
 

@@ -31,8 +31,7 @@ import json
 import math
 import os
 import subprocess
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
@@ -43,38 +42,13 @@ from torch.nn.parallel import DistributedDataParallel
 from llmos.drivers.training import TrainingSession, TrainSpec
 from llmos.kernel.protocol import ErrorCode, KernelError
 
+from .launch import DdpSpec, rank_environment, start_ranks
+
 #: How long a collective (and the rendezvous) may wait: between two quanta the other
 #: ranks wait for rank 0's next command, while the host serves other work.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 #: Commands rank 0 broadcasts before each step.
 STOP, STEP = 0, 1
-
-
-@dataclass(frozen=True, slots=True)
-class DdpSpec:
-    """Where the ranks meet and how many there are (from the kernel's plan)."""
-
-    world_size: int
-    local_ranks: int
-    master_addr: str
-    master_port: int
-
-
-def rank_environment(ddp: DdpSpec, rank: int, local_rank: int) -> dict[str, str]:
-    """The torchrun environment of one rank (one thread each, as torchrun sets it)."""
-    return {"MASTER_ADDR": ddp.master_addr, "MASTER_PORT": str(ddp.master_port),
-            "RANK": str(rank), "WORLD_SIZE": str(ddp.world_size), "LOCAL_RANK": str(local_rank),
-            "OMP_NUM_THREADS": "1"}
-
-
-def start_ranks(ddp: DdpSpec, ranks: range) -> list[subprocess.Popen[bytes]]:
-    """Start ``ranks`` on this machine as ``python -m llmos.plugins.parallel.rank``; their
-    local ranks count from 0 on a joining machine, from 1 next to rank 0."""
-    first_local = 1 if ranks.start == 1 else 0
-    return [subprocess.Popen([sys.executable, "-m", "llmos.plugins.parallel.rank"],
-                             env={**os.environ, **rank_environment(ddp, rank, first_local + i)},
-                             stdin=subprocess.DEVNULL)
-            for i, rank in enumerate(ranks)]
 
 
 def join_group(ddp: DdpSpec, rank: int) -> None:

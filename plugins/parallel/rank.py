@@ -29,7 +29,8 @@ def _exit_with_parent(parent: int) -> None:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank %(levelname)s %(message)s")
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    from .ddp import DdpSpec, DistributedSession, join_group, leave_group, share_spec
+    from .ddp import DistributedSession, join_group, leave_group, share_spec
+    from .launch import DdpSpec
 
     rank = int(os.environ["RANK"])
     ddp = DdpSpec(int(os.environ["WORLD_SIZE"]), 0, os.environ["MASTER_ADDR"],
