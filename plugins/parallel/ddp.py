@@ -53,8 +53,6 @@ STOP, STEP = 0, 1
 
 def join_group(ddp: DdpSpec, rank: int) -> None:
     """``init_process_group`` over env:// (the variables of :func:`rank_environment`)."""
-    if dist.is_initialized():
-        raise KernelError(ErrorCode.BUSY, "this process already belongs to a DDP job")
     os.environ.update(rank_environment(ddp, rank, int(os.environ.get("LOCAL_RANK", 0))))
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=ddp.world_size,
                             timeout=COLLECTIVE_TIMEOUT)
@@ -88,6 +86,9 @@ class DistributedSession(TrainingSession):
     @classmethod
     def launch(cls, spec: TrainSpec, threads: int, ddp: dict[str, Any]) -> DistributedSession:
         """Rank 0 in the driver host: start the local ranks, meet them all, share the spec."""
+        if dist.is_initialized():
+            raise KernelError(ErrorCode.BUSY, "this driver host already runs a DDP job; "
+                              "retry when it ends")
         plan = DdpSpec(**ddp)
         procs = start_ranks(plan, range(1, plan.local_ranks))
         try:
