@@ -186,7 +186,7 @@ def test_ddp_with_two_ranks_matches_one_process_and_ranks_stay_identical(kernel,
 
 
 def test_killing_a_rank_fails_the_job_cleanly_and_it_resumes(kernel, tmp_path):
-    data = sentiment_csv(tmp_path / "ddp.csv", rows=600)
+    data = sentiment_csv(tmp_path / "ddp.csv", rows=400)
     args = {"model": "minilm", "path": str(data), "name": "killed", "epochs": 1,
             "batch_size": 16, "max_tokens": 32, "quantum": 0.3, "checkpoint_every": 0,
             "parallel": "ddp", "world_size": 2}
@@ -204,8 +204,9 @@ def test_killing_a_rank_fails_the_job_cleanly_and_it_resumes(kernel, tmp_path):
         port = int(progress["rendezvous"].rsplit(":", 1)[1])
         checkpoint = kernel.home / "jobs" / str(job_id) / "checkpoint" / "state.json"
         saved = checkpoint.read_text()
-        resumed = client.submit("train", {"model": "minilm", "resume": job_id, "quantum": 0.5,
-                                          "parallel": "ddp", "world_size": 2}, events=True)
+        # a DDP checkpoint is a single process's: resume it with one (faster here)
+        resumed = client.submit("train", {"model": "minilm", "resume": job_id, "quantum": 0.5},
+                                events=True)
         result = resumed.result()
         steps = [e.body["step"] for e in resumed.events if e.event == "progress"]
     assert failed.value.code is ErrorCode.DEVICE_FAILED
@@ -213,7 +214,7 @@ def test_killing_a_rank_fails_the_job_cleanly_and_it_resumes(kernel, tmp_path):
     assert job["state"] == "FAILED" and "--resume" in job["error"]
     assert not psutil.pid_exists(rank1) or psutil.Process(rank1).status() == psutil.STATUS_ZOMBIE
     assert _port_is_free(port)
-    assert result["model"].startswith("killed:") and result["steps"] == 30
+    assert result["model"].startswith("killed:") and result["steps"] == 20
     assert steps[0] > int(json.loads(saved)["step"])  # continued, not restarted
     assert not checkpoint.parent.parent.exists()  # the old job's folder is cleaned after success
 
