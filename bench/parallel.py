@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import tempfile
 import threading
@@ -112,6 +113,7 @@ def main() -> int:
                               "sync_checks": progress[-1].get("sync_checks")}
             print(f"{name}: {accuracy[name]}", flush=True)
         results["accuracy"] = accuracy
+    shutil.rmtree(home, ignore_errors=True)
     report(results)
     if ARGS.json:
         ARGS.json.write_text(json.dumps(results, indent=2))

@@ -52,8 +52,10 @@ STOP, STEP = 0, 1
 
 
 def join_group(ddp: DdpSpec, rank: int) -> None:
-    """``init_process_group`` over env:// (the variables of :func:`rank_environment`)."""
-    os.environ.update(rank_environment(ddp, rank, int(os.environ.get("LOCAL_RANK", 0))))
+    """``init_process_group`` over env:// (the variables of :func:`rank_environment`; the
+    thread count stays the process's own)."""
+    env = rank_environment(ddp, rank, int(os.environ.get("LOCAL_RANK", 0)))
+    os.environ.update({k: v for k, v in env.items() if k != "OMP_NUM_THREADS"})
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=ddp.world_size,
                             timeout=COLLECTIVE_TIMEOUT)
 

@@ -38,7 +38,8 @@ def main() -> int:
     try:
         join_group(ddp, rank)
         spec = share_spec(None)
-        DistributedSession(spec, 2, ddp, rank).follow()
+        threads = int(os.environ.get("OMP_NUM_THREADS", "1")) + 1  # a session uses threads - 1
+        DistributedSession(spec, threads, ddp, rank).follow()
     except RuntimeError as exc:
         log.error("rank %d stopped: %s", rank, str(exc).splitlines()[0] if str(exc) else exc)
         return 1
