@@ -83,8 +83,14 @@ class Driver(ABC):
         done also the ``report`` and the saved ``output`` folder (None if the gate failed)."""
         raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot compress")
 
+    def update(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Run about ``seconds`` of update job ``job`` (see
+        :mod:`llmos.plugins.learning.session`); returns progress, and when the job is done
+        also the ``report`` (with the gate's verdict); the candidate is in ``spec["output"]``."""
+        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot learn")
+
     def forget(self, job: str) -> None:  # noqa: B027 (optional: only trainers keep state)
-        """Drop the in-memory state of training or compress job ``job``."""
+        """Drop the in-memory state of training, compress or update job ``job``."""
 
     def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
         """Accuracy, macro-F1 and confusion matrix of the classifier in ``path``."""

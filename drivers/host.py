@@ -96,6 +96,8 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process,
             body["progress"] = driver.train(task["job"], task["spec"], task["seconds"])
         elif op == "compress":
             body["progress"] = driver.compress(task["job"], task["spec"], task["seconds"])
+        elif op == "update":
+            body["progress"] = driver.update(task["job"], task["spec"], task["seconds"])
         elif op == "forget":
             driver.forget(task["job"])
         elif op == "evaluate":

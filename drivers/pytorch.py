@@ -9,6 +9,7 @@ for causal language models, through one continuous-batching engine per loaded mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,8 @@ class TorchDriver(Driver):
         self._sessions: dict[str, TrainingSession] = {}
         #: Finish events of generations whose model was unloaded, sent with the next step.
         self._orphaned: list[dict[str, Any]] = []
-        self._compressions: dict[str, Any] = {}
+        #: Sessions of plugin jobs (compress, update) between quanta, by job id.
+        self._job_sessions: dict[str, Any] = {}
 
     def describe(self) -> dict[str, Any]:
         if self._torch_device.type == "cuda":
@@ -181,10 +183,21 @@ class TorchDriver(Driver):
     def compress(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
         from llmos.plugins.compression.session import CompressionSession, CompressSpec
 
-        session = self._compressions.get(job)
+        return self._run_session(job, lambda: CompressionSession(CompressSpec(**spec),
+                                                                 self.threads), seconds)
+
+    def update(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+        from llmos.plugins.learning.session import UpdateSession, UpdateSpec
+
+        return self._run_session(job, lambda: UpdateSession(UpdateSpec(**spec), self.threads),
+                                 seconds)
+
+    def _run_session(self, job: str, make: Callable[[], Any], seconds: float) -> dict[str, Any]:
+        """One quantum of a plugin's job session (made on the first); forgotten when done
+        or failed."""
+        session = self._job_sessions.get(job)
         if session is None:
-            session = self._compressions[job] = CompressionSession(CompressSpec(**spec),
-                                                                   self.threads)
+            session = self._job_sessions[job] = make()
         try:
             progress = session.run(seconds)
         except BaseException:
@@ -198,7 +211,7 @@ class TorchDriver(Driver):
         session = self._sessions.pop(job, None)
         if session is not None:
             session.close()
-        self._compressions.pop(job, None)
+        self._job_sessions.pop(job, None)
 
     def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
         return evaluate_folder(path, data, split, seed)

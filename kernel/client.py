@@ -153,6 +153,18 @@ class _Syscalls:
         """Make ``model:version`` serve ``model`` (hot swap; no request fails)."""
         return self._call("promote", {"model": model, "version": version})
 
+    def update(self, model: str, method: str = "lora", **options: Any) -> Any:
+        """Learn from ``model``'s feedback buffer with an update method (lora, online,
+        finetune); waits for the gated candidate: ``model``, ``passed``, ``reason``,
+        ``promoted`` and the ``report`` (options: version, params, replay, distill, max_drop,
+        holdout, limit, promote, data, path, seed, max_tokens, eval_limit, quantum,
+        priority, timeout)."""
+        return self._call("update", {"model": model, "method": method, **options})
+
+    def rollback(self, model: str) -> Any:
+        """Serve again the version that served ``model`` before the current one (hot swap)."""
+        return self._call("rollback", {"model": model})
+
     def jobs(self, *, owner: str | None = None, finished: bool = True) -> Any:
         return self._call("jobs", {"owner": owner, "finished": finished}, _field("jobs"))
 

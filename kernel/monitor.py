@@ -13,7 +13,9 @@ traffic against the version's training data:
 PSI below 0.1 is usually read as no shift, 0.1-0.25 as moderate, above 0.25 as a shift
 that needs action; crossing :data:`DRIFT_ALERT` raises an alert (logged and listed by
 ``stats``). Accuracy from feedback counts each ``learn`` example whose text this version
-classified recently: was its prediction the label the client sent?
+classified recently: was its prediction the label the client sent? A ``history`` of
+accuracy and drift takes a point at most every :data:`HISTORY_EVERY` seconds while traffic
+or feedback arrives (``monitor --plot`` draws it).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ MIN_OBSERVATIONS = 50
 DRIFT_ALERT = 0.25
 #: Recent predictions remembered (by text digest) to judge feedback against.
 REMEMBERED_PREDICTIONS = 10_000
+#: The history (for ``monitor --plot``) takes a point at most this often, and keeps this many.
+HISTORY_EVERY = 1.0
+HISTORY_POINTS = 1000
 
 
 def words(text: str) -> int:
@@ -125,7 +130,10 @@ class ModelMonitor:
     judged: deque[bool] = field(default_factory=lambda: deque(maxlen=WINDOW))
     feedback: int = 0
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
+    #: Points over time: time, texts seen, rolling feedback accuracy, drift scores.
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
     _alerting: set[str] = field(default_factory=set)
+    _sampled_at: float = 0.0
 
     def record(self, texts: list[str], seconds: float, predictions: list[tuple[str, float]]) -> None:
         """One finished infer job: its texts, its latency and (classify) label/confidence."""
@@ -143,6 +151,7 @@ class ModelMonitor:
         while len(self.predictions) > REMEMBERED_PREDICTIONS:
             self.predictions.popitem(last=False)
         self._check_drift()
+        self._sample()
 
     def record_error(self) -> None:
         self.errors += 1
@@ -154,6 +163,18 @@ class ModelMonitor:
             predicted = self.predictions.get(_digest(text))
             if predicted is not None:
                 self.judged.append(predicted == label)
+        self._sample()
+
+    def accuracy(self) -> float | None:
+        """Rolling accuracy of the judged feedback (None: nothing judged yet)."""
+        return sum(self.judged) / len(self.judged) if self.judged else None
+
+    def _sample(self) -> None:
+        now = time.time()
+        if now - self._sampled_at >= HISTORY_EVERY:
+            self._sampled_at = now
+            self.history.append({"time": now, "texts": self.texts, "accuracy": self.accuracy(),
+                                 **{f"drift_{k}": v for k, v in self.drift().items()}})
 
     def drift(self) -> dict[str, float | None]:
         """PSI of input length and of confidence against the references (None: too little
@@ -194,6 +215,6 @@ class ModelMonitor:
                            "reference": self.confidence_reference,
                            "edges": list(CONFIDENCE_EDGES)},
             "feedback": {"examples": self.feedback, "judged": len(self.judged),
-                         "accuracy": sum(self.judged) / len(self.judged) if self.judged else None},
-            "drift": self.drift(), "alerts": list(self.alerts),
+                         "accuracy": self.accuracy()},
+            "drift": self.drift(), "alerts": list(self.alerts), "history": list(self.history),
         }

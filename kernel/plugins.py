@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pluggy
 
 from . import hookspecs
-from .recipes import StepRegistry
+from .recipes import StepRegistry, UpdateMethodRegistry
 from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "llmos.drivers.builtin",
     "llmos.shell.builtin_commands",
     "llmos.plugins.compression",
+    "llmos.plugins.learning",
     "llmos.plugins.parallel",
 )
 
@@ -61,15 +62,18 @@ class Extensions:
     policies: PolicyRegistry
     sources: SourceRegistry
     compression_steps: StepRegistry
+    update_methods: UpdateMethodRegistry
 
 
 def collect(pm: pluggy.PluginManager) -> Extensions:
     """Call the registration hooks once and return the filled registries."""
-    ext = Extensions(DriverRegistry(), PolicyRegistry(), SourceRegistry(), StepRegistry())
+    ext = Extensions(DriverRegistry(), PolicyRegistry(), SourceRegistry(), StepRegistry(),
+                     UpdateMethodRegistry())
     pm.hook.llmos_register_drivers(drivers=ext.drivers)
     pm.hook.llmos_register_policies(policies=ext.policies)
     pm.hook.llmos_register_model_sources(sources=ext.sources)
     pm.hook.llmos_register_compression_steps(steps=ext.compression_steps)
+    pm.hook.llmos_register_update_methods(methods=ext.update_methods)
     return ext
 
 

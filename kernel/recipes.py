@@ -1,10 +1,14 @@
-"""Compression recipes: the steps plugins register, and checking a recipe before any work.
+"""Plugin methods the kernel checks before any work: compression steps and update methods.
 
 A recipe is an ordered list of steps, each a map ``{"step": NAME, PARAM: VALUE, ...}``.
 Plugins add steps through ``llmos_register_compression_steps(steps)`` with
 ``steps.add(StepSpec(...))``. A :class:`StepSpec` names its function by qualname, so the
 kernel validates recipes without importing torch; the function is imported and run only in
 the driver host that compresses (see :mod:`llmos.plugins.compression.session`).
+
+Update methods (``llmos_register_update_methods``) use the same :class:`StepSpec`: a
+function named by qualname, run in the driver host that learns (see
+:mod:`llmos.plugins.learning.session`), and parameters checked in the kernel.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ MAX_STEPS = 16
 
 @dataclass(frozen=True, slots=True)
 class StepSpec:
-    """A compression method.
+    """A compression step or an update method.
 
-    ``qualname`` (``"package.module:function"``) names ``function(candidate, params,
-    context) -> candidate`` (see :mod:`llmos.plugins.compression.candidate`); ``params``
-    are checked like syscall arguments, defaults filled in, before a job is created.
+    ``qualname`` (``"package.module:function"``) names the function the driver host runs:
+    for a step, ``function(candidate, params, context) -> candidate`` (see
+    :mod:`llmos.plugins.compression.candidate`); for an update method, see
+    :mod:`llmos.plugins.learning.methods`. ``params`` are checked like syscall arguments,
+    defaults filled in, before a job is created.
     """
 
     name: str
@@ -37,11 +43,10 @@ class StepSpec:
     #: Checks the parameters together (cheaply): an error message, or None when they fit.
     consistent: Callable[[dict[str, Any]], str | None] = lambda params: None
 
-    def check(self, index: int, given: dict[str, Any]) -> dict[str, Any]:
-        """The step's parameters with defaults; KernelError(BAD_REQUEST) naming the step."""
+    def check(self, where: str, given: dict[str, Any]) -> dict[str, Any]:
+        """The parameters with defaults; KernelError(BAD_REQUEST) starting with ``where``."""
         known = {p.name for p in self.params}
         unknown = sorted(set(given) - known)
-        where = f"recipe step {index + 1} ({self.name})"
         if unknown:
             raise KernelError(ErrorCode.BAD_REQUEST,
                               f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
@@ -80,5 +85,20 @@ class StepRegistry(NamedRegistry[StepSpec]):
                                   f"recipe step {index + 1} has no 'step' name")
             spec = self.get(name)
             steps.append({"step": name, "qualname": spec.qualname,
-                          "params": spec.check(index, params)})
+                          "params": spec.check(f"recipe step {index + 1} ({name})", params)})
         return steps
+
+
+class UpdateMethodRegistry(NamedRegistry[StepSpec]):
+    def __init__(self) -> None:
+        super().__init__("update method")
+
+    def add(self, spec: StepSpec) -> None:  # type: ignore[override]
+        super().add(spec.name, spec)
+
+    def resolve(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """``{"method", "qualname", "params"}``; KernelError NOT_FOUND for an unknown
+        method, BAD_REQUEST for a bad parameter."""
+        spec = self.get(method)
+        return {"method": method, "qualname": spec.qualname,
+                "params": spec.check(f"update method {method}", params)}

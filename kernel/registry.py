@@ -37,6 +37,9 @@ _ALLOWED_FILES = re.compile(
     r"added_tokens\.json|chat_template\.(jinja|json)|"
     r"model\.onnx|openvino_model\.(xml|bin)|meta\.json)$"
 )
+#: A version made by a LoRA update also keeps its adapter, in PEFT's own format, here.
+ADAPTER_DIR = "adapter"
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _PICKLE_WEIGHTS = re.compile(r".*\.(bin|pt|pth|pkl|ckpt)$")
 
 _SCHEMA = """
@@ -54,6 +57,11 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY,
     serving INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS serving_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    version INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS journal (
     job INTEGER PRIMARY KEY,
@@ -188,8 +196,9 @@ class Registry:
         ``name`` returns that version with created=False.
         """
         check_name(name)
-        files = _select_files(Path(source))
-        digest = digest_files(files)
+        source = Path(source)
+        files = _select_files(source)
+        digest = digest_files(files, source)
         with self._lock:
             row = self._db.execute(
                 "SELECT * FROM versions WHERE model = ? AND sha256 = ?", (name, digest)
@@ -201,7 +210,9 @@ class Registry:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target_dir))
         try:
             for file in files:
-                (shutil.move if move else shutil.copy2)(file, staging / file.name)
+                target = staging / file.relative_to(source)
+                target.parent.mkdir(exist_ok=True)
+                (shutil.move if move else shutil.copy2)(file, target)
             with self._lock:
                 version = 1 + (self._db.execute(
                     "SELECT COALESCE(MAX(version), 0) FROM versions WHERE model = ?", (name,)
@@ -214,9 +225,12 @@ class Registry:
                     "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, version, str(final), parent, json.dumps(recipe),
                      json.dumps(record.metrics), digest, record.created_at))
-                self._db.execute(
+                first = self._db.execute(
                     "INSERT INTO models VALUES (?, ?) ON CONFLICT(name) DO NOTHING", (name, version)
-                )
+                ).rowcount
+                if first:
+                    self._db.execute("INSERT INTO serving_log (model, version) VALUES (?, ?)",
+                                     (name, version))
                 self._db.commit()
         finally:
             if staging.exists():
@@ -224,10 +238,34 @@ class Registry:
         return record, True
 
     def set_serving(self, model: str, version: int) -> None:
-        """Make ``version`` the one that serves ``model`` (it must exist)."""
+        """Make ``version`` the one that serves ``model`` (it must exist); remembered in the
+        serving history that :meth:`pop_serving` walks back."""
         with self._lock:
             self._db.execute("UPDATE models SET serving = ? WHERE name = ?", (version, model))
+            self._db.execute("INSERT INTO serving_log (model, version) VALUES (?, ?)",
+                             (model, version))
             self._db.commit()
+
+    def previous_serving(self, model: str) -> int | None:
+        """The version that served ``model`` before the current one (None: none did)."""
+        with self._lock:
+            rows = self._db.execute("SELECT version FROM serving_log WHERE model = ? "
+                                    "ORDER BY id DESC LIMIT 2", (model,)).fetchall()
+        return int(rows[1][0]) if len(rows) == 2 else None
+
+    def pop_serving(self, model: str) -> int:
+        """Roll back: forget the latest entry of the serving history and serve the one
+        before it again; returns that version. KernelError(BAD_REQUEST) if there is none."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, version FROM serving_log WHERE model = ? "
+                                    "ORDER BY id DESC LIMIT 2", (model,)).fetchall()
+            if len(rows) < 2:
+                raise KernelError(ErrorCode.BAD_REQUEST,
+                                  f"{model} has no earlier serving version to roll back to")
+            self._db.execute("DELETE FROM serving_log WHERE id = ?", (rows[0][0],))
+            self._db.execute("UPDATE models SET serving = ? WHERE name = ?", (rows[1][1], model))
+            self._db.commit()
+        return int(rows[1][1])
 
     def add_metrics(self, version: ModelVersion, key: str, metrics: dict[str, Any]) -> None:
         """Record measured metrics (e.g. an evaluation) on a version under ``key``."""
@@ -312,14 +350,16 @@ def _select_files(source: Path) -> list[Path]:
         pickled = [n for n in names if _PICKLE_WEIGHTS.match(n)]
         hint = f" (found {', '.join(pickled)}: pickle-based weights are refused)" if pickled else ""
         raise KernelError(ErrorCode.BAD_REQUEST, f"{source} has no .safetensors weights{hint}")
-    return [source / n for n in names if _ALLOWED_FILES.match(n)]
+    kept = [source / n for n in names if _ALLOWED_FILES.match(n)]
+    adapter = source / ADAPTER_DIR  # a LoRA adapter in PEFT's format, beside merged weights
+    return kept + [adapter / n for n in _ADAPTER_FILES if (adapter / n).is_file()]
 
 
-def digest_files(files: list[Path]) -> str:
-    """sha256 over the names and contents of ``files``, in order."""
+def digest_files(files: list[Path], root: Path | None = None) -> str:
+    """sha256 over the names (relative to ``root``, else bare) and contents of ``files``."""
     sha = hashlib.sha256()
     for file in files:
-        sha.update(file.name.encode())
+        sha.update((file.relative_to(root).as_posix() if root else file.name).encode())
         with file.open("rb") as fh:
             while chunk := fh.read(1 << 20):
                 sha.update(chunk)

@@ -36,13 +36,13 @@ CAPABILITIES = ("infer", "train", "admin")
 #: The capability each syscall needs. Syscalls not listed here need none beyond a key.
 REQUIRED: dict[str, str] = {
     "infer": "infer", "generate": "infer", "train": "train", "evaluate": "train",
-    "learn": "train",
+    "learn": "train", "update": "train",
     "import": "admin", "export": "admin", "load": "admin", "unload": "admin",
-    "shutdown": "admin", "compress": "admin", "promote": "admin",
+    "shutdown": "admin", "compress": "admin", "promote": "admin", "rollback": "admin",
 }
 #: Syscalls written to the audit log.
 PRIVILEGED = frozenset({"import", "export", "load", "unload", "train", "learn", "shutdown",
-                        "cancel", "renice", "compress", "promote"})
+                        "cancel", "renice", "compress", "promote", "update", "rollback"})
 #: The owner name of unauthenticated local clients (ipc or loopback without CURVE).
 LOCAL = "local"
 

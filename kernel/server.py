@@ -253,6 +253,8 @@ def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--memory-budget-mb", type=int, help="model memory per hardware")
+    parser.add_argument("--update-after", type=int, default=0, metavar="N",
+                        help="update a classifier from its feedback every N new examples")
     parser.add_argument("--curve", action="store_true",
                         help="require CURVE keys from the allowlist (forced beyond loopback)")
 
@@ -262,7 +264,8 @@ def kernel_argv(args: Any) -> list[str]:
     argv = ["--policy", args.policy, "--devices", args.devices, "--threads", str(args.threads),
             "--max-jobs-per-client", str(args.max_jobs_per_client),
             "--max-batch-size", str(args.max_batch_size),
-            "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+            "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+            "--update-after", str(args.update_after)]
     if args.memory_budget_mb is not None:
         argv += ["--memory-budget-mb", str(args.memory_budget_mb)]
     if args.curve:
@@ -281,5 +284,5 @@ def config_from_args(args: Any) -> KernelConfig:
         max_jobs_per_client=args.max_jobs_per_client,
         batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms / 1000),
         memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
-        curve=args.curve,
+        curve=args.curve, update_after=args.update_after,
     )

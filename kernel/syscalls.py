@@ -219,6 +219,30 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
             "Make a version the one that serves its model name: load it where the serving one "
             "is, switch, then unload the old one once its jobs are done (no request fails).",
         job=True),
+    Syscall("update", (
+        _MODEL, _VERSION,
+        Arg("method", "str", default="lora", minimum=1, maximum=64),
+        Arg("params", "map"),
+        Arg("replay", "int", default=300, minimum=0, maximum=100_000),
+        Arg("distill", "float", default=1.0, minimum=0.0, maximum=100.0),
+        Arg("max_drop", "float", default=2.0, minimum=0.0, maximum=100.0),
+        Arg("holdout", "float", default=0.2, minimum=0.05, maximum=0.5),
+        Arg("limit", "int", default=0, minimum=0, maximum=100_000),
+        Arg("eval_limit", "int", default=0, minimum=0, maximum=10**7),
+        Arg("promote", "bool", default=True), *_DATA,
+        Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
+        Arg("max_tokens", "int", default=128, minimum=8, maximum=8192),
+        Arg("quantum", "float", default=1.0, minimum=0.05, maximum=600),
+        Arg("priority", "int", default=TRAIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
+        Arg("timeout", "float", minimum=0.001, maximum=30 * 24 * 3600),
+    ), "Learn from a classifier's feedback buffer: an update method (plugins: lora, online, "
+       "finetune) trains a candidate with replay of old data and distillation from the "
+       "current version, as a low-priority time-sliced job; the candidate is gated on held-out "
+       "feedback (must improve) and old data (may drop at most max_drop points), then "
+       "promoted or kept as rejected with the reason.", job=True),
+    Syscall("rollback", (_MODEL, *_JOB_OPTIONS),
+            "Serve the version that served before the current one (the same hot swap as "
+            "promote: no request fails).", job=True),
     Syscall("jobs", (Arg("owner", "str"), Arg("finished", "bool", default=True)),
             "List jobs (ps): unfinished ones and recent finished ones."),
     Syscall("job", (Arg("id", "int", required=True, minimum=1),), "One job's status."),

@@ -109,8 +109,10 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
             "MODEL, its monitoring (traffic, latency, feedback accuracy, drift, alerts).",
             _H + "stats", (Param("model", "model", metavar="MODEL[:VERSION]"),)),
     Command("monitor", "A model's monitoring, refreshed every --interval seconds until Ctrl-C: "
-            "traffic, latency, errors, feedback accuracy, drift scores, alerts.", _H + "monitor",
-            (_MODEL, Param("interval", "number", option=True, metavar="SECONDS"))),
+            "traffic, latency, errors, feedback accuracy, drift scores, alerts; --plot PNG "
+            "draws accuracy and drift over time.", _H + "monitor",
+            (_MODEL, Param("interval", "number", option=True, metavar="SECONDS"),
+             Param("plot", "path", option=True, metavar="PNG"))),
     Command("top", "A live view of devices, models, queues, throughput and memory; q quits.",
             _H + "top", _NONE),
     Command("ping", "Check the kernel answers, and how fast.", _H + "ping", _NONE),

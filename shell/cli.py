@@ -28,6 +28,20 @@ from llmos.kernel.server import (
 
 from . import render, views
 
+#: Commands the CLI hands to the shell's command of the same name (one implementation).
+DELEGATED_HELP: dict[str, str] = {
+    "train": "fine-tune a classifier (progress bar; see `llmos train help`)",
+    "evaluate": "measure a classifier on a dataset split",
+    "datasets": "the bundled labelled datasets",
+    "chat": "ask a generative model and stream the answer (`llmos chat smollm2 'Hello'`)",
+    "serve": "the OpenAI-compatible HTTP gateway (`llmos serve --http 127.0.0.1:8000`; a plugin)",
+    "learn": "send labelled feedback to a classifier (`llmos learn MODEL --feedback FILE|-`)",
+    "update": "learn from a classifier's feedback: train, gate, promote (`llmos update MODEL`)",
+    "rollback": "serve again the version that served before the current one (hot swap)",
+    "monitor": "a model's monitoring, live (`--plot PNG`: accuracy and drift over time)",
+    "compress": "compress a classifier with a recipe, gated on accuracy",
+    "promote": "make MODEL:VERSION serve MODEL (hot swap)",
+}
 
 def resolve_home(args: argparse.Namespace) -> Path:
     """--home, else LLMOS_HOME, else ~/.llmos."""
@@ -247,17 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     renice.add_argument("id", type=int)
     renice.add_argument("priority_value", type=int, metavar="PRIORITY")
     sub.add_parser("demo", help="start a kernel, run the main job, stop it")
-    for name, text in (("train", "fine-tune a classifier (progress bar; see `llmos train help`)"),
-                       ("evaluate", "measure a classifier on a dataset split"),
-                       ("datasets", "the bundled labelled datasets"),
-                       ("chat", "ask a generative model and stream the answer (`llmos chat "
-                                "smollm2 'Hello'`)"),
-                       ("serve", "the OpenAI-compatible HTTP gateway (`llmos serve --http "
-                                 "127.0.0.1:8000`; a plugin)"),
-                       ("learn", "send labelled feedback to a classifier (`llmos learn MODEL "
-                                 "--feedback FILE|-`)"),
-                       ("compress", "compress a classifier with a recipe, gated on accuracy"),
-                       ("promote", "make MODEL:VERSION serve MODEL (hot swap)")):
+    for name, text in DELEGATED_HELP.items():
         # One implementation: these run the shell's command of the same name.
         sub.add_parser(name, help=text, add_help=False).add_argument(
             "rest", nargs=argparse.REMAINDER, help="as in the shell (`help train`)")
@@ -316,7 +320,7 @@ def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
 
 
 #: Commands that run the shell command of the same name with the words that follow.
-DELEGATED = ("train", "evaluate", "datasets", "chat", "serve", "learn", "compress", "promote")
+DELEGATED = tuple(DELEGATED_HELP)
 #: Global options that take a value (their value is not a command name).
 _GLOBAL_VALUES = ("--address", "--home")
 

@@ -6,8 +6,10 @@ similarity; then fine-tunes MiniLM on the bundled movie reviews as a time-sliced
 job (a budget of a few minutes on 2 cores, with a progress line), evaluates the new
 version and classifies new sentences with it. Last, it imports the bundled chat model
 (SmolLM2, converted once from GGUF), asks it a customer's question and streams the
-answer; then it shows the jobs table and stops the kernel. Exits 0 only if every step
-worked.
+answer. The last act: drug reviews reach the movie-review classifier; monitoring flags
+the drift, 300 labelled drug reviews arrive as feedback, and an update (LoRA with replay
+and distillation) is trained, gated on both domains and promoted. Then it shows the jobs
+table and stops the kernel. Exits 0 only if every step worked.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from llmos.kernel import datasets
 from llmos.kernel.client import Client
 from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.plugins.learning.shell import updated
 
 from . import render, views
 from .cli import start_detached, stop_kernel
@@ -39,6 +43,12 @@ CHAT_QUESTION = "My order arrived damaged. What should I do?"
 #: The demo's fine-tuning budget (the full run is in docs/benchmarks.md).
 TRAIN = {"model": "minilm", "data": "reviews", "name": "reviews", "limit": 3000, "epochs": 1.0,
          "learning_rate": 1e-4, "max_tokens": 64}
+#: The last act: labelled drug reviews sent as feedback, and the update they train.
+FEEDBACK = 300
+UPDATE = {"model": "reviews", "method": "lora", "limit": FEEDBACK, "max_tokens": 64,
+          "eval_limit": 500, "params": {"epochs": 2.0}}
+DRUG_REVIEWS = ["This medication stopped my migraines within a week. No side effects.",
+                "Terrible nausea and headaches, I had to stop taking it."]
 NEW_REVIEWS = ["A moving, beautifully acted film that stays with you.",
                "A tedious mess with a script that goes nowhere.",
                "Funny, warm and surprisingly smart.",
@@ -78,6 +88,7 @@ def run_demo() -> int:
             predictions = client.classify("reviews", NEW_REVIEWS)
             render.show(views.classified(NEW_REVIEWS, {"predictions": predictions}))
             _chat(client)
+            _learn(client)
             render.show(views.jobs(client.jobs()))
     finally:
         stop_kernel(record["address"], home)
@@ -107,11 +118,41 @@ def _chat(client: Client) -> None:
                          f"after {1000 * result['time_to_first_token']:.0f} ms)")
 
 
+def _learn(client: Client) -> None:
+    """The last act: drug reviews reach the movie-review classifier. Monitoring flags the
+    drift, labelled feedback arrives, an update (LoRA, replay, distillation) is trained,
+    gated on both domains and promoted."""
+    drugs = datasets.load("drugs")
+    texts, targets = drugs.split("train")
+    stream = drugs.split("validation")[0] + texts[FEEDBACK:]
+    render.console.print(f"\n[bold]drug reviews arrive:[/bold] classifying {len(stream)} with "
+                         "the movie-review model")
+    for start in range(0, len(stream), 32):
+        client.classify("reviews", stream[start:start + 32])
+    stats = client.stats("reviews")
+    alerts = ", ".join(a["kind"] for a in stats["alerts"]) or "none"
+    render.console.print(f"monitor: input-length drift PSI {stats['drift']['input_length']:.2f}, "
+                         f"confidence PSI {stats['drift']['confidence']:.2f}; alerts: {alerts}")
+    client.learn("reviews", [{"text": t, "label": drugs.labels[y]}
+                             for t, y in zip(texts[:FEEDBACK], targets[:FEEDBACK], strict=True)])
+    result = _with_progress(client, "update", UPDATE,
+                            f"{FEEDBACK} labelled drug reviews as feedback; update job")
+    render.show(updated(result))
+    after = client.classify("reviews", DRUG_REVIEWS)
+    render.show(views.classified(DRUG_REVIEWS, {"predictions": after}))
+
+
 def _fine_tune(client: Client) -> dict[str, Any]:
     """Run the train job with a live progress line (the job's own progress events)."""
-    pending = client.submit("train", TRAIN, events=True)
+    return _with_progress(client, "train", TRAIN,
+                          "MiniLM on movie reviews (positive/negative); training job")
+
+
+def _with_progress(client: Client, syscall: str, args: dict[str, Any], what: str) -> Any:
+    """Submit a job and show its progress line until its result arrives."""
+    pending = client.submit(syscall, args, events=True)
     job_id = pending.job_id()
-    render.console.print(f"\ntraining job {job_id}: MiniLM on movie reviews (fresh/rotten)")
+    render.console.print(f"\n{what} {job_id}")
     while True:
         try:
             result = pending.result(timeout=1.0)

@@ -262,11 +262,20 @@ def stats(context: ShellContext, args: Args) -> Output:
 
 def monitor(context: ShellContext, args: Args) -> Output:
     """Refresh the model's monitoring every --interval seconds until Ctrl-C (one snapshot
-    when not interactive)."""
+    when not interactive); with --plot, draw its history into a PNG once."""
     name, version = split_handle(args["model"])
     interval = args["interval"] or 2.0
     if interval <= 0:
         raise KernelError(ErrorCode.BAD_REQUEST, "monitor: --interval must be > 0")
+    if args["plot"]:
+        from .monitor_plot import draw
+
+        snapshot = context.client.stats(name, version=version)
+        path = Path(args["plot"]).expanduser()
+        points = draw(snapshot, path)
+        shown = views.monitor(snapshot)
+        return Output(data=snapshot, text=f"{points} points of accuracy and drift written to "
+                                          f"{path}", tables=shown.tables)
     if not context.interactive:
         return views.monitor(context.client.stats(name, version=version))
     try:

@@ -96,7 +96,7 @@ def test_llmos_learn_reads_a_file_or_stdin(home, tiny, tmp_path):
     assert bad.returncode == 2 and "BAD_REQUEST" in bad.stderr
 
 
-def test_stats_of_a_model_show_traffic_feedback_and_drift(home, tiny):
+def test_stats_of_a_model_show_traffic_feedback_and_drift(home, tiny, tmp_path):
     reviews, drugs = datasets.load("reviews"), datasets.load("drugs")
     movies = reviews.split("test")[0][:120]
     drug_texts = drugs.split("train")[0][:200]
@@ -110,10 +110,13 @@ def test_stats_of_a_model_show_traffic_feedback_and_drift(home, tiny):
         for start in range(0, len(movies), 40):
             predictions += client.classify("watched", movies[start:start + 40])
         calm = client.stats("watched")
-        client.learn("watched", [{"text": t, "label": "fresh"} for t in movies[:10]])
+        client.learn("watched", [{"text": t, "label": "positive"} for t in movies[:10]])
         for start in range(0, len(drug_texts), 40):
             client.classify("watched", drug_texts[start:start + 40])
         drifted = client.stats("watched")
+        plot = subprocess.run([sys.executable, "-m", "llmos.shell", "--address", kernel.address,
+                               "monitor", "watched", "--plot", str(tmp_path / "m.png")],
+                              capture_output=True, text=True, timeout=120)
         with pytest.raises(KernelError) as info:
             client.stats("no-such-model")
         assert info.value.code is ErrorCode.NOT_FOUND
@@ -122,6 +125,10 @@ def test_stats_of_a_model_show_traffic_feedback_and_drift(home, tiny):
     assert calm["drift"]["confidence"] is not None
     assert drifted["drift"]["input_length"] > 0.25
     assert any(a["kind"] == "drift:input_length" for a in drifted["alerts"])
-    expected = sum(p["label"] == "fresh" for p in predictions[:10]) / 10
+    expected = sum(p["label"] == "positive" for p in predictions[:10]) / 10
     assert drifted["feedback"] == {"examples": 10, "judged": 10, "accuracy": expected}
     assert drifted["buffered_feedback"] == 10
+    assert drifted["history"][-1]["texts"] <= 320 and drifted["history"][0]["texts"] >= 40
+    assert plot.returncode == 0, plot.stderr
+    assert "points of accuracy and drift written to" in plot.stdout
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,7 +23,7 @@ SYSCALL_COMMANDS = {
     "unload": "unload", "infer": "embed", "datasets": "datasets", "train": "train",
     "evaluate": "evaluate", "jobs": "ps", "job": "job", "cancel": "kill", "renice": "nice",
     "stats": "stats", "shutdown": "shutdown", "generate": "chat", "learn": "learn",
-    "compress": "compress", "promote": "promote",
+    "compress": "compress", "promote": "promote", "update": "update", "rollback": "rollback",
 }
 
 

@@ -1,0 +1,201 @@
+"""Incremental learning syscalls: ``update`` (learn from the feedback buffer) and ``rollback``.
+
+A mixin of :class:`~llmos.kernel.core.KernelCore`. ``update`` turns a classifier's feedback
+buffer into a **candidate version**: the examples are split once, in the kernel, into a
+training part and a held-out part (files in the job's folder); an update method registered
+by a plugin (``llmos_register_update_methods``: lora, online, finetune) trains in the
+driver host that learns, in quanta at a low priority like ``train``, replaying rows of the
+version's old training data and distilling from the current version; then the host
+measures current and candidate on the held-out feedback (the new domain) and on the old
+data's validation rows (the old domain). The candidate becomes a version either way, with
+the report as its metrics; it is **promoted** (the zero-downtime swap of ``promote``) only
+when the new-domain accuracy improves and the old-domain accuracy falls by at most
+``max_drop`` points; otherwise it stays in the registry as rejected, with the reason.
+
+``rollback MODEL`` serves again the version that served before the current one, through
+the same swap. A kernel started with ``--update-after N`` also starts an update on its own
+once N examples arrived since the last update of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .devices import DeviceHost, Task
+from .feedback import Example, FeedbackStore
+from .jobs import Job, JobState
+from .learning import classifier_labels
+from .mixin import CoreServices
+from .protocol import ErrorCode, KernelError, encode_event
+from .registry import ModelVersion
+
+if TYPE_CHECKING:
+    from .core import Request
+
+log = logging.getLogger(__name__)
+
+#: Fewest feedback examples an update needs (some to train on, some held out).
+MIN_EXAMPLES = 10
+#: Most feedback examples one update reads.
+MAX_EXAMPLES = 100_000
+
+
+def split_examples(examples: list[Example], holdout: float, seed: int
+                   ) -> tuple[list[Example], list[Example]]:
+    """(train, held-out): a seeded shuffle; at least 2 held out and 2 to train on."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    held = min(len(order) - 2, max(2, round(holdout * len(order))))
+    return order[held:], order[:held]
+
+
+def write_examples(path: Path, examples: list[Example]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for example in examples:
+            fh.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
+
+
+def gate_passed(version: ModelVersion) -> bool | None:
+    """A learned version's gate verdict (None for versions not made by ``update``)."""
+    gate = (version.metrics.get("learning") or {}).get("gate")
+    return None if gate is None else bool(gate["passed"])
+
+
+class UpdateSyscalls(CoreServices):
+    """Handlers and completion logic for update and rollback jobs."""
+
+    feedback: FeedbackStore
+    per_owner: Any
+    _trainers: Callable[[], list[str]]
+    _evaluation_data: Callable[[ModelVersion, dict[str, Any], str], dict[str, str]]
+    _promote: Callable[[Request], Job | dict[str, Any]]
+    _swap: Callable[..., Job | dict[str, Any]]
+    #: A request made by the kernel itself for ``owner`` (no client waits for its reply).
+    _internal_request: Callable[[str, str, dict[str, Any]], Request]
+
+    # --- update -----------------------------------------------------------------------
+
+    def _update(self, request: Request) -> Job:
+        args = request.args
+        version = self.registry.resolve(args["model"], args["version"])
+        labels = classifier_labels(version)
+        method = self.ext.update_methods.resolve(args["method"], args["params"] or {})
+        old_data = self._evaluation_data(version, args, "update")
+        examples = self.feedback.examples(version.model, limit=MAX_EXAMPLES)
+        if args["limit"]:
+            examples = examples[-args["limit"]:]  # the most recent
+        examples = [e for e in examples if e.label in labels]
+        if len(examples) < MIN_EXAMPLES:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"update: {version.model} has {len(examples)} usable feedback "
+                              f"examples; it needs at least {MIN_EXAMPLES} (send them with "
+                              f"llmos learn {version.model} --feedback FILE)")
+        self._trainers()
+        train, held = split_examples(examples, args["holdout"], args["seed"])
+        job = self._admit(request, base=str(version.path), parent=version.ref, method=method,
+                          old_data=old_data, old_limit=int(version.recipe.get("limit") or 0),
+                          feedback={"first_id": examples[0].id, "last_id": examples[-1].id,
+                                    "examples": len(examples), "train": len(train),
+                                    "held_out": len(held)})
+        folder = self.config.home / "jobs" / str(job.id)
+        write_examples(folder / "train.jsonl", train)
+        write_examples(folder / "holdout.jsonl", held)
+        job.args.update(train_file=str(folder / "train.jsonl"),
+                        holdout_file=str(folder / "holdout.jsonl"),
+                        output=str(folder / "output"))
+        return job
+
+    def _update_task(self, job: Job, host: DeviceHost) -> Task:
+        job.args["host"] = host.name
+        a = job.args
+        spec = {"base": a["base"], "method": a["method"], "train_file": a["train_file"],
+                "holdout_file": a["holdout_file"], "old_data": a["old_data"],
+                "old_limit": a["old_limit"], "replay": a["replay"], "distill": a["distill"],
+                "max_drop": a["max_drop"], "seed": a["seed"], "max_tokens": a["max_tokens"],
+                "eval_limit": a["eval_limit"], "output": a["output"]}
+        return Task("update", {"job": str(job.id), "spec": spec, "seconds": a["quantum"]}, [job])
+
+    def _on_updated(self, task: Task, body: dict[str, Any], jobs: list[Job]) -> None:
+        """A quantum finished: publish progress, requeue, or register the candidate."""
+        progress = body["progress"]
+        for job in jobs:
+            job.progress = {k: v for k, v in progress.items() if k != "report"}
+            if job.wants_events and job.reply_route:
+                identity, msg_id = job.reply_route
+                self._send(identity, encode_event(msg_id, "update", "progress", job.progress))
+            if not progress["done"]:
+                job.transition(JobState.QUEUED)  # yield: queued inference runs first
+                job.attempts = 0
+                self.scheduler.push(job)
+                continue
+            self._finish(job, self._register_candidate(job, progress["report"]))
+            shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
+
+    def _register_candidate(self, job: Job, report: dict[str, Any]) -> dict[str, Any]:
+        a = job.args
+        name, _, number = a["parent"].rpartition(":")
+        parent = self.registry.resolve(name, int(number))
+        reference = parent.metrics.get("reference")
+        version, _ = self.registry.import_folder(
+            name, Path(a["output"]),
+            recipe={"op": "learn", "method": a["method"]["method"],
+                    "params": a["method"]["params"], "replay": a["replay"],
+                    "distill": a["distill"], "max_drop": a["max_drop"], "seed": a["seed"],
+                    "feedback": a["feedback"], "data": a["old_data"], "limit": a["old_limit"]},
+            parent=a["parent"], move=True,
+            metrics={"learning": report, **({"reference": reference} if reference else {})})
+        result: dict[str, Any] = {"model": version.ref, "parent": a["parent"],
+                                  "passed": report["gate"]["passed"],
+                                  "reason": report["gate"]["reason"], "report": report,
+                                  "promoted": False}
+        if report["gate"]["passed"] and a["promote"]:
+            swap = self._swap_internally(job.owner, version)
+            result["promoted"] = True
+            result["promote_job"] = swap.id if isinstance(swap, Job) else None
+        return result
+
+    def _swap_internally(self, owner: str, version: ModelVersion) -> Job | dict[str, Any]:
+        """Promote ``version`` on behalf of ``owner`` with no client waiting for the reply."""
+        outcome = self._promote(self._internal_request(
+            "promote", owner, {"model": version.model, "version": version.version}))
+        if isinstance(outcome, Job):
+            outcome.reply_route = None
+        return outcome
+
+    def _maybe_update(self, version: ModelVersion, owner: str) -> None:
+        """With ``--update-after N``: start an update of ``version``'s model once N examples
+        arrived after the last update's (none while one is unfinished)."""
+        every = self.config.update_after
+        if not every or any(j.syscall == "update" and j.args["parent"].startswith(
+                f"{version.model}:") for j in self.active.values()):
+            return
+        seen = max((int(v.recipe.get("feedback", {}).get("last_id", 0))
+                    for v in self.registry.versions(version.model)), default=0)
+        if len(self.feedback.examples(version.model, after=seen, limit=every)) < every:
+            return
+        try:
+            job = self._update(self._internal_request("update", owner, {"model": version.model}))
+        except KernelError as exc:  # e.g. no old data recorded: nothing to gate on
+            log.warning("no automatic update of %s: %s", version.model, exc.message)
+            return
+        job.reply_route = None
+        log.info("automatic update of %s: job %d (%d new examples)", version.model, job.id, every)
+
+    # --- rollback ---------------------------------------------------------------------
+
+    def _rollback(self, request: Request) -> Job | dict[str, Any]:
+        model = request.args["model"]
+        current = self.registry.resolve(model)
+        previous = self.registry.previous_serving(model)
+        if previous is None:
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"rollback: {current.ref} is the first version {model} served; "
+                              "there is nothing to roll back to")
+        return self._swap(request, self.registry.resolve(model, previous), rollback=True)

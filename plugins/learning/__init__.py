@@ -1,0 +1,79 @@
+"""Built-in incremental learning: the update methods (online, lora, finetune) and the
+shell's ``update`` and ``rollback`` commands, registered like a third party's.
+
+The kernel imports this module when it builds its plugin manager, so it holds only the
+tables: the methods (named by qualname) import torch and peft inside the driver host that
+learns.
+"""
+
+from __future__ import annotations
+
+from llmos.kernel import hookimpl
+from llmos.kernel.recipes import StepSpec, UpdateMethodRegistry
+from llmos.kernel.syscalls import Arg
+from llmos.shell.commands import Command, CommandRegistry, Param
+
+_LR = {"minimum": 1e-7, "maximum": 10.0}
+_EPOCHS = {"minimum": 0.01, "maximum": 100.0}
+METHODS: tuple[StepSpec, ...] = (
+    StepSpec("lora", "llmos.plugins.learning.methods:lora", (
+        Arg("rank", "int", default=8, minimum=1, maximum=256),
+        Arg("alpha", "float", default=16.0, minimum=0.01, maximum=1024.0),
+        Arg("targets", "strs", default=("query", "key", "value", "dense"), minimum=1, maximum=16),
+        Arg("learning_rate", "float", default=5e-4, **_LR),
+        Arg("epochs", "float", default=3.0, **_EPOCHS),
+    ), "LoRA adapters (peft) on the Linear layers named in `targets`, and the classification "
+       "head; the version keeps the adapter in PEFT's format under adapter/ and the merged "
+       "weights."),
+    StepSpec("online", "llmos.plugins.learning.methods:online", (
+        Arg("layers", "int", default=2, minimum=0, maximum=1000),
+        Arg("learning_rate", "float", default=1e-4, **_LR),
+        Arg("epochs", "float", default=3.0, **_EPOCHS),
+    ), "Online SGD (AdamW) on the classification head and the top `layers` layers."),
+    StepSpec("finetune", "llmos.plugins.learning.methods:finetune", (
+        Arg("learning_rate", "float", default=5e-5, **_LR),
+        Arg("epochs", "float", default=3.0, **_EPOCHS),
+    ), "Every parameter trains (with --replay 0 --distill 0: the naive fine-tune that "
+       "forgets)."),
+)
+
+
+@hookimpl
+def llmos_register_update_methods(methods: UpdateMethodRegistry) -> None:
+    for spec in METHODS:
+        methods.add(spec)
+
+
+_SHELL = "llmos.plugins.learning.shell:"
+_JOB_OPTIONS = (Param("priority", "int", option=True, metavar="NICE"),
+                Param("timeout", "number", option=True, metavar="SECONDS"))
+COMMANDS: tuple[Command, ...] = (
+    Command("update", "Learn from MODEL's feedback buffer (llmos learn): --method lora|online|"
+            "finetune with --params KEY=VALUE,..., replaying old data and distilling from the "
+            "serving version; the candidate is gated (held-out feedback must improve, old data "
+            "may drop at most --max-drop points) and promoted, or kept as rejected.",
+            _SHELL + "update",
+            (Param("model", "model", required=True, metavar="MODEL[:VERSION]"),
+             Param("method", option=True, choices=tuple(spec.name for spec in METHODS)),
+             Param("params", option=True, metavar="KEY=VALUE,..."),
+             Param("replay", "int", option=True, metavar="ROWS"),
+             Param("distill", "number", option=True, metavar="WEIGHT"),
+             Param("max_drop", "number", option=True, metavar="POINTS"),
+             Param("holdout", "number", option=True, metavar="FRACTION"),
+             Param("limit", "int", option=True, metavar="EXAMPLES"),
+             Param("no_promote", "flag", option=True),
+             Param("data", "dataset", option=True, metavar="DATASET"),
+             Param("path", "path", option=True),
+             Param("seed", "int", option=True, metavar="N"),
+             Param("eval_limit", "int", option=True, metavar="ROWS"),
+             Param("quantum", "number", option=True, metavar="SECONDS"), *_JOB_OPTIONS)),
+    Command("rollback", "Serve again the version of MODEL that served before the current one "
+            "(a hot swap: no request fails).", _SHELL + "rollback",
+            (Param("model", "model", required=True, metavar="MODEL"), *_JOB_OPTIONS)),
+)
+
+
+@hookimpl
+def llmos_register_shell_commands(commands: CommandRegistry) -> None:
+    for command in COMMANDS:
+        commands.add(command)

@@ -1,0 +1,228 @@
+"""An update job inside the driver host: train a candidate from feedback, measure, gate, save.
+
+An :class:`UpdateSession` lives in the torch driver host between quanta, like a training
+session. Its work is a sequence of phases, each ``update`` task running phases for about
+``seconds``: load (the serving version, its tokenizer, the old data, a frozen copy of the
+current version to distil from), measure the current version, one optimizer step per phase
+(so a quantum ends within a step of its time), measure the candidate, save.
+
+Every epoch mixes the training part of the feedback with ``replay`` rows drawn afresh from
+the old training data (the rows the version was trained on); the loss is cross-entropy on
+the labels plus ``distill`` times the KL divergence from the current version's predictions
+on the replayed rows, which keeps the candidate's answers on the old domain near the
+current ones. Both domains are measured for current and candidate: the
+held-out feedback (the new domain) and the old data's validation split (the old domain).
+The gate passes when the new-domain accuracy rises and the old-domain accuracy falls by at
+most ``max_drop`` points. The candidate is saved either way: the kernel keeps a rejected
+one as a version that does not serve, with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from llmos.drivers.training import evaluate_texts
+from llmos.kernel import datasets
+from llmos.kernel.protocol import ErrorCode, KernelError
+
+from .methods import Trainable
+
+_COMMON: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+#: Examples per optimizer step.
+BATCH_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSpec:
+    """What to learn: sent by the kernel in each ``update`` task."""
+
+    base: str  # the serving version's folder
+    method: dict[str, Any]  # {"method", "qualname", "params"}
+    train_file: str  # JSON lines {"text", "label"}: feedback to train on
+    holdout_file: str  # JSON lines: feedback held out for the gate
+    old_data: dict[str, str]  # the dataset the version learned before ({"name"} or {"path"})
+    output: str
+    old_limit: int = 0  # the version was trained on this many rows of old_data (0: all)
+    replay: int = 300
+    distill: float = 1.0
+    max_drop: float = 2.0
+    seed: int = 0
+    max_tokens: int = 128
+    eval_limit: int = 0  # old-domain rows measured (0: the whole validation split)
+
+
+def read_examples(path: str) -> tuple[list[str], list[str]]:
+    texts, labels = [], []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        texts.append(row["text"])
+        labels.append(row["label"])
+    return texts, labels
+
+
+def import_method(qualname: str) -> Any:
+    module_name, _, function = qualname.partition(":")
+    return getattr(importlib.import_module(module_name), function)
+
+
+class UpdateSession:
+    """One update job's models, data and progress through its phases."""
+
+    def __init__(self, spec: UpdateSpec, threads: int) -> None:
+        self.spec = spec
+        self.threads = max(1, threads - 1)  # one core stays free for inference elsewhere
+        self.phase = "starting"
+        self.done = False
+        self.report: dict[str, Any] = {}
+        self.step = 0
+        self.total_steps = 0
+        self.loss = float("nan")
+        self._phases = self._work()
+
+    def run(self, seconds: float) -> dict[str, Any]:
+        """Run phases for about ``seconds`` (at least one); the progress so far."""
+        inference_threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        started = time.perf_counter()
+        try:
+            ran = 0
+            while not self.done and (ran == 0 or time.perf_counter() - started < seconds):
+                self.phase = next(self._phases, "done")
+                ran += 1
+                self.done = self.phase == "done"
+        finally:
+            torch.set_num_threads(inference_threads)
+        progress: dict[str, Any] = {"phase": self.phase, "done": self.done, "step": self.step,
+                                    "total_steps": self.total_steps,
+                                    "loss": None if math.isnan(self.loss) else round(self.loss, 4)}
+        if self.done:
+            progress["report"] = self.report
+        return progress
+
+    # --- the phases -------------------------------------------------------------------
+
+    def _work(self) -> Iterator[str]:
+        """Each ``yield`` ends a phase and names the next one."""
+        spec = self.spec
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(spec.base, **_COMMON)
+        current = AutoModelForSequenceClassification.from_pretrained(
+            spec.base, use_safetensors=True, **_COMMON).eval()
+        label_ids = {str(label): int(i) for i, label in current.config.id2label.items()}
+        new_texts, new_labels = read_examples(spec.train_file)
+        held_texts, held_labels = read_examples(spec.holdout_file)
+        old = datasets.load(**spec.old_data)
+        unknown = set(old.labels) - set(label_ids)
+        if unknown:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"the model's labels {sorted(label_ids)} "
+                              f"do not cover the old data's {old.labels}")
+        remap = [label_ids[label] for label in old.labels]
+        old_train, old_train_targets = old.split("train", spec.seed)
+        if spec.old_limit:
+            old_train, old_train_targets = old_train[:spec.old_limit], old_train_targets[:spec.old_limit]
+        old_val, old_val_targets = old.split("validation", spec.seed)
+        if spec.eval_limit:
+            old_val, old_val_targets = old_val[:spec.eval_limit], old_val_targets[:spec.eval_limit]
+        domains = {"new": (held_texts, [label_ids[x] for x in held_labels]),
+                   "old": (old_val, [remap[t] for t in old_val_targets])}
+        yield "measuring the current version"
+        before = self._measure(current, tokenizer, domains)
+        yield "preparing the method"
+        torch.manual_seed(spec.seed)
+        trainable: Trainable = import_method(spec.method["qualname"])(
+            copy.deepcopy(current), spec.method["params"])
+        optimizer = torch.optim.AdamW(trainable.parameters, lr=trainable.learning_rate,
+                                      weight_decay=0.01)
+        fresh = [(t, label_ids[x], False) for t, x in zip(new_texts, new_labels, strict=True)]
+        replayable = [(t, remap[y], True) for t, y in zip(old_train, old_train_targets, strict=True)]
+        replay = min(spec.replay, len(replayable))
+        per_epoch = math.ceil((len(fresh) + replay) / BATCH_SIZE)
+        self.total_steps = max(1, math.ceil(per_epoch * trainable.epochs))
+        rng = random.Random(spec.seed)
+        batches: list[list[tuple[str, int, bool]]] = []
+        teacher = current if spec.distill > 0 else None
+        while self.step < self.total_steps:
+            if not batches:  # a new epoch: the feedback and a fresh draw of old rows
+                rows = fresh + rng.sample(replayable, replay)
+                rng.shuffle(rows)
+                batches = [rows[i:i + BATCH_SIZE] for i in range(0, len(rows), BATCH_SIZE)]
+            self._train_step(trainable, optimizer, tokenizer, teacher, batches.pop(0))
+            yield f"training: step {self.step}/{self.total_steps}"
+        yield "measuring the candidate"
+        trainable.module.eval()
+        after = self._measure(trainable.module, tokenizer, domains)
+        yield "saving"
+        output = Path(spec.output)
+        shutil.rmtree(output, ignore_errors=True)
+        output.mkdir(parents=True)
+        trainable.save(output)
+        tokenizer.save_pretrained(output)
+        self.report = {
+            "method": spec.method["method"], "params": spec.method["params"],
+            "replay": replay, "distill": spec.distill, "steps": self.step,
+            "examples": {"train": len(fresh), "held_out": len(held_texts), "old": len(old_val)},
+            "current": before, "candidate": after,
+            "seconds": round(time.perf_counter() - started, 1),
+            **gate(before, after, spec.max_drop)}
+
+    def _train_step(self, trainable: Trainable, optimizer: torch.optim.Optimizer,
+                    tokenizer: Any, teacher: torch.nn.Module | None,
+                    rows: list[tuple[str, int, bool]]) -> None:
+        """One optimizer step: cross-entropy on every row; the distillation term on the
+        replayed old rows only (on new rows the labels, not the current answers, lead)."""
+        trainable.module.train()
+        batch = tokenizer([text for text, _, _ in rows], padding="longest", truncation=True,
+                          max_length=self.spec.max_tokens, return_tensors="pt")
+        logits = trainable.module(**batch).logits
+        loss = F.cross_entropy(logits, torch.tensor([label for _, label, _ in rows]))
+        old = torch.tensor([is_old for _, _, is_old in rows])
+        if teacher is not None and bool(old.any()):
+            with torch.no_grad():
+                target = torch.softmax(teacher(**batch).logits[old], dim=-1)
+            loss = loss + self.spec.distill * F.kl_div(F.log_softmax(logits[old], dim=-1), target,
+                                                       reduction="batchmean")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        self.loss = value if math.isnan(self.loss) else 0.9 * self.loss + 0.1 * value
+        self.step += 1
+
+    def _measure(self, model: torch.nn.Module, tokenizer: Any,
+                 domains: dict[str, tuple[list[str], list[int]]]) -> dict[str, float]:
+        labels = len(model.config.id2label)
+        return {name: round(evaluate_texts(model, tokenizer, texts, targets, labels,
+                                           self.spec.max_tokens)["accuracy"], 4)
+                for name, (texts, targets) in domains.items()}
+
+
+def gate(before: dict[str, float], after: dict[str, float], max_drop: float) -> dict[str, Any]:
+    """``gain`` (new domain) and ``drop`` (old domain) in points, and the ``gate`` verdict."""
+    gain = round((after["new"] - before["new"]) * 100, 2)
+    drop = round((before["old"] - after["old"]) * 100, 2)
+    if gain <= 0:
+        passed, reason = False, (f"held-out feedback accuracy did not improve ({before['new']:.4f}"
+                                 f" -> {after['new']:.4f})")
+    elif drop > max_drop:
+        passed, reason = False, (f"old-domain accuracy fell {drop:.2f} points ({before['old']:.4f}"
+                                 f" -> {after['old']:.4f}), more than the max drop {max_drop:g}")
+    else:
+        passed, reason = True, (f"held-out feedback +{gain:.2f} points, old domain "
+                                f"{-drop:+.2f} points (max drop {max_drop:g})")
+    return {"gain": gain, "drop": drop, "gate": {"passed": passed, "reason": reason,
+                                                 "max_drop": max_drop}}

@@ -1,0 +1,67 @@
+"""The ``update`` and ``rollback`` shell commands (``llmos update``, ``llmos rollback``).
+
+Registered by this plugin through ``llmos_register_shell_commands``; imported the first
+time one of them runs. Method parameters are typed as ``KEY=VALUE`` joined by commas, e.g.
+``--params rank=4,learning_rate=0.001``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.plugins.compression.shell import parse_recipe, promoted
+from llmos.shell.commands import JobRequest, Output, ShellContext, Table
+from llmos.shell.handlers import split_handle
+
+Args = dict[str, Any]
+COLUMNS = ("VERSION", "HELD-OUT FEEDBACK", "OLD DOMAIN")
+
+
+def parse_params(text: str) -> dict[str, Any]:
+    """``"rank=4,targets=query"`` -> ``{"rank": 4, "targets": ["query"]}`` (``targets`` is a
+    list: several are joined with ``+``); BAD_REQUEST for a word that is not KEY=VALUE."""
+    params = parse_recipe("method:" + text.replace(",", ":"))[0]
+    params.pop("step")
+    if isinstance(params.get("targets"), str):
+        params["targets"] = params["targets"].split("+")
+    return params
+
+
+def update(context: ShellContext, args: Args) -> JobRequest:
+    name, version = split_handle(args["model"])
+    if args["data"] and args["path"]:
+        raise KernelError(ErrorCode.BAD_REQUEST, "update: give --data or --path (not both)")
+    request = {"model": name, "version": version, "method": args["method"],
+               "params": parse_params(args["params"]) if args["params"] else None,
+               "promote": not args["no_promote"], "data": args["data"],
+               "path": str(Path(args["path"]).expanduser().resolve()) if args["path"] else None,
+               **{k: args[k] for k in ("replay", "distill", "max_drop", "holdout", "limit", "seed",
+                                       "eval_limit", "quantum", "priority", "timeout")}}
+    return JobRequest("update", request, updated)
+
+
+def updated(result: dict[str, Any]) -> Output:
+    report = result["report"]
+    rows = ((result["parent"], report["current"]["new"], report["current"]["old"]),
+            (result["model"], report["candidate"]["new"], report["candidate"]["old"]))
+    examples = report["examples"]
+    verdict = "promoted" if result["promoted"] else ("passed (not promoted)" if result["passed"]
+                                                     else "rejected")
+    text = (f"{result['model']} {verdict}: {result['reason']}\n"
+            f"{report['method']} on {examples['train']} feedback examples + {report['replay']} "
+            f"replayed per epoch, distill {report['distill']:g}, {report['steps']} steps, "
+            f"{report['seconds']:.0f} s; measured on {examples['held_out']} held-out and "
+            f"{examples['old']} old-domain rows")
+    return Output(data=result, text=text,
+                  tables=(Table("accuracy: current vs candidate", COLUMNS, rows),))
+
+
+def rollback(context: ShellContext, args: Args) -> JobRequest:
+    name, version = split_handle(args["model"])
+    if version is not None:
+        raise KernelError(ErrorCode.BAD_REQUEST, "rollback: give MODEL (the serving history "
+                          "decides the version); to serve a chosen one: llmos promote MODEL:N")
+    return JobRequest("rollback", {"model": name, "priority": args["priority"],
+                                   "timeout": args["timeout"]}, promoted)

@@ -1,0 +1,235 @@
+"""update and rollback on a real kernel: a classifier trained on one domain learns another
+from feedback, the candidate is gated on both, promoted or kept as rejected, and rollback
+swaps back under load without a failed request.
+
+The domains are small synthetic ones (so a tiny model learns them in seconds): film reviews
+and medicine reviews with different vocabularies. bench/learning.py runs the same path on
+the real movie and drug reviews with MiniLM.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmos import ErrorCode, KernelError
+from llmos.kernel.sources import _minilm_path
+from llmos.kernel.testing import KernelProcess, build_tiny_classifier, running_kernel
+from llmos.plugins.learning.session import gate
+from tests.conftest import short_home
+
+WORDS = {
+    "films": {"positive": ("great", "lovely", "superb"), "negative": ("awful", "dull", "boring")},
+    "medicine": {"positive": ("effective", "soothing", "helpful"),
+                 "negative": ("useless", "harmful", "nauseating")},
+}
+TEMPLATES = {"films": "a {} film, {} scenes", "medicine": "this medicine was {} after {} days"}
+
+
+def examples(domain: str, rows: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rows):
+        label = rng.choice(("positive", "negative"))
+        out.append({"text": TEMPLATES[domain].format(rng.choice(WORDS[domain][label]),
+                                                     rng.randint(1, 9)), "label": label})
+    return out
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
+    """A kernel with ``films:1``: a tiny classifier trained on the film domain, loaded."""
+    folder = tmp_path_factory.mktemp("update")
+    data = folder / "films.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in examples("films", 400, 0)))
+    home = short_home()
+    with running_kernel(home, "--devices", "torch:cpu") as kernel, kernel.client() as client:
+        client.import_model(path=str(build_tiny_classifier(folder / "tiny", _minilm_path())),
+                            name="tiny")
+        trained = client.train("tiny", path=str(data), name="films", epochs=4.0, batch_size=16,
+                               learning_rate=3e-3, max_tokens=16)
+        assert trained["metrics"]["test"]["accuracy"] >= 0.95  # it knows films
+        client.load("films")
+        yield kernel
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def serving(client, model: str) -> str:
+    return next(f"{m['model']}:{m['version']}" for m in client.models()
+                if m["model"] == model and m["serving"])
+
+
+def wait_until_serving(client, handle: str) -> None:
+    for _ in range(600):
+        if serving(client, handle.split(":")[0]) == handle:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{handle} never started serving")
+
+
+def test_gate_verdicts():
+    before = {"new": 0.5, "old": 0.9}
+    assert gate(before, {"new": 0.8, "old": 0.89}, 2.0)["gate"]["passed"]
+    assert not gate(before, {"new": 0.5, "old": 0.95}, 2.0)["gate"]["passed"]
+    forgot = gate(before, {"new": 0.9, "old": 0.85}, 2.0)
+    assert not forgot["gate"]["passed"] and forgot["drop"] == 5.0
+    assert "old-domain accuracy fell 5.00 points" in forgot["gate"]["reason"]
+
+
+def test_an_update_learns_the_new_domain_is_gated_and_promoted(kernel):
+    with kernel.client() as client:
+        client.learn("films", examples("medicine", 60, 1))
+        result = client.update("films", method="lora",
+                               params={"learning_rate": 1e-2, "epochs": 4.0, "rank": 4})
+        report = result["report"]
+        assert result["passed"] and result["promoted"], result["reason"]
+        assert report["candidate"]["new"] > report["current"]["new"]
+        assert report["drop"] <= 2.0
+        assert report["examples"] == {"train": 48, "held_out": 12, "old": 40}
+        wait_until_serving(client, result["model"])
+        new = client.classify("films", ["this medicine was helpful after 3 days"])[0]
+        version = next(m for m in client.models() if f"{m['model']}:{m['version']}"
+                       == result["model"])
+    assert new["label"] == "positive"
+    assert version["parent"] == "films:1" and version["recipe"]["op"] == "learn"
+    assert version["recipe"]["feedback"]["examples"] == 60
+    # the adapter is kept in PEFT's own format and equals the merged weights
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(version["path"])
+    adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+    merged = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"])
+    with_adapter = PeftModel.from_pretrained(base, folder / "adapter").eval()
+    batch = AutoTokenizer.from_pretrained(folder)(["a superb film, 2 scenes"], return_tensors="pt")
+    with torch.inference_mode():
+        assert torch.allclose(merged(**batch).logits, with_adapter(**batch).logits, atol=1e-4)
+
+
+def test_a_candidate_that_forgets_is_rejected_and_nothing_changes(kernel):
+    with kernel.client() as client:
+        before = serving(client, "films")
+        client.learn("films", [{**row, "label": "negative"} for row in examples("medicine", 30, 2)])
+        result = client.update("films", method="finetune", replay=0, distill=0.0,
+                               params={"learning_rate": 0.05, "epochs": 2.0}, limit=30)
+        assert not result["passed"] and not result["promoted"]
+        assert "old-domain accuracy fell" in result["reason"]
+        assert result["report"]["drop"] > 2.0
+        assert serving(client, "films") == before
+        rejected = next(m for m in client.models()
+                        if f"{m['model']}:{m['version']}" == result["model"])
+    assert rejected["metrics"]["learning"]["gate"]["passed"] is False
+    assert not rejected["serving"]
+
+
+def test_rollback_under_load_fails_no_request(kernel):
+    with kernel.client() as client:
+        current = serving(client, "films")
+        assert current != "films:1"  # the promoted update
+    errors: list[str] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with kernel.client() as client:
+            while not stop.is_set():
+                try:
+                    served.append(client.infer("films", "classify",
+                                               ["a lovely film, 4 scenes"])["model"])
+                except KernelError as exc:
+                    errors.append(str(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        with kernel.client() as client:
+            result = client.rollback("films")
+            assert result["model"] == "films:1" and result["previous"] == current
+            assert serving(client, "films") == "films:1"
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert current in served and served[-1] == "films:1"
+    with kernel.client() as client, pytest.raises(KernelError) as info:
+        client.rollback("films")
+    assert info.value.code is ErrorCode.BAD_REQUEST
+    assert "nothing to roll back to" in info.value.message
+
+
+@pytest.mark.parametrize("model, options, code, fragment", [
+    ("films", {"method": "dreaming"}, ErrorCode.NOT_FOUND,
+     "unknown update method 'dreaming' (known: finetune, lora, online)"),
+    ("films", {"params": {"rank": 0}}, ErrorCode.BAD_REQUEST,
+     "update method lora: argument 'rank' must be >= 1"),
+    ("films", {"params": {"depth": 3}}, ErrorCode.BAD_REQUEST, "unknown parameter(s) 'depth'"),
+    ("films", {"max_drop": -1.0}, ErrorCode.BAD_REQUEST, "'max_drop' must be >= 0"),
+    ("tiny", {}, ErrorCode.BAD_REQUEST, "update: tiny:1 has no evaluation data"),
+    ("nobody", {}, ErrorCode.NOT_FOUND, "model 'nobody' is not in the registry"),
+])
+def test_bad_updates_are_refused_and_write_nothing(kernel, model, options, code, fragment):
+    with kernel.client() as client:
+        before = [f"{m['model']}:{m['version']}" for m in client.models()]
+        with pytest.raises(KernelError) as info:
+            client.update(model, **options)
+        after = [f"{m['model']}:{m['version']}" for m in client.models()]
+    assert info.value.code is code and fragment in info.value.message, info.value.message
+    assert after == before
+
+
+def test_too_little_feedback_is_refused(home, tmp_path):
+    tiny = build_tiny_classifier(tmp_path / "tiny", _minilm_path())
+    data = tmp_path / "films.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in examples("films", 64, 0)))
+    with running_kernel(home, "--devices", "torch:cpu", "--update-after", "12") as kernel, \
+            kernel.client() as client:
+        client.import_model(path=str(tiny), name="tiny")
+        client.train("tiny", path=str(data), name="films", epochs=1.0, batch_size=16,
+                     max_tokens=16)
+        client.learn("films", examples("medicine", 5, 3))
+        with pytest.raises(KernelError) as info:
+            client.update("films")
+        assert info.value.code is ErrorCode.BAD_REQUEST
+        assert "films has 5 usable feedback examples; it needs at least 10" in info.value.message
+        # --update-after 12: the twelfth example starts an update on its own
+        client.learn("films", examples("medicine", 7, 4))
+        for _ in range(1200):
+            jobs = [j for j in client.jobs() if j["syscall"] == "update"]
+            if jobs and jobs[0]["state"] in ("DONE", "FAILED"):
+                break
+            time.sleep(0.1)
+        made = [m for m in client.models() if m["model"] == "films" and m["version"] == 2]
+    assert jobs[0]["state"] == "DONE" and jobs[0]["owner"] == client.name
+    assert made and made[0]["recipe"]["feedback"]["examples"] == 12
+
+
+def test_llmos_update_and_rollback_from_the_command_line(kernel):
+    with kernel.client() as client:
+        client.learn("films", examples("medicine", 20, 5))
+    command = [sys.executable, "-m", "llmos.shell", "--address", kernel.address]
+    update = subprocess.run(
+        [*command, "update", "films", "--method",
+         "online", "--params", "layers=1,learning_rate=0.01,epochs=2", "--no-promote",
+         "--limit", "20"], capture_output=True, text=True, timeout=300)
+    assert update.returncode == 0, update.stderr
+    assert "HELD-OUT FEEDBACK" in update.stdout
+    assert "passed (not promoted)" in update.stdout or "rejected" in update.stdout
+    bad = subprocess.run([*command, "rollback", "films:2"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "give MODEL" in bad.stderr
