@@ -8,8 +8,10 @@ round so that drift on a shared machine hits both alike:
    threads) and with ``--replicas 2`` (2 hosts, ``threads // 2`` each); ``--clients``
    closed-loop clients embed ``--inputs`` review snippets a request; texts per second;
 2. **DDP step time**: ``train`` on ``--step-rows`` review rows (written to a CSV, so that
-   evaluation stays short), one process vs ``--parallel ddp --world-size 2``; the time per
-   optimizer step from the jobs' own progress (examples/s over the quanta);
+   evaluation stays short): one process as llmos trains (``threads - 1`` = 1 thread, one
+   core left for inference), one process with 2 threads (a second kernel started with
+   ``--threads 3``), and ``--parallel ddp --world-size 2`` (2 ranks of 1 thread); the time
+   per optimizer step from the jobs' own progress (examples/s over the quanta);
 3. **DDP accuracy**: the bundled reviews, ``--limit`` rows, 1 epoch, batch 32, same seed,
    one process vs 2 ranks; test accuracy on the full test split.
 
@@ -81,11 +83,17 @@ def main() -> int:
         writer.writerow(["text", "label"])
         writer.writerows((t, reviews.labels[y]) for t, y in zip(texts[:ARGS.step_rows],
                                                                labels[:ARGS.step_rows], strict=True))
+    contenders: list[tuple[str, dict[str, Any]]] = [
+        ("1 process, 1 thread", {}), ("1 process, 2 threads", {}),
+        ("ddp 2 ranks", {"parallel": "ddp", "world_size": 2})]
     results: dict[str, Any] = {"replicas": {"1": [], "2": []},
-                               "step_s": {"1 process": [], "ddp 2 ranks": []}}
+                               "step_s": {name: [] for name, _ in contenders}}
     with running_kernel(home, "--devices", "torch:cpu") as kernel, \
-            kernel.client(timeout=24 * 3600) as client:
+            kernel.client(timeout=24 * 3600) as client, \
+            running_kernel(home / "threads3", "--devices", "torch:cpu", "--threads", "3") as wide, \
+            wide.client(timeout=24 * 3600) as wide_client:
         client.import_model("minilm")
+        wide_client.import_model("minilm")
         client.import_model("minilm", name="minilm2")
         client.load("minilm", device="torch:cpu")
         client.load("minilm2", replicas=2)
@@ -98,14 +106,13 @@ def main() -> int:
                 print(f"round {r + 1} replicas {name}: {rate:.1f} texts/s", flush=True)
         client.unload("minilm2")
         for r in range(ARGS.rounds):
-            for name, extra in (("1 process", {}), ("ddp 2 ranks", {"parallel": "ddp",
-                                                                    "world_size": 2})):
-                _, progress, _ = train(client, path=str(step_csv), **extra)
+            for name, extra in contenders:
+                on = wide_client if name == "1 process, 2 threads" else client
+                _, progress, _ = train(on, path=str(step_csv), **extra)
                 results["step_s"][name].append(step_seconds(progress))
                 print(f"round {r + 1} {name}: {results['step_s'][name][-1]:.3f} s/step", flush=True)
         accuracy = {}
-        for name, extra in (("1 process", {}), ("ddp 2 ranks", {"parallel": "ddp",
-                                                                "world_size": 2})):
+        for name, extra in (contenders[0], contenders[2]):
             result, progress, seconds = train(client, data="reviews", limit=ARGS.limit,
                                               learning_rate=1e-4, **extra)
             accuracy[name] = {"test_accuracy": result["metrics"]["test"]["accuracy"],
@@ -130,13 +137,12 @@ def report(results: dict[str, Any]) -> None:
         print(f"{name:<12}{rate:>10.1f}")
     print(f"ratio 2 / 1: {rep['2'] / rep['1']:.2f}x")
     print(f"\nDDP step time (batch 32, median of {ARGS.rounds} interleaved rounds)")
-    print(f"{'run':<14}{'s/step':>8}")
+    print(f"{'run':<24}{'s/step':>8}{'ddp / this':>12}")
     for name, seconds in step.items():
-        print(f"{name:<14}{seconds:>8.3f}")
-    print(f"ratio ddp / 1 process: {step['ddp 2 ranks'] / step['1 process']:.2f}x")
+        print(f"{name:<24}{seconds:>8.3f}{step['ddp 2 ranks'] / seconds:>11.2f}x")
     print(f"\naccuracy (reviews, {ARGS.limit} rows, 1 epoch, batch 32, seed 0)")
     for name, row in results["accuracy"].items():
-        print(f"{name:<14}{row['test_accuracy']:>8.3f}  steps {row['steps']}  "
+        print(f"{name:<24}{row['test_accuracy']:>8.3f}  steps {row['steps']}  "
               f"{row['minutes']} min  sync checks {row['sync_checks']}")
 
 
