@@ -94,32 +94,12 @@ def main() -> int:
             wide.client(timeout=24 * 3600) as wide_client:
         client.import_model("minilm")
         wide_client.import_model("minilm")
-        client.import_model("minilm", name="minilm2")
-        client.load("minilm", device="torch:cpu")
-        client.load("minilm2", replicas=2)
-        client.embed("minilm", texts[:8])
-        client.embed("minilm2", texts[:8])
-        for r in range(ARGS.rounds):
-            for name, model in (("1", "minilm"), ("2", "minilm2")):
-                rate = throughput(kernel, model, texts[:400], ARGS.clients, ARGS.requests)
-                results["replicas"][name].append(rate)
-                print(f"round {r + 1} replicas {name}: {rate:.1f} texts/s", flush=True)
-        client.unload("minilm2")
-        for r in range(ARGS.rounds):
-            for name, extra in contenders:
-                on = wide_client if name == "1 process, 2 threads" else client
-                _, progress, _ = train(on, path=str(step_csv), **extra)
-                results["step_s"][name].append(step_seconds(progress))
-                print(f"round {r + 1} {name}: {results['step_s'][name][-1]:.3f} s/step", flush=True)
-        accuracy = {}
-        for name, extra in (contenders[0], contenders[2]):
-            result, progress, seconds = train(client, data="reviews", limit=ARGS.limit,
-                                              learning_rate=1e-4, **extra)
-            accuracy[name] = {"test_accuracy": result["metrics"]["test"]["accuracy"],
-                              "steps": result["steps"], "minutes": round(seconds / 60, 1),
-                              "sync_checks": progress[-1].get("sync_checks")}
-            print(f"{name}: {accuracy[name]}", flush=True)
-        results["accuracy"] = accuracy
+        if "replicas" in ARGS.parts:
+            replicas(kernel, client, texts, results)
+        if "step" in ARGS.parts:
+            step_times(client, wide_client, step_csv, contenders, results)
+        if "accuracy" in ARGS.parts:
+            results["accuracy"] = accuracy(client, contenders)
     shutil.rmtree(home, ignore_errors=True)
     report(results)
     if ARGS.json:
@@ -127,23 +107,76 @@ def main() -> int:
     return 0
 
 
+def replicas(kernel: KernelProcess, client: Client, texts: list[str],
+             results: dict[str, Any]) -> None:
+    """Part 1: one host vs two replicas, interleaved rounds."""
+    client.import_model("minilm", name="minilm2")
+    client.load("minilm", device="torch:cpu")
+    client.load("minilm2", replicas=2)
+    client.embed("minilm", texts[:8])
+    client.embed("minilm2", texts[:8])
+    for r in range(ARGS.rounds):
+        for name, model in (("1", "minilm"), ("2", "minilm2")):
+            rate = throughput(kernel, model, texts[:400], ARGS.clients, ARGS.requests)
+            results["replicas"][name].append(rate)
+            print(f"round {r + 1} replicas {name}: {rate:.1f} texts/s", flush=True)
+    client.unload("minilm2")
+
+
+def step_times(client: Client, wide_client: Client, step_csv: Path,
+               contenders: list[tuple[str, dict[str, Any]]], results: dict[str, Any]) -> None:
+    """Part 2: seconds per step of each contender, interleaved rounds."""
+    for r in range(ARGS.rounds):
+        for name, extra in contenders:
+            on = wide_client if name == "1 process, 2 threads" else client
+            _, progress, _ = train(on, path=str(step_csv), **extra)
+            results["step_s"][name].append(step_seconds(progress))
+            print(f"round {r + 1} {name}: {results['step_s'][name][-1]:.3f} s/step", flush=True)
+
+
+def accuracy(client: Client, contenders: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Part 3: test accuracy of one process and of 2 DDP ranks, for each seed."""
+    rows = {}
+    for seed in ARGS.seeds:
+        for name, extra in (contenders[0], contenders[2]):
+            result, progress, seconds = train(client, data="reviews", limit=ARGS.limit,
+                                              learning_rate=1e-4, seed=seed, **extra)
+            label = f"{name}, seed {seed}"
+            rows[label] = {"test_accuracy": result["metrics"]["test"]["accuracy"],
+                           "steps": result["steps"], "minutes": round(seconds / 60, 1),
+                           "sync_checks": progress[-1].get("sync_checks")}
+            print(f"{label}: {rows[label]}", flush=True)
+    return rows
+
+
 def report(results: dict[str, Any]) -> None:
+    if results["replicas"]["1"]:
+        report_replicas(results)
+    if results["step_s"]["ddp 2 ranks"]:
+        report_steps(results)
+    if "accuracy" in results:
+        print(f"\naccuracy (reviews, {ARGS.limit} rows, 1 epoch, batch 32)")
+        for name, row in results["accuracy"].items():
+            print(f"{name:<32}{row['test_accuracy']:>8.3f}  steps {row['steps']}  "
+                  f"{row['minutes']} min  sync checks {row['sync_checks']}")
+
+
+def report_replicas(results: dict[str, Any]) -> None:
     rep = {k: statistics.median(v) for k, v in results["replicas"].items()}
-    step = {k: statistics.median(v) for k, v in results["step_s"].items()}
     print(f"\nreplicas ({ARGS.clients} clients x {ARGS.inputs} texts a request, median of "
           f"{ARGS.rounds} interleaved rounds)")
     print(f"{'replicas':<12}{'texts/s':>10}")
     for name, rate in rep.items():
         print(f"{name:<12}{rate:>10.1f}")
     print(f"ratio 2 / 1: {rep['2'] / rep['1']:.2f}x")
+
+
+def report_steps(results: dict[str, Any]) -> None:
+    step = {k: statistics.median(v) for k, v in results["step_s"].items()}
     print(f"\nDDP step time (batch 32, median of {ARGS.rounds} interleaved rounds)")
     print(f"{'run':<24}{'s/step':>8}{'ddp / this':>12}")
     for name, seconds in step.items():
         print(f"{name:<24}{seconds:>8.3f}{step['ddp 2 ranks'] / seconds:>11.2f}x")
-    print(f"\naccuracy (reviews, {ARGS.limit} rows, 1 epoch, batch 32, seed 0)")
-    for name, row in results["accuracy"].items():
-        print(f"{name:<24}{row['test_accuracy']:>8.3f}  steps {row['steps']}  "
-              f"{row['minutes']} min  sync checks {row['sync_checks']}")
 
 
 if __name__ == "__main__":
@@ -154,6 +187,11 @@ if __name__ == "__main__":
     parser.add_argument("--inputs", type=int, default=8)
     parser.add_argument("--step-rows", type=int, default=400)
     parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                        help="seeds of the accuracy part, e.g. 0,1")
+    parser.add_argument("--parts", type=lambda v: v.split(","),
+                        default=["replicas", "step", "accuracy"],
+                        help="which parts to run: replicas,step,accuracy")
     parser.add_argument("--json", type=Path)
     ARGS = parser.parse_args()
     raise SystemExit(main())

@@ -295,7 +295,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             assert self.devices is not None
             handle = job.args["handle"]  # a pipeline's batches enter at its first stage
             return [h.name for h in self.devices.hosts.values()
-                    if handle in h.loaded and h.role.get("stage", 1) == 1]
+                    if handle in h.loaded and h.role.get("stage", 1) == 1
+                    and self._pipeline_loaded(h, handle)]
         return [job.args["targets"][0]]
 
     def _hardware(self, device: str) -> str:

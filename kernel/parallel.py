@@ -139,6 +139,22 @@ class ParallelPlacement(CoreServices):
             chosen.append(self._hosts()[name])
         return chosen
 
+    def _pipeline_loaded(self, host: DeviceHost, handle: str) -> bool:
+        """Whether every stage after ``host`` holds ``handle`` (always, for a plain host):
+        while a stage restarts and reloads, batches wait in the queue instead of failing.
+        A stage that is gone or failed for good counts as ready, so that its batches fail
+        at once (DEVICE_FAILED) rather than wait forever."""
+        hosts = self._hosts()
+        following = host.role.get("next")
+        while following:
+            stage = hosts.get(following)
+            if stage is None or stage.state is HostState.FAILED:
+                return True
+            if handle not in stage.loaded:
+                return False
+            following = stage.role.get("next")
+        return True
+
     def _forward_stage(self, host: DeviceHost, task: Task, body: dict[str, Any],
                        buffers: list[bytes], jobs: list[Job]) -> None:
         """Send a stage's activations (raw tensor frames) on to the next stage's host."""
