@@ -144,6 +144,11 @@ def test_a_pipeline_of_two_hosts_equals_one_host(kernel, tmp_path):
         embed_one = client.embed("clf", texts)
         embed_two = client.embed("clfsplit", texts)
         ran_on = client.job(two["job"])["device"]
+        stage2 = next(d for d in client.devices() if d["name"] == "pipeline:cpu.s2")
+        os.kill(stage2["pid"], signal.SIGKILL)  # batches wait until it has restarted, reloaded
+        again = client.submit("infer", {"model": "clfsplit", "task": "classify",
+                                        "inputs": texts}).result()
+        restarts = next(d for d in client.devices() if d["name"] == "pipeline:cpu.s2")["restarts"]
         client.unload("clfsplit")
         client.unload("clf")
     assert split["devices"] == ["pipeline:cpu.s1", "pipeline:cpu.s2"]
@@ -152,6 +157,7 @@ def test_a_pipeline_of_two_hosts_equals_one_host(kernel, tmp_path):
     assert np.abs(one["probs"] - two["probs"]).max() < 1e-5
     assert [p["label"] for p in one["predictions"]] == [p["label"] for p in two["predictions"]]
     assert np.abs(embed_one - embed_two).max() < 1e-5
+    assert restarts == 1 and np.abs(again["probs"] - one["probs"]).max() < 1e-5
 
 
 def _train(client, data, **options):
