@@ -72,7 +72,7 @@ def main() -> int:
         results["drift"] = {}
         unseen_drugs = drugs.split("validation")[0] + drug_texts[args.feedback:]
         for name, texts in (("movie stream", movies.split("validation")[0][:args.stream]),
-                            ("then drug stream", unseen_drugs[:args.stream])):
+                            ("drug stream", unseen_drugs[:args.stream])):
             for start in range(0, len(texts), 32):  # the window then holds both streams
                 client.classify("sentiment", texts[start:start + 32])
             stats = client.stats("sentiment")
@@ -111,7 +111,7 @@ def main() -> int:
         print(f"{handle:<14}{entry['label']:<34}{entry['reviews']:>8.3f}{d_movies:>+7.1f}"
               f"{entry['drugs']:>8.3f}{d_drugs:>+7.1f}  {gate}")
     for name, drift in results["drift"].items():
-        print(f"drift after the {name} ({drift['texts']} texts): input length PSI "
+        print(f"drift after the {name} ({drift['texts']} more texts): input length PSI "
               f"{drift['input_length']:.3f}, confidence PSI {drift['confidence']:.3f}, "
               f"alerts {drift['alerts'] or 'none'}")
     if args.json:

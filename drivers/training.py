@@ -87,14 +87,9 @@ def evaluate_folder(path: str, data: dict[str, str], split: str, seed: int) -> d
 
     model, _ = load_hf(path)
     known = {str(label): int(i) for i, label in model.config.id2label.items()}
-    if set(dataset.labels) - set(known):
-        raise KernelError(ErrorCode.BAD_REQUEST, f"the model's labels {sorted(known)} do not "
-                          f"cover the data's {dataset.labels}")
-    texts, targets = dataset.split(split, seed)
-    remap = [known[label] for label in dataset.labels]
+    texts, targets = dataset.labelled_for(known, split, seed)
     tokenizer = AutoTokenizer.from_pretrained(path, **_COMMON)
-    metrics = evaluate_texts(model, tokenizer, texts, [remap[t] for t in targets],
-                             len(known))
+    metrics = evaluate_texts(model, tokenizer, texts, targets, len(known))
     return {**metrics, "split": split, "labels": [model.config.id2label[i] for i in range(len(known))]}
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .devices import DeviceHost, Task
 from .jobs import Job, JobState
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError, encode_event
+from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion, check_name
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class CompressionSyscalls(CoreServices):
     _data_spec: Callable[[dict[str, Any]], dict[str, str]]
     _check_memory: Callable[[ModelVersion, list[DeviceHost]], int]
     _placements: Callable[[str, list[DeviceHost]], dict[str, Any]]
+    _next_quantum: Callable[[Job, dict[str, Any], tuple[str, ...]], bool]
 
     # --- compress ---------------------------------------------------------------------
 
@@ -121,14 +122,7 @@ class CompressionSyscalls(CoreServices):
         """A quantum finished: publish progress, requeue, or make the version."""
         progress = body["progress"]
         for job in jobs:
-            job.progress = {k: v for k, v in progress.items() if k not in ("report", "outputs")}
-            if job.wants_events and job.reply_route:
-                identity, msg_id = job.reply_route
-                self._send(identity, encode_event(msg_id, "compress", "progress", job.progress))
-            if not progress["done"]:
-                job.transition(JobState.QUEUED)  # yield: queued inference runs first
-                job.attempts = 0
-                self.scheduler.push(job)
+            if self._next_quantum(job, progress, ("report", "outputs")):
                 continue
             self._finish(job, self._register_results(job, progress["report"],
                                                      progress["outputs"]))

@@ -58,6 +58,18 @@ class Dataset:
         picked = parts[which]
         return [self.texts[i] for i in picked], [self.targets[i] for i in picked]
 
+    def labelled_for(self, label_ids: dict[str, int], which: str, seed: int = 0,
+                     limit: int = 0) -> tuple[list[str], list[int]]:
+        """A split (its first ``limit`` rows; 0: all) with targets as a model's class ids
+        (``label_ids``: label name -> id); BAD_REQUEST if the model lacks one of the labels."""
+        if set(self.labels) - set(label_ids):
+            raise KernelError(ErrorCode.BAD_REQUEST, f"the model's labels {sorted(label_ids)} "
+                              f"do not cover the data's {self.labels}")
+        texts, targets = self.split(which, seed)
+        if limit:
+            texts, targets = texts[:limit], targets[:limit]
+        return texts, [label_ids[self.labels[t]] for t in targets]
+
     def describe(self) -> dict[str, object]:
         counts = [self.targets.count(i) for i in range(len(self.labels))]
         return {"name": self.name, "rows": len(self.texts), "labels": self.labels,

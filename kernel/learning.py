@@ -70,7 +70,7 @@ class LearningSyscalls(CoreServices):
 
     feedback: FeedbackStore
     monitors: dict[str, ModelMonitor]
-    _maybe_update: Callable[[ModelVersion, str], None]
+    _maybe_update: Callable[..., None]
 
     def _learn(self, request: Request) -> dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
@@ -93,9 +93,15 @@ class LearningSyscalls(CoreServices):
         return monitor
 
     def _observe(self, job: Job, predictions: list[tuple[str, float]]) -> None:
-        """A finished infer job: its texts, latency and predictions go to its monitor."""
-        self._monitor(job.args["handle"]).record(
-            job.args["inputs"], time.time() - job.created_at, predictions)
+        """A finished infer job: its texts, latency and predictions go to its monitor; a
+        drift alert it raises may start an update (``--update-after``)."""
+        monitor = self._monitor(job.args["handle"])
+        raised = monitor.raised
+        monitor.record(job.args["inputs"], time.time() - job.created_at, predictions)
+        if monitor.raised > raised and self.config.update_after:
+            name, _, number = job.args["handle"].rpartition(":")
+            self._maybe_update(self.registry.resolve(name, int(number)), job.owner,
+                               on_alert=True)
 
     def _model_stats(self, model: str, version: int | None) -> dict[str, Any]:
         found = self.registry.resolve(model, version)

@@ -132,6 +132,8 @@ class ModelMonitor:
     alerts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=100))
     #: Points over time: time, texts seen, rolling feedback accuracy, drift scores.
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_POINTS))
+    #: Alerts raised so far (the ``alerts`` deque keeps only the last 100).
+    raised: int = 0
     _alerting: set[str] = field(default_factory=set)
     _sampled_at: float = 0.0
 
@@ -195,6 +197,7 @@ class ModelMonitor:
                 alert = {"time": time.time(), "model": self.handle, "kind": f"drift:{name}",
                          "psi": round(score, 4), "threshold": DRIFT_ALERT}
                 self.alerts.append(alert)
+                self.raised += 1
                 log.warning("drift alert on %s: %s PSI %.3f >= %.2f", self.handle, name, score,
                             DRIFT_ALERT)
             elif score < DRIFT_ALERT / 2:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .client import Client
@@ -81,6 +82,52 @@ def _stop(kernel: KernelProcess) -> None:
         except subprocess.TimeoutExpired:
             kernel.process.kill()
             kernel.process.wait()
+
+
+@dataclass
+class ClassifyLoad:
+    """What the clients of :func:`classify_load` saw: for each answered request, whether it
+    was sent after :attr:`marked` was set and the version that answered; and every error."""
+
+    served: list[tuple[bool, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    marked: threading.Event = field(default_factory=threading.Event)
+
+    def wait_for(self, answered: int) -> None:
+        """Block until at least ``answered`` requests were answered."""
+        while len(self.served) < answered:
+            time.sleep(0.01)
+
+    def versions(self, after_mark: bool) -> set[str]:
+        return {version for after, version in self.served if after is after_mark}
+
+
+@contextmanager
+def classify_load(kernel: KernelProcess, model: str, text: str,
+                  clients: int = 4) -> Iterator[ClassifyLoad]:
+    """``clients`` threads classify ``text`` with ``model`` back to back until the block
+    ends (e.g. while a version swap happens inside it)."""
+    load = ClassifyLoad()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with kernel.client() as client:
+            while not stop.is_set():
+                after = load.marked.is_set()
+                try:
+                    load.served.append((after, client.infer(model, "classify", [text])["model"]))
+                except KernelError as exc:
+                    load.errors.append(str(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield load
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def build_tiny_classifier(folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:

@@ -152,14 +152,7 @@ class TrainingSyscalls(CoreServices):
             return
         progress = body["progress"]
         for job in jobs:
-            job.progress = {k: v for k, v in progress.items() if k not in ("metrics", "output")}
-            if job.wants_events and job.reply_route:
-                identity, msg_id = job.reply_route
-                self._send(identity, encode_event(msg_id, "train", "progress", job.progress))
-            if not progress["done"]:
-                job.transition(JobState.QUEUED)  # yield: queued inference runs first
-                job.attempts = 0
-                self.scheduler.push(job)
+            if self._next_quantum(job, progress, ("metrics", "output")):
                 continue
             version, _ = self.registry.import_folder(
                 job.args["output_name"], Path(progress["output"]),
@@ -172,6 +165,21 @@ class TrainingSyscalls(CoreServices):
             self._finish(job, {"model": version.ref, "parent": job.args["parent"],
                                "metrics": progress["metrics"], "labels": progress["labels"],
                                "steps": progress["step"]})
+
+    def _next_quantum(self, job: Job, progress: dict[str, Any], results: tuple[str, ...]) -> bool:
+        """A time-sliced job (train, compress, update) finished a quantum: record and
+        publish its progress (without the ``results`` keys); if it is not done, queue it
+        again (inference queued meanwhile runs first) and return True."""
+        job.progress = {k: v for k, v in progress.items() if k not in results}
+        if job.wants_events and job.reply_route:
+            identity, msg_id = job.reply_route
+            self._send(identity, encode_event(msg_id, job.syscall, "progress", job.progress))
+        if progress["done"]:
+            return False
+        job.transition(JobState.QUEUED)
+        job.attempts = 0
+        self.scheduler.push(job)
+        return True
 
     # --- the journal ------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ when the new-domain accuracy improves and the old-domain accuracy falls by at mo
 
 ``rollback MODEL`` serves again the version that served before the current one, through
 the same swap. A kernel started with ``--update-after N`` also starts an update on its own
-once N examples arrived since the last update of the model.
+once N examples arrived since the last update of the model, or when a drift alert is
+raised on a version whose model has at least :data:`MIN_EXAMPLES` new examples.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from .devices import DeviceHost, Task
 from .feedback import Example, FeedbackStore
-from .jobs import Job, JobState
+from .jobs import Job
 from .learning import classifier_labels
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError, encode_event
+from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class UpdateSyscalls(CoreServices):
     _evaluation_data: Callable[[ModelVersion, dict[str, Any], str], dict[str, str]]
     _promote: Callable[[Request], Job | dict[str, Any]]
     _swap: Callable[..., Job | dict[str, Any]]
+    _next_quantum: Callable[[Job, dict[str, Any], tuple[str, ...]], bool]
     #: A request made by the kernel itself for ``owner`` (no client waits for its reply).
     _internal_request: Callable[[str, str, dict[str, Any]], Request]
 
@@ -126,14 +128,7 @@ class UpdateSyscalls(CoreServices):
         """A quantum finished: publish progress, requeue, or register the candidate."""
         progress = body["progress"]
         for job in jobs:
-            job.progress = {k: v for k, v in progress.items() if k != "report"}
-            if job.wants_events and job.reply_route:
-                identity, msg_id = job.reply_route
-                self._send(identity, encode_event(msg_id, "update", "progress", job.progress))
-            if not progress["done"]:
-                job.transition(JobState.QUEUED)  # yield: queued inference runs first
-                job.attempts = 0
-                self.scheduler.push(job)
+            if self._next_quantum(job, progress, ("report",)):
                 continue
             self._finish(job, self._register_candidate(job, progress["report"]))
             shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
@@ -169,12 +164,14 @@ class UpdateSyscalls(CoreServices):
             outcome.reply_route = None
         return outcome
 
-    def _maybe_update(self, version: ModelVersion, owner: str) -> None:
+    def _maybe_update(self, version: ModelVersion, owner: str, on_alert: bool = False) -> None:
         """With ``--update-after N``: start an update of ``version``'s model once N examples
-        arrived after the last update's (none while one is unfinished)."""
-        every = self.config.update_after
-        if not every or any(j.syscall == "update" and j.args["parent"].startswith(
-                f"{version.model}:") for j in self.active.values()):
+        arrived after the last update's, or on a drift alert once :data:`MIN_EXAMPLES` did
+        (never while one is unfinished)."""
+        every = MIN_EXAMPLES if on_alert else self.config.update_after
+        if not self.config.update_after or any(
+                j.syscall == "update" and j.args["parent"].startswith(f"{version.model}:")
+                for j in self.active.values()):
             return
         seen = max((int(v.recipe.get("feedback", {}).get("last_id", 0))
                     for v in self.registry.versions(version.model)), default=0)
@@ -186,7 +183,8 @@ class UpdateSyscalls(CoreServices):
             log.warning("no automatic update of %s: %s", version.model, exc.message)
             return
         job.reply_route = None
-        log.info("automatic update of %s: job %d (%d new examples)", version.model, job.id, every)
+        log.info("automatic update of %s: job %d (%s)", version.model, job.id,
+                 "drift alert" if on_alert else f"{every} new examples")
 
     # --- rollback ---------------------------------------------------------------------
 

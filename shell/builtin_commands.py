@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from llmos.kernel import hookimpl
 
-from .commands import Command, CommandRegistry, Param
+from .commands import JOB_OPTIONS, Command, CommandRegistry, Param
 
 _H = "llmos.shell.handlers:"
 _MODEL = Param("model", "model", required=True, metavar="MODEL[:VERSION]")
 _JOB = Param("id", "job", required=True, metavar="ID")
-_JOB_OPTIONS = (Param("priority", "int", option=True, metavar="NICE"),
-                Param("timeout", "number", option=True, metavar="SECONDS"))
 _TEXTS = (Param("texts", many=True, metavar="TEXT"),
           Param("file", "path", option=True, metavar="PATH"))
 _DATA = (Param("data", "dataset", metavar="DATASET"), Param("path", "path", option=True))
@@ -31,7 +29,7 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
     Command("import", "Import a model from a named source (e.g. minilm) or a local Hugging "
             "Face folder (--path).", _H + "import_",
             (Param("source"), Param("path", "path", option=True, metavar="DIR"),
-             Param("name", option=True), *_JOB_OPTIONS)),
+             Param("name", option=True), *JOB_OPTIONS)),
     Command("load", "Load a model version onto one device, one driver's devices, or every "
             "driver (default, autotuned); --replicas N: onto N new hosts, batches balanced; "
             "--stages N: its layers split across N hosts (a pipeline).", _H + "load",
@@ -39,23 +37,23 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
              Param("precision", option=True, choices=("f32", "bf16")),
              Param("max_seqs", "int", option=True, metavar="N"),
              Param("replicas", "int", option=True, metavar="N"),
-             Param("stages", "int", option=True, metavar="N"), *_JOB_OPTIONS)),
+             Param("stages", "int", option=True, metavar="N"), *JOB_OPTIONS)),
     Command("unload", "Unload a model version from a device (everywhere if none is named).",
-            _H + "unload", (_MODEL, Param("device", "device", option=True), *_JOB_OPTIONS)),
+            _H + "unload", (_MODEL, Param("device", "device", option=True), *JOB_OPTIONS)),
     Command("export", "Export a model version to ONNX or OpenVINO IR (cached per version).",
             _H + "export",
-            (_MODEL, Param("format", required=True, choices=("onnx", "openvino")), *_JOB_OPTIONS)),
+            (_MODEL, Param("format", required=True, choices=("onnx", "openvino")), *JOB_OPTIONS)),
     Command("embed", "Embed texts (the words, or one text a line from --file); prints the "
-            "first values of each vector.", _H + "embed", (_MODEL, *_TEXTS, *_JOB_OPTIONS)),
+            "first values of each vector.", _H + "embed", (_MODEL, *_TEXTS, *JOB_OPTIONS)),
     Command("classify", "Classify texts (the words, or one text a line from --file).",
-            _H + "classify", (_MODEL, *_TEXTS, *_JOB_OPTIONS)),
+            _H + "classify", (_MODEL, *_TEXTS, *JOB_OPTIONS)),
     Command("chat", "Ask a generative model (e.g. smollm2) and stream its answer; without a "
             "PROMPT, chat turn by turn until an empty line.", _H + "chat",
             (_MODEL, Param("prompt", many=True, metavar="PROMPT"),
              Param("system", option=True, metavar="TEXT"),
              Param("max_tokens", "int", option=True, metavar="N"),
              Param("temperature", "number", option=True, metavar="T"),
-             Param("top_p", "number", option=True, metavar="P"), _SEED, *_JOB_OPTIONS),
+             Param("top_p", "number", option=True, metavar="P"), _SEED, *JOB_OPTIONS),
             aliases=("generate",)),
     Command("learn", "Send labelled feedback to a classifier: rows of a CSV/JSONL file "
             "(--feedback PATH, - for stdin) with text and label, or one --text with its --label.",
@@ -82,11 +80,11 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
              Param("local_ranks", "int", option=True, metavar="N"),
              Param("master_addr", option=True, metavar="HOST"),
              Param("master_port", "int", option=True, metavar="PORT"),
-             Param("resume", "job", option=True, metavar="JOB"), *_JOB_OPTIONS)),
+             Param("resume", "job", option=True, metavar="JOB"), *JOB_OPTIONS)),
     Command("evaluate", "Accuracy, macro-F1 and confusion matrix of a classifier on a dataset "
             "split.", _H + "evaluate",
             (_MODEL, *_DATA, Param("split", option=True, choices=("train", "validation", "test")),
-             _SEED, *_JOB_OPTIONS)),
+             _SEED, *JOB_OPTIONS)),
     Command("drivers", "Registered drivers, their devices, and why any is unavailable.",
             _H + "drivers", _NONE),
     Command("devices", "Driver hosts: state, pid, memory, loaded models, restarts.",

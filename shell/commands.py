@@ -86,6 +86,15 @@ class Param:
 Handler = Callable[["ShellContext", dict[str, Any]], "Output | JobRequest"]
 
 
+#: Options every command that creates a job takes.
+JOB_OPTIONS = (Param("priority", "int", option=True, metavar="NICE"),
+               Param("timeout", "number", option=True, metavar="SECONDS"))
+#: Options of the commands whose time-sliced job measures on data (compress, update).
+MEASURING_JOB_OPTIONS = (Param("seed", "int", option=True, metavar="N"),
+                         Param("eval_limit", "int", option=True, metavar="ROWS"),
+                         Param("quantum", "number", option=True, metavar="SECONDS"), *JOB_OPTIONS)
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """A shell command. ``handler`` is a callable or a ``"package.module:function"`` string

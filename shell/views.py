@@ -156,10 +156,15 @@ def progress(summary: dict[str, Any], now: float) -> str:
     where = f" on {summary['device']}" if summary.get("device") else ""
     started = summary.get("started_at") or summary.get("created_at") or now
     done = summary.get("progress") or {}
-    steps = (f" step {done['step']}/{done['total_steps']} loss {done['loss']:.3f}"
-             if {"step", "total_steps", "loss"} <= done.keys() else "")
+    loss = f" loss {done['loss']:.3f}" if done.get("loss") is not None else ""
     if {"phase", "fraction"} <= done.keys():  # compress
         steps = f" {done['phase']} ({done['fraction']:.0%})"
+    elif "phase" in done:  # update
+        steps = f" {done['phase']}{loss}"
+    elif {"step", "total_steps"} <= done.keys():  # train
+        steps = f" step {done['step']}/{done['total_steps']}{loss}"
+    else:
+        steps = ""
     return (f"job {summary['id']} {summary['state']}{where}{steps} "
             f"{max(0.0, now - started):.1f} s (Ctrl-C cancels)")
 

@@ -12,7 +12,13 @@ from typing import Any
 from llmos.kernel import hookimpl
 from llmos.kernel.recipes import StepRegistry, StepSpec
 from llmos.kernel.syscalls import Arg
-from llmos.shell.commands import Command, CommandRegistry, Param
+from llmos.shell.commands import (
+    JOB_OPTIONS,
+    MEASURING_JOB_OPTIONS,
+    Command,
+    CommandRegistry,
+    Param,
+)
 
 #: Quantization methods: the form each produces (and so the drivers that serve it).
 QUANTIZE_METHODS: dict[str, str] = {
@@ -68,8 +74,6 @@ def llmos_register_compression_steps(steps: StepRegistry) -> None:
 
 
 _SHELL = "llmos.plugins.compression.shell:"
-_JOB_OPTIONS = (Param("priority", "int", option=True, metavar="NICE"),
-                Param("timeout", "number", option=True, metavar="SECONDS"))
 COMMANDS: tuple[Command, ...] = (
     Command("compress", "Compress a classifier with a recipe of steps (STEP[:KEY=VALUE...],... "
             "e.g. prune:sparsity=0.5,quantize:method=openvino-int8) or --search a grid; gated on "
@@ -81,13 +85,10 @@ COMMANDS: tuple[Command, ...] = (
              Param("max_drop", "number", option=True, metavar="POINTS"),
              Param("path", "path", option=True), Param("name", option=True),
              Param("plot", "path", option=True, metavar="PNG"),
-             Param("seed", "int", option=True, metavar="N"),
-             Param("max_tokens", "int", option=True, metavar="N"),
-             Param("eval_limit", "int", option=True, metavar="ROWS"),
-             Param("quantum", "number", option=True, metavar="SECONDS"), *_JOB_OPTIONS)),
+             Param("max_tokens", "int", option=True, metavar="N"), *MEASURING_JOB_OPTIONS)),
     Command("promote", "Make MODEL:VERSION the version that serves MODEL: loaded where the "
             "serving one is, then switched; no request fails.", _SHELL + "promote",
-            (Param("model", "model", required=True, metavar="MODEL:VERSION"), *_JOB_OPTIONS)),
+            (Param("model", "model", required=True, metavar="MODEL:VERSION"), *JOB_OPTIONS)),
 )
 
 

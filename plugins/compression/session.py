@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from llmos.drivers.sessions import PhasedSession
 from llmos.kernel import datasets
 from llmos.kernel.protocol import ErrorCode, KernelError
 
@@ -111,37 +111,19 @@ def weight_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-class CompressionSession:
+class CompressionSession(PhasedSession):
     """One compress job's models and progress through its phases."""
 
     def __init__(self, spec: CompressSpec, threads: int) -> None:
         self.spec = spec
-        self.threads = max(1, threads - 1)  # one core stays free for inference elsewhere
         self.report: dict[str, Any] = {"candidates": []}
         self.outputs: dict[str, str] = {}
-        self.phase = "starting"
-        self.done = False
         # the yields of _work (one per recipe step, three per recipe, one more), and its end
         self.total_phases = 2 + sum(3 + len(recipe) for recipe in spec.recipes)
-        self.finished_phases = 0
-        self._phases = self._work()
+        super().__init__(threads)
 
-    def run(self, seconds: float) -> dict[str, Any]:
-        """Run phases for about ``seconds`` (at least one); the progress so far."""
-        inference_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        started = time.perf_counter()
-        try:
-            ran = 0
-            while not self.done and (ran == 0 or time.perf_counter() - started < seconds):
-                self.phase = next(self._phases, "done")
-                self.finished_phases += 1
-                ran += 1
-                self.done = self.phase == "done"
-        finally:
-            torch.set_num_threads(inference_threads)
+    def _progress(self) -> dict[str, Any]:
         progress: dict[str, Any] = {
-            "phase": self.phase, "done": self.done,
             "fraction": 1.0 if self.done else round(self.finished_phases / self.total_phases, 3)}
         if self.done:
             progress["report"] = self.report
@@ -151,25 +133,16 @@ class CompressionSession:
     # --- the phases -------------------------------------------------------------------
 
     def _work(self) -> Iterator[str]:
-        """Each ``yield`` ends a phase and names the next one."""
         spec = self.spec
         workdir = Path(spec.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         dataset = datasets.load(**spec.data)
         parent = load_parent(spec.base)
         known = {str(label): int(i) for i, label in parent.model.config.id2label.items()}
-        if set(dataset.labels) - set(known):
-            raise KernelError(ErrorCode.BAD_REQUEST, f"the model's labels {sorted(known)} do not "
-                              f"cover the evaluation data's {dataset.labels}")
-        remap = [known[label] for label in dataset.labels]
-        texts, targets = dataset.split("validation", spec.seed)
-        if spec.eval_limit:
-            texts, targets = texts[:spec.eval_limit], targets[:spec.eval_limit]
-        targets = [remap[t] for t in targets]
-        train_texts, train_targets = dataset.split("train", spec.seed)
-        if spec.train_limit:
-            train_texts, train_targets = train_texts[:spec.train_limit], train_targets[:spec.train_limit]
-        context = StepContext(workdir, train_texts, [remap[t] for t in train_targets],
+        texts, targets = dataset.labelled_for(known, "validation", spec.seed, spec.eval_limit)
+        train_texts, train_targets = dataset.labelled_for(known, "train", spec.seed,
+                                                          spec.train_limit)
+        context = StepContext(workdir, train_texts, train_targets,
                               spec.max_tokens, self.threads, spec.seed, teacher=parent.model)
         yield "measuring the parent"
         parent_predict = parent.predictor(self.threads)

@@ -11,7 +11,13 @@ from __future__ import annotations
 from llmos.kernel import hookimpl
 from llmos.kernel.recipes import StepSpec, UpdateMethodRegistry
 from llmos.kernel.syscalls import Arg
-from llmos.shell.commands import Command, CommandRegistry, Param
+from llmos.shell.commands import (
+    JOB_OPTIONS,
+    MEASURING_JOB_OPTIONS,
+    Command,
+    CommandRegistry,
+    Param,
+)
 
 _LR = {"minimum": 1e-7, "maximum": 10.0}
 _EPOCHS = {"minimum": 0.01, "maximum": 100.0}
@@ -45,8 +51,6 @@ def llmos_register_update_methods(methods: UpdateMethodRegistry) -> None:
 
 
 _SHELL = "llmos.plugins.learning.shell:"
-_JOB_OPTIONS = (Param("priority", "int", option=True, metavar="NICE"),
-                Param("timeout", "number", option=True, metavar="SECONDS"))
 COMMANDS: tuple[Command, ...] = (
     Command("update", "Learn from MODEL's feedback buffer (llmos learn): --method lora|online|"
             "finetune with --params KEY=VALUE,..., replaying old data and distilling from the "
@@ -63,13 +67,10 @@ COMMANDS: tuple[Command, ...] = (
              Param("limit", "int", option=True, metavar="EXAMPLES"),
              Param("no_promote", "flag", option=True),
              Param("data", "dataset", option=True, metavar="DATASET"),
-             Param("path", "path", option=True),
-             Param("seed", "int", option=True, metavar="N"),
-             Param("eval_limit", "int", option=True, metavar="ROWS"),
-             Param("quantum", "number", option=True, metavar="SECONDS"), *_JOB_OPTIONS)),
+             Param("path", "path", option=True), *MEASURING_JOB_OPTIONS)),
     Command("rollback", "Serve again the version of MODEL that served before the current one "
             "(a hot swap: no request fails).", _SHELL + "rollback",
-            (Param("model", "model", required=True, metavar="MODEL"), *_JOB_OPTIONS)),
+            (Param("model", "model", required=True, metavar="MODEL"), *JOB_OPTIONS)),
 )
 
 

@@ -1,8 +1,8 @@
 """An update job inside the driver host: train a candidate from feedback, measure, gate, save.
 
 An :class:`UpdateSession` lives in the torch driver host between quanta, like a training
-session. Its work is a sequence of phases, each ``update`` task running phases for about
-``seconds``: load (the serving version, its tokenizer, the old data, a frozen copy of the
+session. Its work is a sequence of phases (see :class:`~llmos.drivers.sessions.PhasedSession`):
+load (the serving version, its tokenizer, the old data, a frozen copy of the
 current version to distil from), measure the current version, one optimizer step per phase
 (so a quantum ends within a step of its time), measure the candidate, save.
 
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from llmos.drivers.sessions import PhasedSession
 from llmos.drivers.training import evaluate_texts
 from llmos.kernel import datasets
-from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .methods import Trainable
 
@@ -79,35 +79,19 @@ def import_method(qualname: str) -> Any:
     return getattr(importlib.import_module(module_name), function)
 
 
-class UpdateSession:
+class UpdateSession(PhasedSession):
     """One update job's models, data and progress through its phases."""
 
     def __init__(self, spec: UpdateSpec, threads: int) -> None:
         self.spec = spec
-        self.threads = max(1, threads - 1)  # one core stays free for inference elsewhere
-        self.phase = "starting"
-        self.done = False
         self.report: dict[str, Any] = {}
         self.step = 0
         self.total_steps = 0
         self.loss = float("nan")
-        self._phases = self._work()
+        super().__init__(threads)
 
-    def run(self, seconds: float) -> dict[str, Any]:
-        """Run phases for about ``seconds`` (at least one); the progress so far."""
-        inference_threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        started = time.perf_counter()
-        try:
-            ran = 0
-            while not self.done and (ran == 0 or time.perf_counter() - started < seconds):
-                self.phase = next(self._phases, "done")
-                ran += 1
-                self.done = self.phase == "done"
-        finally:
-            torch.set_num_threads(inference_threads)
-        progress: dict[str, Any] = {"phase": self.phase, "done": self.done, "step": self.step,
-                                    "total_steps": self.total_steps,
+    def _progress(self) -> dict[str, Any]:
+        progress: dict[str, Any] = {"step": self.step, "total_steps": self.total_steps,
                                     "loss": None if math.isnan(self.loss) else round(self.loss, 4)}
         if self.done:
             progress["report"] = self.report
@@ -116,7 +100,6 @@ class UpdateSession:
     # --- the phases -------------------------------------------------------------------
 
     def _work(self) -> Iterator[str]:
-        """Each ``yield`` ends a phase and names the next one."""
         spec = self.spec
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(spec.base, **_COMMON)
@@ -126,19 +109,12 @@ class UpdateSession:
         new_texts, new_labels = read_examples(spec.train_file)
         held_texts, held_labels = read_examples(spec.holdout_file)
         old = datasets.load(**spec.old_data)
-        unknown = set(old.labels) - set(label_ids)
-        if unknown:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"the model's labels {sorted(label_ids)} "
-                              f"do not cover the old data's {old.labels}")
-        remap = [label_ids[label] for label in old.labels]
-        old_train, old_train_targets = old.split("train", spec.seed)
-        if spec.old_limit:
-            old_train, old_train_targets = old_train[:spec.old_limit], old_train_targets[:spec.old_limit]
-        old_val, old_val_targets = old.split("validation", spec.seed)
-        if spec.eval_limit:
-            old_val, old_val_targets = old_val[:spec.eval_limit], old_val_targets[:spec.eval_limit]
+        old_train, old_train_targets = old.labelled_for(label_ids, "train", spec.seed,
+                                                        spec.old_limit)
+        old_val, old_val_targets = old.labelled_for(label_ids, "validation", spec.seed,
+                                                    spec.eval_limit)
         domains = {"new": (held_texts, [label_ids[x] for x in held_labels]),
-                   "old": (old_val, [remap[t] for t in old_val_targets])}
+                   "old": (old_val, old_val_targets)}
         yield "measuring the current version"
         before = self._measure(current, tokenizer, domains)
         yield "preparing the method"
@@ -148,7 +124,7 @@ class UpdateSession:
         optimizer = torch.optim.AdamW(trainable.parameters, lr=trainable.learning_rate,
                                       weight_decay=0.01)
         fresh = [(t, label_ids[x], False) for t, x in zip(new_texts, new_labels, strict=True)]
-        replayable = [(t, remap[y], True) for t, y in zip(old_train, old_train_targets, strict=True)]
+        replayable = [(t, y, True) for t, y in zip(old_train, old_train_targets, strict=True)]
         replay = min(spec.replay, len(replayable))
         per_epoch = math.ceil((len(fresh) + replay) / BATCH_SIZE)
         self.total_steps = max(1, math.ceil(per_epoch * trainable.epochs))

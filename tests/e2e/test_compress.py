@@ -16,7 +16,12 @@ import pytest
 
 from llmos import ErrorCode, KernelError
 from llmos.kernel.sources import _minilm_path
-from llmos.kernel.testing import KernelProcess, build_tiny_classifier, running_kernel
+from llmos.kernel.testing import (
+    KernelProcess,
+    build_tiny_classifier,
+    classify_load,
+    running_kernel,
+)
 from tests.conftest import short_home
 
 
@@ -112,40 +117,16 @@ def test_promote_under_load_fails_no_request(kernel):
     process, _ = kernel
     with process.client() as client:
         client.load("tiny", version=1, driver="torch")
-    errors: list[str] = []
-    served: list[tuple[bool, str]] = []  # (sent after the swap, version that answered)
-    swapped = threading.Event()
-    stop = threading.Event()
-
-    def hammer() -> None:
-        with process.client() as client:
-            while not stop.is_set():
-                after = swapped.is_set()
-                try:
-                    served.append((after, client.infer("tiny", "classify", ["a dull film"])["model"]))
-                except KernelError as exc:
-                    errors.append(str(exc))
-
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        while len(served) < 20:
-            threading.Event().wait(0.01)
+    with classify_load(process, "tiny", "a dull film") as load:
+        load.wait_for(20)
         with process.client() as client:
             promoted = client.promote("tiny", 2)
-        swapped.set()
-        count = len(served)
-        while len(served) < count + 40:
-            threading.Event().wait(0.01)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+        load.marked.set()
+        load.wait_for(len(load.served) + 40)
     assert promoted["model"] == "tiny:2" and promoted["previous"] == "tiny:1"
-    assert not errors
-    assert {version for after, version in served if after} == {"tiny:2"}
-    assert {version for after, version in served if not after} >= {"tiny:1"}
+    assert not load.errors
+    assert load.versions(after_mark=True) == {"tiny:2"}
+    assert load.versions(after_mark=False) >= {"tiny:1"}
     with process.client() as client:
         rows = {f"{m['model']}:{m['version']}": m for m in client.models()}
         assert rows["tiny:2"]["serving"] and not rows["tiny:1"]["serving"]

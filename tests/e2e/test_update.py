@@ -14,7 +14,6 @@ import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,12 @@ import torch
 
 from llmos import ErrorCode, KernelError
 from llmos.kernel.sources import _minilm_path
-from llmos.kernel.testing import KernelProcess, build_tiny_classifier, running_kernel
+from llmos.kernel.testing import (
+    KernelProcess,
+    build_tiny_classifier,
+    classify_load,
+    running_kernel,
+)
 from llmos.plugins.learning.session import gate
 from tests.conftest import short_home
 
@@ -138,35 +142,17 @@ def test_rollback_under_load_fails_no_request(kernel):
     with kernel.client() as client:
         current = serving(client, "films")
         assert current != "films:1"  # the promoted update
-    errors: list[str] = []
-    served: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with kernel.client() as client:
-            while not stop.is_set():
-                try:
-                    served.append(client.infer("films", "classify",
-                                               ["a lovely film, 4 scenes"])["model"])
-                except KernelError as exc:
-                    errors.append(str(exc))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        time.sleep(0.5)
+    with classify_load(kernel, "films", "a lovely film, 4 scenes") as load:
+        load.wait_for(20)
         with kernel.client() as client:
             result = client.rollback("films")
             assert result["model"] == "films:1" and result["previous"] == current
             assert serving(client, "films") == "films:1"
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    assert errors == []
-    assert current in served and served[-1] == "films:1"
+        load.marked.set()
+        load.wait_for(len(load.served) + 20)
+    assert load.errors == []
+    assert load.versions(after_mark=False) >= {current}
+    assert load.versions(after_mark=True) == {"films:1"}
     with kernel.client() as client, pytest.raises(KernelError) as info:
         client.rollback("films")
     assert info.value.code is ErrorCode.BAD_REQUEST
@@ -193,7 +179,7 @@ def test_bad_updates_are_refused_and_write_nothing(kernel, model, options, code,
     assert after == before
 
 
-def test_too_little_feedback_is_refused(home, tmp_path):
+def test_updates_start_on_their_own_and_too_little_feedback_is_refused(home, tmp_path):
     tiny = build_tiny_classifier(tmp_path / "tiny", _minilm_path())
     data = tmp_path / "films.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in examples("films", 64, 0)))
@@ -202,6 +188,7 @@ def test_too_little_feedback_is_refused(home, tmp_path):
         client.import_model(path=str(tiny), name="tiny")
         client.train("tiny", path=str(data), name="films", epochs=1.0, batch_size=16,
                      max_tokens=16)
+        client.load("films")
         client.learn("films", examples("medicine", 5, 3))
         with pytest.raises(KernelError) as info:
             client.update("films")
@@ -209,14 +196,33 @@ def test_too_little_feedback_is_refused(home, tmp_path):
         assert "films has 5 usable feedback examples; it needs at least 10" in info.value.message
         # --update-after 12: the twelfth example starts an update on its own
         client.learn("films", examples("medicine", 7, 4))
-        for _ in range(1200):
-            jobs = [j for j in client.jobs() if j["syscall"] == "update"]
-            if jobs and jobs[0]["state"] in ("DONE", "FAILED"):
-                break
-            time.sleep(0.1)
-        made = [m for m in client.models() if m["model"] == "films" and m["version"] == 2]
-    assert jobs[0]["state"] == "DONE" and jobs[0]["owner"] == client.name
-    assert made and made[0]["recipe"]["feedback"]["examples"] == 12
+        first = wait_for_update(client, 1)
+        while any(j["state"] not in ("DONE", "FAILED", "CANCELLED") for j in client.jobs()):
+            time.sleep(0.05)  # a passing update's promotion is its own job
+        # 10 more examples (fewer than 12), then a drift alert: inputs far longer than the
+        # training texts start the next update
+        client.learn("films", examples("medicine", 10, 5))
+        long_texts = [" ".join(["a superb film"] * 15) + f" {i}" for i in range(60)]
+        client.classify("films", long_texts[:30])
+        assert not [j for j in client.jobs() if j["syscall"] == "update"][1:]
+        client.classify("films", long_texts[30:])
+        second = wait_for_update(client, 2)
+        made = {m["version"]: m for m in client.models() if m["model"] == "films"}
+    assert first["state"] == second["state"] == "DONE"
+    assert first["owner"] == second["owner"] == client.name
+    assert made[2]["recipe"]["feedback"]["examples"] == 12
+    assert made[3]["recipe"]["feedback"]["examples"] == 22
+
+
+def wait_for_update(client, count: int) -> dict:
+    """The ``count``-th update job, once it has ended."""
+    for _ in range(1200):
+        jobs = sorted((j for j in client.jobs() if j["syscall"] == "update"),
+                      key=lambda j: j["id"])
+        if len(jobs) >= count and jobs[count - 1]["state"] in ("DONE", "FAILED"):
+            return jobs[count - 1]
+        time.sleep(0.1)
+    raise AssertionError(f"update {count} did not end")
 
 
 def test_llmos_update_and_rollback_from_the_command_line(kernel):

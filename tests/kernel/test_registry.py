@@ -74,3 +74,31 @@ def test_leftovers_of_a_crash_are_removed_on_open(tmp_path):
     assert not staging.exists() and not unindexed.exists()
     v2, created = reopened.import_folder("m", hf_folder(tmp_path / "src2", 2.0), {"op": "import"})
     assert created and v2.version == 2 and (v2.path / "model.safetensors").stat().st_size > 7
+
+
+def test_serving_history_walks_back_with_rollback(tmp_path):
+    registry = Registry(tmp_path / "home")
+    for weight in (1.0, 2.0, 3.0):
+        registry.import_folder("m", hf_folder(tmp_path / f"src{weight}", weight), {"op": "import"})
+    assert registry.previous_serving("m") is None  # only the first import has served
+    registry.set_serving("m", 3)
+    registry.set_serving("m", 2)
+    assert (registry.resolve("m").version, registry.previous_serving("m")) == (2, 3)
+    assert registry.pop_serving("m") == 3 and registry.resolve("m").version == 3
+    reopened = Registry(tmp_path / "home")  # the history is on disk
+    assert reopened.pop_serving("m") == 1 and reopened.resolve("m").version == 1
+    with pytest.raises(KernelError) as info:
+        reopened.pop_serving("m")
+    assert info.value.code is ErrorCode.BAD_REQUEST
+
+
+def test_an_adapter_folder_is_kept_beside_the_weights(tmp_path):
+    source = hf_folder(tmp_path / "src")
+    (source / "adapter").mkdir()
+    (source / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    save_file({"a": np.ones((2, 2), dtype=np.float32)},
+              str(source / "adapter" / "adapter_model.safetensors"))
+    (source / "adapter" / "stray.pkl").write_text("never copied")
+    version, _ = Registry(tmp_path / "home").import_folder("m", source, {"op": "learn"})
+    assert sorted(p.name for p in (version.path / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]

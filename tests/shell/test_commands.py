@@ -10,7 +10,7 @@ import pytest
 from llmos import ErrorCode, KernelError, hookimpl
 from llmos.kernel.plugins import get_plugin_manager
 from llmos.kernel.syscalls import SYSCALLS
-from llmos.shell import handlers
+from llmos.shell import handlers, views
 from llmos.shell.app import load_commands
 from llmos.shell.commands import Command, CommandRegistry, JobRequest, Output, Param
 
@@ -168,3 +168,18 @@ def test_registering_commands_imports_no_terminal_library():
             "'llmos.shell.render') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("progress, shown", [
+    ({"step": 3, "total_steps": 94, "loss": 0.5125, "epoch": 0.03}, " step 3/94 loss 0.512 "),
+    ({"phase": "saving", "done": False, "fraction": 0.5}, " saving (50%) "),
+    ({"phase": "measuring the current version", "done": False, "step": 0, "total_steps": 0,
+      "loss": None}, " measuring the current version "),
+    ({"phase": "training: step 4/90", "step": 4, "total_steps": 90, "loss": 0.25},
+     " training: step 4/90 loss 0.250 "),
+])
+def test_progress_lines_of_train_compress_and_update_jobs(progress, shown):
+    summary = {"id": 7, "state": "RUNNING", "device": "torch:cpu", "started_at": 100.0,
+               "progress": progress}
+    line = views.progress(summary, 102.5)
+    assert line == f"job 7 RUNNING on torch:cpu{shown}2.5 s (Ctrl-C cancels)"
