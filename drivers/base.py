@@ -66,6 +66,12 @@ class Driver(ABC):
     def run(self, handle: str, task: str, inputs: list[str], options: dict[str, Any]) -> TaskOutput:
         """Run ``task`` on a batch of ``inputs`` with the model loaded under ``handle``."""
 
+    def run_stage(self, handle: str, task: str, arrays: dict[str, np.ndarray],
+                  options: dict[str, Any]) -> TaskOutput:
+        """Pipeline stages after the first: continue ``task`` from the previous stage's
+        activations ``arrays`` (see llmos.plugins.parallel.stage)."""
+        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver is no pipeline stage")
+
     def train(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Run one quantum (about ``seconds``) of training job ``job``; returns progress, and
         when the job is done also ``metrics`` and the saved model's ``output`` folder."""

@@ -34,7 +34,7 @@ import msgpack
 import psutil
 import zmq
 
-from llmos.kernel.protocol import ErrorCode, KernelError, tensor_ref
+from llmos.kernel.protocol import ErrorCode, KernelError, tensor_from_ref, tensor_ref
 
 from .base import Driver
 from .tuning import time_shapes
@@ -76,8 +76,10 @@ def import_driver(qualname: str) -> type[Driver]:
     return cls
 
 
-def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process) -> list[bytes]:
-    """Execute one task and return the DONE frames (errors become an error DONE, never raise)."""
+def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process,
+             inbound: list[bytes] | None = None) -> list[bytes]:
+    """Execute one task (``inbound``: its tensor frames) and return the DONE frames
+    (errors become an error DONE, never raise)."""
     cpu_before = sum(process.cpu_times()[:2])
     buffers: list[bytes] = []
     body: dict[str, Any] = {"task": task["task"], "ok": True}
@@ -103,6 +105,11 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process) -> l
         elif op == "run":
             output = driver.run(task["handle"], task["kind"], task["inputs"],
                                 task.get("options", {}))
+            body["arrays"] = {name: tensor_ref(a, buffers) for name, a in output.arrays.items()}
+            body["tokens"] = output.tokens
+        elif op == "stage":  # a pipeline stage: the previous stage's activations come in
+            arrays = {name: tensor_from_ref(ref, inbound or []) for name, ref in task["arrays"].items()}
+            output = driver.run_stage(task["handle"], task["kind"], arrays, task.get("options", {}))
             body["arrays"] = {name: tensor_ref(a, buffers) for name, a in output.arrays.items()}
             body["tokens"] = output.tokens
         else:
@@ -260,7 +267,7 @@ def serve(args: argparse.Namespace) -> int:
             for message in run_streaming(driver, task, streams, process):
                 pair.send_multipart(message)
         else:
-            pair.send_multipart(run_task(driver, task, process))
+            pair.send_multipart(run_task(driver, task, process, frames[2:]))
     io.stopped.set()
     io.join(timeout=2)
     return 0

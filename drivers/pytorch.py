@@ -164,7 +164,14 @@ class TorchDriver(Driver):
     def train(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
         session = self._sessions.get(job)
         if session is None:
-            session = self._sessions[job] = TrainingSession(TrainSpec(**spec), self.threads)
+            ddp = spec.pop("ddp", None)
+            if ddp:  # data-parallel: this host is rank 0 (llmos.plugins.parallel)
+                from llmos.plugins.parallel.ddp import DistributedSession
+
+                session = DistributedSession.launch(TrainSpec(**spec), self.threads, ddp)
+            else:
+                session = TrainingSession(TrainSpec(**spec), self.threads)
+            self._sessions[job] = session
         progress = session.run(seconds)
         if session.done:
             progress["metrics"] = session.finish()
@@ -201,7 +208,9 @@ class TorchDriver(Driver):
         return progress
 
     def forget(self, job: str) -> None:
-        self._sessions.pop(job, None)
+        session = self._sessions.pop(job, None)
+        if session is not None:
+            session.close()
         self._job_sessions.pop(job, None)
 
     def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:

@@ -155,26 +155,34 @@ class TrainingSession:
         started, first = time.perf_counter(), self.step
         seen = 0
         while not self.done and (self.step == first or time.perf_counter() - started < seconds):
-            texts, labels = self._batch(self.step)
-            batch = self.tokenizer(texts, padding="longest", truncation=True,
-                                   max_length=self.spec.max_tokens, return_tensors="pt")
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr(self.step)
-            loss = self.model(**batch, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
+            value, examples = self._train_step(self.step)
             self.loss = value if math.isnan(self.loss) else 0.9 * self.loss + 0.1 * value
             self.step += 1
-            seen += len(texts)
+            seen += examples
         elapsed = time.perf_counter() - started
         if time.monotonic() - self.checkpointed_at >= self.spec.checkpoint_every:
             self._checkpoint()
         return {"step": self.step, "total_steps": self.total_steps, "loss": round(self.loss, 4),
                 "examples_per_s": round(seen / elapsed, 1) if elapsed else 0.0,
                 "epoch": round(self.step / self.steps_per_epoch, 3), "done": self.done}
+
+    def _train_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step on batch ``step``: (its mean loss, examples in the batch)."""
+        texts, labels = self._batch(step)
+        batch = self.tokenizer(texts, padding="longest", truncation=True,
+                               max_length=self.spec.max_tokens, return_tensors="pt")
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(step)
+        loss = self.model(**batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), len(texts)
+
+    def close(self) -> None:
+        """Release what the session holds beyond memory (nothing for one process; a
+        distributed session stops its ranks)."""
 
     def finish(self) -> dict[str, Any]:
         """Evaluate on validation and test, save the model folder; returns the metrics."""

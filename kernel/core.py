@@ -34,6 +34,7 @@ from .jobs import Job, JobState
 from .learning import LearningSyscalls
 from .models import ModelSyscalls
 from .monitor import ModelMonitor
+from .parallel import ParallelPlacement
 from .placement import CostModel
 from .plugins import Extensions
 from .protocol import (
@@ -97,7 +98,7 @@ class Counters:
 
 
 class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSyscalls,
-                 LearningSyscalls, UpdateSyscalls, CompressionSyscalls):
+                 LearningSyscalls, UpdateSyscalls, CompressionSyscalls, ParallelPlacement):
     """All job state, the scheduler and the device manager; driven by :meth:`run`."""
 
     def __init__(self, config: KernelConfig, pm: pluggy.PluginManager, ext: Extensions,
@@ -123,8 +124,9 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.memory_budget = config.memory_budget
         policy = ext.policies.get(config.policy)()
         self.scheduler = Scheduler(policy, self._batch_key, self._candidates, self._batching,
-                                   cost=self._cost, hardware=hardware_of,
-                                   background=lambda job: job.syscall in BACKGROUND_SYSCALLS)
+                                   cost=self._cost, hardware=self._hardware,
+                                   background=lambda job: job.syscall in BACKGROUND_SYSCALLS,
+                                   load=self._outstanding)
         self._retiring: set[str] = set()
         self.devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
@@ -291,9 +293,25 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             return self._training_candidates(job)
         if job.syscall in ("infer", "generate"):
             assert self.devices is not None
-            handle = job.args["handle"]
-            return [h.name for h in self.devices.hosts.values() if handle in h.loaded]
+            handle = job.args["handle"]  # a pipeline's batches enter at its first stage
+            return [h.name for h in self.devices.hosts.values()
+                    if handle in h.loaded and h.role.get("stage", 1) == 1
+                    and self._pipeline_loaded(h, handle)]
         return [job.args["targets"][0]]
+
+    def _hardware(self, device: str) -> str:
+        """What a device (a host name, or the kernel) runs on: the scheduler runs one
+        foreground batch at a time per hardware."""
+        host = self.devices.hosts.get(device) if self.devices is not None else None
+        return host.hardware if host is not None else hardware_of(device)
+
+    def _outstanding(self, device: str) -> tuple[float, ...]:
+        """Inputs in flight on a host, then tasks ever sent (round robin among equals)."""
+        host = self.devices.hosts.get(device) if self.devices is not None else None
+        if host is None:
+            return (0.0, 0.0)
+        inflight = sum(len(task.payload.get("inputs") or [None]) for task in host.inflight.values())
+        return (float(inflight), float(host.submitted))
 
     def _free_devices(self) -> tuple[set[str], frozenset[str]]:
         """Hosts with nothing in flight, and the hardware busy with foreground work.
@@ -412,7 +430,9 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             self._on_compressed(task, body, live)
         elif task.op == "update":
             self._on_updated(task, body, live)
-        elif task.op == "run":
+        elif task.op in ("run", "stage") and host.role.get("next"):
+            self._forward_stage(host, task, body, buffers, live)
+        elif task.op in ("run", "stage"):
             self._split_outputs(host, task, body, buffers, live)
         elif task.op == "generate":
             for job in live + [j for j in task.jobs if j.state is JobState.PREEMPTED]:

@@ -59,6 +59,8 @@ class Task:
     op: str
     payload: dict[str, Any]
     jobs: list[Job] = field(default_factory=list)
+    #: Tensor frames sent after the payload (activations for a pipeline ``stage`` task).
+    buffers: list[bytes] = field(default_factory=list)
     id: int = field(default_factory=lambda: next(_task_ids))
     sent_at: float = field(default_factory=time.monotonic)
 
@@ -86,6 +88,14 @@ class DeviceHost:
     #: handle -> load payload; reloaded after a restart.
     wanted: dict[str, dict[str, Any]] = field(default_factory=dict)
     restarts: int = 0
+    #: Tasks ever sent to it (the scheduler's last tie-break: round robin among equals).
+    submitted: int = 0
+    #: A slice of the hardware of its own (a replica or pipeline stage on CPU threads):
+    #: it runs batches at the same time as the other slots of that hardware.
+    lane: str = ""
+    #: What a replica or stage host was started for (``model``, ``replica``/``stage``...);
+    #: empty for the device slots the kernel starts with.
+    role: dict[str, Any] = field(default_factory=dict)
     crashes_in_a_row: int = 0
     restart_at: float = 0.0
     last_error: str = ""
@@ -98,8 +108,9 @@ class DeviceHost:
 
     @property
     def hardware(self) -> str:
-        """The physical device this slot runs on; slots on one hardware run one at a time."""
-        return hardware_of(self.device)
+        """What this slot runs on; slots on one hardware run one at a time (a lane is a
+        separate slice of its hardware)."""
+        return f"{hardware_of(self.device)}/{self.lane}" if self.lane else hardware_of(self.device)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -107,7 +118,7 @@ class DeviceHost:
             "state": str(self.state), "pid": self.process.pid if self.process else None,
             "hardware": self.hardware, "threads": self.threads, "rss": self.rss, "info": self.info,
             "loaded": sorted(self.loaded), "inflight": len(self.inflight),
-            "restarts": self.restarts, "last_error": self.last_error,
+            "restarts": self.restarts, "last_error": self.last_error, "role": self.role,
         }
 
 
@@ -151,11 +162,27 @@ class DeviceManager:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def add(self, spec: DriverSpec, device: str, threads: int) -> DeviceHost:
-        host = DeviceHost(f"{spec.name}:{device}", spec, device, threads)
+    def add(self, spec: DriverSpec, device: str, threads: int, name: str = "", lane: str = "",
+            role: dict[str, Any] | None = None) -> DeviceHost:
+        """Start a host for ``spec`` on ``device`` (named ``driver:device`` unless ``name``)."""
+        host = DeviceHost(name or f"{spec.name}:{device}", spec, device, threads, lane=lane,
+                          role=role or {})
         self.hosts[host.name] = host
         self._spawn(host)
         return host
+
+    def remove(self, name: str, timeout: float = 5.0) -> None:
+        """Stop host ``name`` (it finishes its current task) and forget it."""
+        host = self.hosts.pop(name)
+        self._by_identity = {h.identity: h for h in self.hosts.values()}
+        host.state = HostState.STOPPED
+        if host.process is not None and host.process.poll() is None:
+            self._send(host, [hostwire.STOP])
+            try:
+                host.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                host.process.kill()
+                host.process.wait()
 
     def _spawn(self, host: DeviceHost) -> None:
         host.generation += 1
@@ -197,8 +224,9 @@ class DeviceManager:
     def submit(self, host: DeviceHost, task: Task) -> None:
         """Send ``task`` to ``host`` and track it until DONE or the host dies."""
         host.inflight[task.id] = task
+        host.submitted += 1
         self._send(host, [hostwire.TASK, hostwire.pack({"task": task.id, "op": task.op,
-                                                        **task.payload})])
+                                                        **task.payload}), *task.buffers])
 
     def _send(self, host: DeviceHost, frames: list[bytes]) -> None:
         try:

@@ -7,7 +7,7 @@ Hooks are called with keyword arguments. A plugin implements any subset with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from llmos.shell.commands import CommandRegistry
 
     from .jobs import Job
+    from .parallel import Plan
     from .recipes import StepRegistry, UpdateMethodRegistry
     from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 
@@ -104,6 +105,29 @@ def llmos_register_shell_commands(commands: CommandRegistry) -> None:
     ``"package.module:function"`` so that registering imports nothing heavy.
 
     :param commands: the shell's command registry; names and aliases must be unique.
+    """
+
+
+# --- decisions: firstresult, the built-in answer is trylast ------------------------------
+
+
+@hookspec(firstresult=True)
+def llmos_plan_parallelism(syscall: str, args: dict[str, Any],
+                           devices: list[dict[str, Any]]) -> Plan | None:
+    """Choose how a ``load`` or ``train`` request runs in parallel.
+
+    Called on the scheduling thread when the request arrives, before a job exists. Return
+    a :class:`~llmos.kernel.parallel.Plan` (replicas and pipeline stages for ``load``; the
+    DDP world size and local ranks for ``train``), or None to let the next implementation
+    decide. Raise ``KernelError(BAD_REQUEST, ...)`` to refuse the request. The built-in
+    plan (``llmos.plugins.parallel``, ``trylast``) follows the request's own arguments and
+    checks them against the devices; a plugin may override it.
+    Stops at the first non-None result.
+
+    :param syscall: ``"load"`` or ``"train"``.
+    :param args: the request's validated arguments (read-only).
+    :param devices: the driver hosts, as the ``devices`` syscall describes them.
+    :return: the plan, or None.
     """
 
 

@@ -22,7 +22,7 @@ import psutil
 
 from . import datasets
 from .compression import serving_hosts
-from .devices import DeviceHost, HostState
+from .devices import DeviceHost, HostState, hardware_of
 from .generation import GENERATE_BATCHING
 from .jobs import Job, JobState
 from .mixin import CoreServices
@@ -50,6 +50,10 @@ class ModelSyscalls(CoreServices):
     _promoted: Callable[[Job], None]
     _fail_orphans: Callable[[], None]
     _candidates: Callable[[Job], list[str]]
+    # From ParallelPlacement (kernel/parallel.py).
+    _plan: Callable[..., Any]
+    _parallel_hosts: Callable[..., list[DeviceHost]]
+    _retire_host: Callable[[DeviceHost, str], None]
 
     # --- import and export (kernel pseudo-device) -------------------------------------
 
@@ -130,13 +134,13 @@ class ModelSyscalls(CoreServices):
             chosen = [hosts[device]]
         elif driver is not None:
             spec = self.ext.drivers.get(driver)  # NOT_FOUND with the known drivers
-            chosen = [h for h in hosts.values() if h.spec.name == driver]
+            chosen = [h for h in hosts.values() if h.spec.name == driver and not h.role]
             if not chosen:
                 reason = spec.unavailable_reason() or "it was not started (see --devices)"
                 raise KernelError(ErrorCode.DEVICE_FAILED,
                                   f"driver {driver!r} has no device here: {reason}")
-        else:
-            chosen = list(hosts.values())
+        else:  # replica and stage hosts serve only the model they were started for
+            chosen = [h for h in hosts.values() if not h.role]
         usable = [h for h in chosen if h.state is not HostState.FAILED]
         if not usable:
             errors = "; ".join(f"{h.name}: {h.last_error}" for h in chosen) or "none started"
@@ -145,11 +149,11 @@ class ModelSyscalls(CoreServices):
 
     def _check_memory(self, version: ModelVersion, hosts: list[DeviceHost]) -> int:
         """Bytes the load needs per host; KernelError(BUSY) if a hardware would overflow."""
-        need = memory_need(version.path)
-        for hardware in {h.hardware for h in hosts}:
-            adding = need * sum(1 for h in hosts if h.hardware == hardware)
+        need = memory_need(version.path)  # lanes (replicas) share their hardware's memory
+        for hardware in {hardware_of(h.device) for h in hosts}:
+            adding = need * sum(1 for h in hosts if hardware_of(h.device) == hardware)
             used = sum(p.get("memory", 0) for h in self._hosts().values()
-                       if h.hardware == hardware for p in h.wanted.values())
+                       if hardware_of(h.device) == hardware for p in h.wanted.values())
             budget = self._budget(hardware, hosts)
             if used + adding > budget:
                 raise KernelError(
@@ -164,14 +168,20 @@ class ModelSyscalls(CoreServices):
             return self.memory_budget
         if hardware == "cpu":
             return int(psutil.virtual_memory().total * MEMORY_FRACTION)
-        memory = max(int(h.info.get("memory_bytes", 0)) for h in hosts if h.hardware == hardware)
+        memory = max(int(h.info.get("memory_bytes", 0)) for h in self._hosts().values()
+                     if hardware_of(h.device) == hardware)
         return int(memory * MEMORY_FRACTION)
 
     def _load(self, request: Request) -> Job | dict[str, Any]:
         version = self.registry.resolve(request.args["model"], request.args["version"])
         generative = is_generative(version.path)
-        hosts = serving_hosts(version, self._targets(request.args["device"], request.args["driver"],
-                                                     generative))
+        plan = self._plan("load", request.args)
+        parallel = plan.replicas > 1 or plan.stages > 1
+        if parallel:
+            hosts = self._parallel_hosts(version, plan, request.args["device"], request.args["driver"])
+        else:
+            hosts = serving_hosts(version, self._targets(request.args["device"],
+                                                         request.args["driver"], generative))
         options: dict[str, Any] = {"precision": request.args["precision"]}
         if request.args["precision"] == "int8":
             options["calibration"] = self._calibration(version, request.args["calibrate"])
@@ -189,7 +199,7 @@ class ModelSyscalls(CoreServices):
         for host in todo:
             if host.name in cached:
                 self.costs.record(version.ref, host.name, cached[host.name])
-        tune = [] if generative else [h.name for h in todo if h.name not in cached]
+        tune = [] if generative or parallel else [h.name for h in todo if h.name not in cached]
         return self._admit(
             request, handle=version.ref, path=str(version.path), memory=need, options=options,
             targets=[h.name for h in todo], tune=tune, done=[h.name for h in hosts if h not in todo])
@@ -226,6 +236,8 @@ class ModelSyscalls(CoreServices):
         if job.syscall == "unload":
             return "unload", {"handle": job.args["handle"]}
         options: dict[str, Any] = dict(job.args["options"])
+        if "stage" in host.role:  # a pipeline stage loads its slice of the layers
+            options.update(stage=host.role["stage"], stages=host.role["stages"])
         if host.name in job.args["tune"]:
             options["tune"] = [list(shape) for shape in TUNE_SHAPES]
         return "load", {"handle": job.args["handle"], "path": job.args["path"],
@@ -252,6 +264,7 @@ class ModelSyscalls(CoreServices):
             host.wanted.pop(handle, None)
             self.costs.forget(handle, host.name)
             self._fail_orphans()
+            self._retire_host(host, handle)
         for job in jobs:
             job.args["done"].append(job.args["targets"].pop(0))
             if job.args["targets"]:

@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "llmos.shell.builtin_commands",
     "llmos.plugins.compression",
     "llmos.plugins.learning",
+    "llmos.plugins.parallel",
 )
 
 ENTRY_POINT_GROUP = "llmos"

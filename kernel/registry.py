@@ -295,6 +295,13 @@ class Registry:
                 "WHERE state IN ('QUEUED', 'RUNNING', 'PREEMPTED') ORDER BY job").fetchall()
         return [(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
 
+    def journal_get(self, job_id: int) -> tuple[str, str, dict[str, Any]] | None:
+        """(syscall, state, args) of a journalled job, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT syscall, state, args FROM journal WHERE job = ?",
+                                   (job_id,)).fetchone()
+        return None if row is None else (row[0], row[1], json.loads(row[2]))
+
     def journal_last_id(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(job), 0) FROM journal").fetchone()[0])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .jobs import MAX_PRIORITY, MIN_PRIORITY
+from .parallel import MAX_REPLICAS, MAX_STAGES, MAX_WORLD_SIZE
 from .protocol import ErrorCode, KernelError
 
 _MISSING = object()
@@ -135,12 +136,15 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         _MODEL, _VERSION, Arg("device", "str", maximum=128), Arg("driver", "str", maximum=64),
         Arg("precision", "str", default="f32", choices=("f32", "bf16", "int8")),
         Arg("calibrate", "str", minimum=1, maximum=4096),
-        Arg("max_seqs", "int", minimum=1, maximum=256), *_JOB_OPTIONS,
+        Arg("max_seqs", "int", minimum=1, maximum=256),
+        Arg("replicas", "int", default=1, minimum=1, maximum=MAX_REPLICAS),
+        Arg("stages", "int", default=1, minimum=1, maximum=MAX_STAGES), *_JOB_OPTIONS,
     ), "Load a model version: onto one device, one driver's, or (default) every driver, "
        "timing each so batches go where they run fastest. precision is the lowest each driver "
        "may use (int8: OpenVINO, calibrated on the calibrate dataset or the version's training "
        "data). Generative models go to drivers that generate; max_seqs caps their running "
-       "batch (default 16).", job=True),
+       "batch (default 16). replicas: N new driver hosts each hold the model; stages: N hosts "
+       "each hold a slice of its layers.", job=True),
     Syscall("unload", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
             "Unload a model version from a device (where it is loaded if not named).", job=True),
     Syscall("infer", (
@@ -180,10 +184,18 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("limit", "int", default=0, minimum=0, maximum=10**7),
         Arg("quantum", "float", default=1.0, minimum=0.05, maximum=600),
         Arg("checkpoint_every", "float", default=30.0, minimum=0.0, maximum=24 * 3600),
+        Arg("parallel", "str", default="none", choices=("none", "ddp")),
+        Arg("world_size", "int", default=1, minimum=1, maximum=MAX_WORLD_SIZE),
+        Arg("local_ranks", "int", minimum=1, maximum=MAX_WORLD_SIZE),
+        Arg("master_addr", "str", minimum=1, maximum=255),
+        Arg("master_port", "int", minimum=1, maximum=65535),
+        Arg("resume", "int", minimum=1),
         Arg("priority", "int", default=TRAIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
         Arg("timeout", "float", minimum=0.001, maximum=30 * 24 * 3600),
     ), "Fine-tune a sequence classifier on labelled texts, time-sliced with inference; "
-       "the result is a new model version.", job=True),
+       "the result is a new model version. parallel=ddp runs it as world_size ranks of "
+       "torch DistributedDataParallel; resume continues a failed job from its checkpoint.",
+        job=True),
     Syscall("evaluate", (
         _MODEL, _VERSION, *_DATA,
         Arg("split", "str", default="test", choices=("train", "validation", "test")),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +31,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: What a resumed train job takes from the job it continues (its data, hyper-parameters
+#: and folders); the rest (quantum, priority, parallel plan) comes from the new request.
+_RESUMED = ("model", "version", "data", "path", "name", "epochs", "batch_size", "learning_rate",
+            "seed", "max_tokens", "limit", "base", "parent", "dataset", "output_name",
+            "checkpoint", "output")
+
+
 class TrainingSyscalls(CoreServices):
     """Handlers and completion logic for training and evaluation jobs."""
 
     per_owner: Any
+    #: From ParallelPlacement (kernel/parallel.py).
+    _plan: Callable[..., Any]
 
     # --- handlers ---------------------------------------------------------------------
 
@@ -66,14 +76,36 @@ class TrainingSyscalls(CoreServices):
         return [h.name for h in hosts]
 
     def _train(self, request: Request) -> Job:
+        plan = self._plan("train", request.args)
+        if request.args["resume"]:
+            return self._resume(request, plan.ddp())
         version = self.registry.resolve(request.args["model"], request.args["version"])
         data = self._data_spec(request.args)
         name = check_name(request.args["name"] or version.model)
         self._trainers()
         job = self._admit(request, base=str(version.path), parent=version.ref, dataset=data,
-                          output_name=name)
+                          output_name=name, ddp=plan.ddp())
         folder = self.config.home / "jobs" / str(job.id)
         job.args.update(checkpoint=str(folder / "checkpoint"), output=str(folder / "output"))
+        self._journal(job)
+        return job
+
+    def _resume(self, request: Request, ddp: dict[str, Any] | None) -> Job:
+        """A new job that continues a failed, cancelled or timed-out train job from its
+        last checkpoint, with its arguments (and this request's parallel plan)."""
+        old_id = request.args["resume"]
+        found = self.registry.journal_get(old_id)
+        if found is None or found[0] != "train":
+            raise KernelError(ErrorCode.NOT_FOUND, f"no train job {old_id} to resume")
+        _, state, old = found
+        if state not in ("FAILED", "CANCELLED", "TIMED_OUT"):
+            raise KernelError(ErrorCode.BAD_REQUEST, f"train job {old_id} is {state}: only a "
+                              "failed, cancelled or timed-out job can be resumed")
+        if not (Path(old["checkpoint"]) / "state.json").exists():
+            raise KernelError(ErrorCode.NOT_FOUND, f"train job {old_id} left no checkpoint")
+        self._trainers()
+        keep = {k: old[k] for k in _RESUMED if k in old}
+        job = self._admit(request, **keep, ddp=ddp, resumed_from=old_id)
         self._journal(job)
         return job
 
@@ -101,6 +133,8 @@ class TrainingSyscalls(CoreServices):
                 "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
                 "max_tokens": job.args["max_tokens"], "limit": job.args["limit"],
                 "checkpoint_every": job.args["checkpoint_every"]}
+        if job.args.get("ddp"):
+            spec["ddp"] = job.args["ddp"]
         return Task("train", {"job": str(job.id), "spec": spec,
                               "seconds": job.args["quantum"]}, [job])
 

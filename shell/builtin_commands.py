@@ -31,11 +31,14 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
             (Param("source"), Param("path", "path", option=True, metavar="DIR"),
              Param("name", option=True), *JOB_OPTIONS)),
     Command("load", "Load a model version onto one device, one driver's devices, or every "
-            "driver (default, autotuned).", _H + "load",
+            "driver (default, autotuned); --replicas N: onto N new hosts, batches balanced; "
+            "--stages N: its layers split across N hosts (a pipeline).", _H + "load",
             (_MODEL, Param("device", "device", option=True), Param("driver", "driver", option=True),
              Param("precision", option=True, choices=("f32", "bf16", "int8")),
              Param("calibrate", "dataset", option=True, metavar="DATASET|PATH"),
-             Param("max_seqs", "int", option=True, metavar="N"), *JOB_OPTIONS)),
+             Param("max_seqs", "int", option=True, metavar="N"),
+             Param("replicas", "int", option=True, metavar="N"),
+             Param("stages", "int", option=True, metavar="N"), *JOB_OPTIONS)),
     Command("unload", "Unload a model version from a device (everywhere if none is named).",
             _H + "unload", (_MODEL, Param("device", "device", option=True), *JOB_OPTIONS)),
     Command("export", "Export a model version to ONNX or OpenVINO IR (cached per version).",
@@ -62,7 +65,9 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
     Command("datasets", "The bundled labelled datasets that train and evaluate can use.",
             _H + "datasets", _NONE),
     Command("train", "Fine-tune a classifier on a bundled DATASET or a CSV/JSONL file (--path); "
-            "the result is a new model version. Long: try it with &.", _H + "train",
+            "the result is a new model version. --parallel ddp --world-size N: N DDP ranks; "
+            "--resume JOB: continue a failed job from its checkpoint. Long: try it with &.",
+            _H + "train",
             (_MODEL, *_DATA, Param("name", option=True),
              Param("epochs", "number", option=True, metavar="N"),
              Param("batch_size", "int", option=True, metavar="N"),
@@ -70,7 +75,13 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
              Param("max_tokens", "int", option=True, metavar="N"),
              Param("limit", "int", option=True, metavar="ROWS"),
              Param("quantum", "number", option=True, metavar="SECONDS"),
-             Param("checkpoint_every", "number", option=True, metavar="SECONDS"), *JOB_OPTIONS)),
+             Param("checkpoint_every", "number", option=True, metavar="SECONDS"),
+             Param("parallel", option=True, choices=("none", "ddp")),
+             Param("world_size", "int", option=True, metavar="N"),
+             Param("local_ranks", "int", option=True, metavar="N"),
+             Param("master_addr", option=True, metavar="HOST"),
+             Param("master_port", "int", option=True, metavar="PORT"),
+             Param("resume", "job", option=True, metavar="JOB"), *JOB_OPTIONS)),
     Command("evaluate", "Accuracy, macro-F1 and confusion matrix of a classifier on a dataset "
             "split.", _H + "evaluate",
             (_MODEL, *_DATA, Param("split", option=True, choices=("train", "validation", "test")),

@@ -120,6 +120,14 @@ def _kernel(args: argparse.Namespace) -> int:
         record = start_detached(home, kernel_argv(args))
         render.console.print(f"kernel pid {record['pid']} listening on {record['address']}")
         return 0
+    if args.kernel_command == "join":
+        from llmos.plugins.parallel.launch import join
+
+        try:
+            return join(args.rendezvous, args.world_size, args.rank, args.ranks)
+        except ValueError as exc:
+            render.error("BAD_REQUEST", str(exc))
+            return 2
     address = resolve_address(args)
     if args.kernel_command == "status":
         with Client(address) as client:
@@ -167,7 +175,8 @@ def _work(args: argparse.Namespace, client: Client) -> int:
     if command == "load":
         output = views.loaded(client.load(args.model, version=args.version, device=args.device,
                                           driver=args.driver, precision=args.precision,
-                                          calibrate=args.calibrate, max_seqs=args.max_seqs))
+                                          calibrate=args.calibrate, max_seqs=args.max_seqs,
+                                          replicas=args.replicas, stages=args.stages))
     elif command == "unload":
         output = views.unloaded(client.unload(args.model, version=args.version, device=args.device))
     elif command == "export":
@@ -202,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernel_options(start)
     _keep_global(start, "home")
     start.add_argument("--detach", action="store_true", help="run in the background")
+    join = ksub.add_parser("join", help="run DDP ranks of a kernel's train job from this "
+                           "machine (see docs/distributed.md)")
+    join.add_argument("rendezvous", metavar="HOST:PORT", help="the job's rendezvous address")
+    join.add_argument("--world-size", type=int, required=True, help="ranks in the job in all")
+    join.add_argument("--rank", type=int, required=True, help="the first rank to run here")
+    join.add_argument("--ranks", type=int, default=1, help="how many ranks to run here")
     ksub.add_parser("status", help="show the running kernel's info")
     ksub.add_parser("stop", help="shut the kernel down")
 
@@ -231,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the lowest precision allowed (bf16, int8: OpenVINO)")
             p.add_argument("--calibrate", metavar="DATASET|PATH",
                            help="int8: texts to calibrate on (default: the training data)")
+            p.add_argument("--replicas", type=int, help="N new hosts of one driver hold it")
+            p.add_argument("--stages", type=int, help="split its layers across N hosts")
             p.add_argument("--max-seqs", type=int, help="generative models: most sequences "
                            "in the running batch (default 16)")
     export = sub.add_parser("export", help="export a model version to ONNX or OpenVINO IR")

@@ -176,7 +176,8 @@ def import_(context: ShellContext, args: Args) -> JobRequest:
 def load(context: ShellContext, args: Args) -> JobRequest:
     return JobRequest("load", {**_model(args), "device": args["device"], "driver": args["driver"],
                                "precision": args["precision"], "calibrate": args["calibrate"],
-                               "max_seqs": args["max_seqs"]},
+                               "max_seqs": args["max_seqs"], "replicas": args["replicas"],
+                               "stages": args["stages"]},
                       views.loaded)
 
 
@@ -204,11 +205,13 @@ def datasets(context: ShellContext, args: Args) -> Output:
 
 
 _TRAIN_OPTIONS = ("name", "epochs", "batch_size", "learning_rate", "seed", "max_tokens", "limit",
-                  "quantum", "checkpoint_every")
+                  "quantum", "checkpoint_every", "parallel", "world_size", "local_ranks",
+                  "master_addr", "master_port", "resume")
 
 
 def train(context: ShellContext, args: Args) -> JobRequest:
-    data = _named_or_path("train", args, "data", "DATASET")
+    data = {} if args["resume"] and not (args["data"] or args["path"]) else \
+        _named_or_path("train", args, "data", "DATASET")  # resume: the old job's data
     return JobRequest("train", {**_model(args), **data, **{k: args[k] for k in _TRAIN_OPTIONS}},
                       views.trained)
 

@@ -54,6 +54,8 @@ class Scheduler:
     its model is loaded). ``batching(job)`` gives the knobs for its model. ``cost(jobs,
     device)`` predicts a batch's run time on a device (the cheapest free one is chosen), and
     ``hardware(device)`` names what a device runs on: one batch at a time per hardware.
+    ``load(device)`` breaks ties between equally cheap devices (e.g. identical replicas):
+    the least outstanding work goes first.
     """
 
     policy: Policy
@@ -65,6 +67,7 @@ class Scheduler:
     #: Jobs that run in the background of their hardware (training, on fewer cores): they
     #: may start while the hardware is busy and do not make it busy.
     background: Callable[[Job], bool] = lambda job: False
+    load: Callable[[str], tuple[float, ...]] = lambda device: ()
     queue: dict[int, Job] = field(default_factory=dict)
 
     def push(self, job: Job) -> None:
@@ -106,7 +109,7 @@ class Scheduler:
                 continue
             key = self.batch_key(job)
             members = [job] if key is None else self._fill(job, key, ranked, taken)
-            device = min(devices, key=lambda d: self.cost(members, d))
+            device = min(devices, key=lambda d: (self.cost(members, d), *self.load(d)))
             config = self.batching(job)
             batch = Batch(device, members, key if key is not None else ("job", job.id))
             oldest = min(m.queued_at for m in members)
