@@ -99,7 +99,7 @@ def test_parsing_follows_the_parameters(registry):
     load = registry.get("load")
     assert load.parse(["minilm:2", "--device", "torch:cpu", "--priority=-5"]) == {
         "model": "minilm:2", "device": "torch:cpu", "driver": None, "precision": None,
-        "max_seqs": None, "replicas": None, "stages": None, "priority": -5, "timeout": None}
+        "calibrate": None, "max_seqs": None, "replicas": None, "stages": None, "priority": -5, "timeout": None}
     assert registry.get("nice").parse(["12", "-5"]) == {"id": 12, "priority": -5}
     assert registry.get("ps").parse(["--all"]) == {"all": True, "owner": None}
     assert registry.get("embed").parse(["m", "a", "b", "--timeout", "2.5"])["texts"] == ["a", "b"]
@@ -112,7 +112,7 @@ def test_parsing_follows_the_parameters(registry):
     ("load", [], "load: missing MODEL[:VERSION]; usage: load MODEL[:VERSION] [--device DEVICE]"),
     ("load", ["m", "--devise", "x"], "load: unknown option --devise; usage: load"),
     ("load", ["m", "--device"], "load: --device needs a value"),
-    ("load", ["m", "--precision", "f16"], "load: precision must be one of f32, bf16, got 'f16'"),
+    ("load", ["m", "--precision", "f16"], "load: precision must be one of f32, bf16, int8, got 'f16'"),
     ("kill", ["twelve"], "kill: ID must be an integer, got 'twelve'"),
     ("kill", ["1", "2"], "kill: unexpected argument '2'"),
     ("embed", ["m", "--timeout", "soon"], "embed: SECONDS must be a number, got 'soon'"),

@@ -29,7 +29,7 @@ def context():
     ("load minilm --device ", ["openvino:cpu", "torch:cpu"]),
     ("load minilm --device=t", ["--device=torch:cpu"]),
     ("load minilm --driver o", ["onnxruntime", "openvino"]),
-    ("load minilm --precision ", ["bf16", "f32"]),
+    ("load minilm --precision ", ["bf16", "f32", "int8"]),
     ("export minilm ", ["onnx", "openvino"]),
     ("train minilm ", ["drugs", "reviews"]),
     ("train minilm reviews --batch", ["--batch-size"]),
