@@ -157,13 +157,22 @@ class ParallelPlacement(CoreServices):
 
     def _forward_stage(self, host: DeviceHost, task: Task, body: dict[str, Any],
                        buffers: list[bytes], jobs: list[Job]) -> None:
-        """Send a stage's activations (raw tensor frames) on to the next stage's host."""
+        """Send a stage's activations (raw tensor frames) on to the next stage's host. If
+        that stage is restarting (it died after the batch entered the pipeline), the jobs
+        go back to the queue and run again from the first stage once it has reloaded; if it
+        is gone or failed for good, they fail."""
         assert self.devices is not None
         following = self._hosts().get(host.role["next"])
-        if following is None or following.state is not HostState.READY:
+        if following is None or following.state is HostState.FAILED:
             for job in jobs:
                 self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
-                           f"pipeline stage {host.role['next']} is not ready")
+                           f"pipeline stage {host.role['next']} has failed")
+            return
+        if following.state is not HostState.READY or task.payload["handle"] not in following.loaded:
+            for job in jobs:
+                job.transition(JobState.QUEUED)
+                job.device = None
+                self.scheduler.push(job)
             return
         payload = {"handle": task.payload["handle"], "kind": task.payload["kind"],
                    "arrays": body["arrays"]}
