@@ -47,8 +47,6 @@ TRAIN = {"model": "minilm", "data": "reviews", "name": "reviews", "limit": 3000,
 FEEDBACK = 300
 UPDATE = {"model": "reviews", "method": "lora", "limit": FEEDBACK, "max_tokens": 64,
           "eval_limit": 500, "params": {"epochs": 2.0}}
-DRUG_REVIEWS = ["This medication stopped my migraines within a week. No side effects.",
-                "Terrible nausea and headaches, I had to stop taking it."]
 NEW_REVIEWS = ["A moving, beautifully acted film that stays with you.",
                "A tedious mess with a script that goes nowhere.",
                "Funny, warm and surprisingly smart.",
@@ -121,7 +119,7 @@ def _chat(client: Client) -> None:
 def _learn(client: Client) -> None:
     """The last act: drug reviews reach the movie-review classifier. Monitoring flags the
     drift, labelled feedback arrives, an update (LoRA, replay, distillation) is trained,
-    gated on both domains and promoted."""
+    gated on both domains and promoted; both versions are measured on the drug test file."""
     drugs = datasets.load("drugs")
     texts, targets = drugs.split("train")
     stream = drugs.split("validation")[0] + texts[FEEDBACK:]
@@ -138,8 +136,13 @@ def _learn(client: Client) -> None:
     result = _with_progress(client, "update", UPDATE,
                             f"{FEEDBACK} labelled drug reviews as feedback; update job")
     render.show(updated(result))
-    after = client.classify("reviews", DRUG_REVIEWS)
-    render.show(views.classified(DRUG_REVIEWS, {"predictions": after}))
+    scores = []
+    for handle in (result["parent"], result["model"]):
+        name, _, number = handle.rpartition(":")
+        scores.append(client.evaluate(name, version=int(number), data="drugs",
+                                      split="test")["accuracy"])
+    render.console.print(f"drug reviews' own test file ({len(drugs.test_rows)} reviews): "
+                         f"{result['parent']} {scores[0]:.3f} -> {result['model']} {scores[1]:.3f}")
 
 
 def _fine_tune(client: Client) -> dict[str, Any]:
