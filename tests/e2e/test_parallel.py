@@ -75,8 +75,9 @@ def _free_port() -> int:
 
 
 def test_replicas_balance_batches_and_a_dead_replicas_jobs_move(kernel):
-    # 20 inputs a job: two jobs never fit one batch (32), so each job is its own batch
-    texts = [f"replicated text number {i}" for i in range(20)]
+    # 20 inputs a job: two jobs never fit one batch (32), so each job is its own batch;
+    # long texts keep a batch running long enough to be caught in flight below
+    texts = [" ".join(["replicated text"] * 40) + f" number {i}" for i in range(20)]
     with kernel.client() as client:
         loaded = client.load("minilm", replicas=2)
         roles = {d["name"]: d["role"] for d in client.devices()}
@@ -89,6 +90,9 @@ def test_replicas_balance_batches_and_a_dead_replicas_jobs_move(kernel):
         victim = next(d for d in client.devices() if d["name"] == "torch:cpu.r1")
         pending = [client.submit("infer", {"model": "minilm", "task": "embed", "inputs": texts})
                    for _ in range(6)]
+        while not any(j["device"] == "torch:cpu.r1" and j["state"] == "RUNNING"
+                      for j in client.jobs(finished=False)):
+            time.sleep(0.002)  # kill it while it holds a batch
         os.kill(victim["pid"], signal.SIGKILL)
         second = [p.result() for p in pending]
         attempts = [client.job(r["job"])["attempts"] for r in second]
