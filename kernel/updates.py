@@ -63,12 +63,6 @@ def write_examples(path: Path, examples: list[Example]) -> None:
             fh.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
 
 
-def gate_passed(version: ModelVersion) -> bool | None:
-    """A learned version's gate verdict (None for versions not made by ``update``)."""
-    gate = (version.metrics.get("learning") or {}).get("gate")
-    return None if gate is None else bool(gate["passed"])
-
-
 class UpdateSyscalls(CoreServices):
     """Handlers and completion logic for update and rollback jobs."""
 
