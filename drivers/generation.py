@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .kvcache import KV, RowCache
+from .prefixes import DEFAULT_MAX_BYTES, PrefixCache, PrefixHit
 
 #: Roles a chat message may have.
 ROLES = ("system", "user", "assistant")
@@ -77,6 +78,8 @@ class Sequence:
     #: The cache of a long prompt while it is prefilled chunk by chunk, and its progress.
     partial: RowCache | None = None
     prefilled: int = 0
+    #: Prompt tokens whose keys and values came from the prefix cache.
+    cached: int = 0
     preemptions: int = 0
     cpu_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -110,10 +113,12 @@ class GenerationEngine:
     """Continuous batching over one causal LM (see the module docstring)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 max_seqs: int = 16, max_prefill_tokens: int = 1024) -> None:
+                 max_seqs: int = 16, max_prefill_tokens: int = 1024,
+                 prefix_cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_seqs = max_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefixes = PrefixCache(prefix_cache_bytes)
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = model.generation_config.eos_token_id
         if eos is None:
@@ -261,19 +266,38 @@ class GenerationEngine:
         return _Batch([seq], RowCache.wrap(layers, self.context), torch.ones(1, length, dtype=torch.long))
 
     def _prefill(self, seqs: list[Sequence], events: list[dict[str, Any]]) -> _Batch | None:
-        """Run the prompts of ``seqs`` together; sample each one's first token."""
+        """Run the prompts of ``seqs`` together, each from the end of its longest cached
+        prefix; keep their new whole blocks in the prefix cache; sample each one's first
+        token.
+
+        Row ``i``'s cache is laid out ``[padding, cached prefix | padding, rest of the
+        prompt]``: the cached prefixes are right-aligned in the first ``cached`` columns, the
+        rest right-aligned in the ``longest`` columns fed now; the mask hides both paddings.
+        """
         started = time.process_time()
-        longest = max(len(s.prompt_ids) for s in seqs)
+        hits = [self.prefixes.lookup(s.prompt_ids) for s in seqs]
+        rests = [s.prompt_ids[hit.length:] for s, hit in zip(seqs, hits, strict=True)]
+        cached = max(hit.length for hit in hits)
+        longest = max(len(rest) for rest in rests)
         pad_id = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad_id] * (longest - len(s.prompt_ids)) + s.prompt_ids for s in seqs])
-        mask = torch.tensor([[0] * (longest - len(s.prompt_ids)) + [1] * len(s.prompt_ids)
-                             for s in seqs])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = RowCache(self.layers, self.context)
+        ids = torch.tensor([[pad_id] * (longest - len(rest)) + rest for rest in rests])
+        mask = torch.tensor([[0] * (cached - hit.length) + [1] * hit.length
+                             + [0] * (longest - len(rest)) + [1] * len(rest)
+                             for hit, rest in zip(hits, rests, strict=True)])
+        positions = torch.tensor([[0] * (longest - len(rest)) + list(range(hit.length, hit.length
+                                                                           + len(rest)))
+                                  for hit, rest in zip(hits, rests, strict=True)])
+        cache = self._prefix_cache(hits, cached)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), cache=cache,
                          use_cache=True, logits_to_keep=1)
         self._charge(seqs, started)
+        windows = cache.windows()
+        for row, (seq, hit, rest) in enumerate(zip(seqs, hits, rests, strict=True)):
+            seq.cached = hit.length
+            own = cached + longest - len(rest)
+            self.prefixes.store(seq.prompt_ids, hit, [(k[row:row + 1, :, own:], v[row:row + 1, :, own:])
+                                                      for k, v in windows])
         part = _Batch(list(seqs), cache, mask)
         finished = {i for i, s in enumerate(seqs)
                     if self._accept(s, self._sample(out.logits[:, -1], seqs)[i], events)}
@@ -281,6 +305,23 @@ class GenerationEngine:
             return None
         part.keep([i for i in range(len(seqs)) if i not in finished])
         return part
+
+    def _prefix_cache(self, hits: list[PrefixHit], cached: int) -> RowCache:
+        """A cache for a prefill: empty, or the hits' prefixes right-aligned in ``cached``
+        columns (zeros on the left)."""
+        if cached == 0:
+            return RowCache(self.layers, self.context)
+        template = next(hit.layers for hit in hits if hit.layers is not None)
+        layers: list[KV] = []
+        for index, (keys, values) in enumerate(template):
+            shape = (len(hits), keys.shape[1], cached, keys.shape[3])
+            all_keys, all_values = keys.new_zeros(shape), values.new_zeros(shape)
+            for row, hit in enumerate(hits):
+                if hit.layers is not None:
+                    all_keys[row, :, cached - hit.length:] = hit.layers[index][0][0]
+                    all_values[row, :, cached - hit.length:] = hit.layers[index][1][0]
+            layers.append((all_keys, all_values))
+        return RowCache.wrap(layers, self.context)
 
     def _prefill_chunk(self, seq: Sequence, events: list[dict[str, Any]]) -> _Batch | None:
         """Feed the next ``max_prefill_tokens`` of a long prompt; after the last chunk,
@@ -370,6 +411,7 @@ class GenerationEngine:
         ttft = None if seq.first_token_at is None else seq.first_token_at - seq.started
         return {"id": seq.id, "finish": reason, "text": text, "delta": text[seq.sent:],
                 "prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.generated),
+                "cached_tokens": seq.cached,
                 "preemptions": seq.preemptions, "cpu_seconds": seq.cpu_seconds,
                 "time_to_first_token": ttft}
 

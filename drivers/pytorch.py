@@ -118,7 +118,10 @@ class TorchDriver(Driver):
         precision = options.get("precision", "f32")
         if precision == "bf16":
             model.to(torch.bfloat16)
-        engine = GenerationEngine(model, tokenizer, int(options.get("max_seqs") or DEFAULT_MAX_SEQS))
+        sizes = {} if options.get("prefix_cache_mb") is None else {
+            "prefix_cache_bytes": int(options["prefix_cache_mb"]) * 2**20}
+        engine = GenerationEngine(model, tokenizer, int(options.get("max_seqs") or DEFAULT_MAX_SEQS),
+                                  **sizes)
         info = LoadedModel(tasks=["generate"], max_tokens=engine.context,
                            parameters=sum(p.numel() for p in model.parameters()),
                            precision=precision)

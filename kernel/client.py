@@ -85,15 +85,18 @@ class _Syscalls:
     def load(self, model: str, *, version: int | None = None, device: str | None = None,
              driver: str | None = None, precision: str | None = None,
              calibrate: str | None = None, max_seqs: int | None = None,
-             replicas: int | None = None, stages: int | None = None) -> Any:
+             prefix_cache_mb: int | None = None, replicas: int | None = None,
+             stages: int | None = None) -> Any:
         """Load onto one device, one driver's devices, or (default) every driver, autotuned
-        (a generative model: onto the drivers that generate, ``max_seqs`` at once).
+        (a generative model: onto the drivers that generate, ``max_seqs`` at once, keeping
+        ``prefix_cache_mb`` of shared prompt prefixes).
         ``precision`` is the lowest allowed (``bf16``, ``int8``: calibrated on
         ``calibrate``, a bundled dataset or a file, default the version's training data);
         ``replicas``: onto N new hosts of one driver; ``stages``: split across N hosts."""
         return self._call("load", {"model": model, "version": version, "device": device,
                                    "driver": driver, "precision": precision,
                                    "calibrate": calibrate, "max_seqs": max_seqs,
+                                   "prefix_cache_mb": prefix_cache_mb,
                                    "replicas": replicas, "stages": stages})
 
     def export(self, model: str, to: str, *, version: int | None = None) -> Any:

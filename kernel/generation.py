@@ -91,7 +91,8 @@ class GenerationSyscalls(CoreServices):
         self._finish(job, {
             "model": job.args["handle"], "text": event["text"], "finish_reason": reason,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion},
+                      "total_tokens": prompt + completion,
+                      "cached_tokens": int(event.get("cached_tokens", 0))},
             "preemptions": int(event.get("preemptions", 0)),
             "time_to_first_token": event.get("time_to_first_token"),
         })

@@ -187,6 +187,8 @@ class ModelSyscalls(CoreServices):
             options["calibration"] = self._calibration(version, request.args["calibrate"])
         if generative and request.args["max_seqs"]:
             options["max_seqs"] = request.args["max_seqs"]
+        if generative and request.args["prefix_cache_mb"] is not None:
+            options["prefix_cache_mb"] = request.args["prefix_cache_mb"]
         todo = [h for h in hosts if version.ref not in h.wanted
                 or any(h.wanted[version.ref]["options"].get(k) != v for k, v in options.items())]
         if not todo:

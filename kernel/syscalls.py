@@ -137,13 +137,15 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("precision", "str", default="f32", choices=("f32", "bf16", "int8")),
         Arg("calibrate", "str", minimum=1, maximum=4096),
         Arg("max_seqs", "int", minimum=1, maximum=256),
+        Arg("prefix_cache_mb", "int", minimum=0, maximum=65536),
         Arg("replicas", "int", default=1, minimum=1, maximum=MAX_REPLICAS),
         Arg("stages", "int", default=1, minimum=1, maximum=MAX_STAGES), *_JOB_OPTIONS,
     ), "Load a model version: onto one device, one driver's, or (default) every driver, "
        "timing each so batches go where they run fastest. precision is the lowest each driver "
        "may use (int8: OpenVINO, calibrated on the calibrate dataset or the version's training "
        "data). Generative models go to drivers that generate; max_seqs caps their running "
-       "batch (default 16). replicas: N new driver hosts each hold the model; stages: N hosts "
+       "batch (default 16), prefix_cache_mb their cache of shared prompt prefixes (default 64, "
+       "0: off). replicas: N new driver hosts each hold the model; stages: N hosts "
        "each hold a slice of its layers.", job=True),
     Syscall("unload", (_MODEL, _VERSION, Arg("device", "str", maximum=128), *_JOB_OPTIONS),
             "Unload a model version from a device (where it is loaded if not named).", job=True),

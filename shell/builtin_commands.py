@@ -37,6 +37,7 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
              Param("precision", option=True, choices=("f32", "bf16", "int8")),
              Param("calibrate", "dataset", option=True, metavar="DATASET|PATH"),
              Param("max_seqs", "int", option=True, metavar="N"),
+             Param("prefix_cache_mb", "int", option=True, metavar="MB"),
              Param("replicas", "int", option=True, metavar="N"),
              Param("stages", "int", option=True, metavar="N"), *JOB_OPTIONS)),
     Command("unload", "Unload a model version from a device (everywhere if none is named).",

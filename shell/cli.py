@@ -176,6 +176,7 @@ def _work(args: argparse.Namespace, client: Client) -> int:
         output = views.loaded(client.load(args.model, version=args.version, device=args.device,
                                           driver=args.driver, precision=args.precision,
                                           calibrate=args.calibrate, max_seqs=args.max_seqs,
+                                          prefix_cache_mb=args.prefix_cache_mb,
                                           replicas=args.replicas, stages=args.stages))
     elif command == "unload":
         output = views.unloaded(client.unload(args.model, version=args.version, device=args.device))
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--stages", type=int, help="split its layers across N hosts")
             p.add_argument("--max-seqs", type=int, help="generative models: most sequences "
                            "in the running batch (default 16)")
+            p.add_argument("--prefix-cache-mb", type=int, help="generative models: memory for "
+                           "shared prompt prefixes (default 64; 0: off)")
     export = sub.add_parser("export", help="export a model version to ONNX or OpenVINO IR")
     export.add_argument("model")
     export.add_argument("--to", required=True, choices=("onnx", "openvino"))

@@ -176,7 +176,8 @@ def import_(context: ShellContext, args: Args) -> JobRequest:
 def load(context: ShellContext, args: Args) -> JobRequest:
     return JobRequest("load", {**_model(args), "device": args["device"], "driver": args["driver"],
                                "precision": args["precision"], "calibrate": args["calibrate"],
-                               "max_seqs": args["max_seqs"], "replicas": args["replicas"],
+                               "max_seqs": args["max_seqs"],
+                               "prefix_cache_mb": args["prefix_cache_mb"], "replicas": args["replicas"],
                                "stages": args["stages"]},
                       views.loaded)
 

@@ -143,9 +143,10 @@ def embedding_args(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
     return {"model": name, "version": version, "task": "embed", "inputs": texts}, encoding
 
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    return {k: int(result["usage"][k]) for k in ("prompt_tokens", "completion_tokens",
-                                                  "total_tokens")}
+def _usage(result: dict[str, Any]) -> dict[str, Any]:
+    usage = result["usage"]
+    return {**{k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+            "prompt_tokens_details": {"cached_tokens": int(usage.get("cached_tokens", 0))}}
 
 
 def completion(result: dict[str, Any], model: str) -> dict[str, Any]:

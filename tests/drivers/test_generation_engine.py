@@ -188,3 +188,58 @@ def test_rows_joining_and_leaving_across_cache_growth_match_generate_alone(parts
         want = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         assert done[seq_id]["completion_tokens"] == tokens
         assert done[seq_id]["text"] == want
+
+
+def generate_alone(parts, prompt: str, tokens: int) -> str:
+    model, tokenizer = parts
+    inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+    out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+SYSTEM = ("you are a helpful assistant for the customers of a small shop that sells shoes "
+          "and bags online and answers in one short sentence")  # 24 words: two blocks and more
+
+
+def test_shared_prefixes_are_prefilled_once_and_change_no_token(parts):
+    """The second and later prompts reuse the cached blocks of the shared beginning, also
+    when prefilled together with prompts that have no cached prefix (mixed padding), and
+    every output equals transformers' greedy generate run alone."""
+    prompts = {1: f"{SYSTEM} where is my parcel", 2: f"{SYSTEM} can I return a bag",
+               3: "an unrelated short prompt", 4: f"{SYSTEM} do you sell hats"}
+    eng = engine(parts, max_seqs=4)
+    submit(eng, 1, prompts[1], max_tokens=8)
+    events = run(eng)
+    for seq_id in (2, 3, 4):  # prefilled together in one step
+        submit(eng, seq_id, prompts[seq_id], max_tokens=8)
+    events += run(eng)
+    done = finishes(events)
+    assert done[1]["cached_tokens"] == 0 and done[3]["cached_tokens"] == 0
+    assert done[2]["cached_tokens"] == done[4]["cached_tokens"] == 16
+    assert eng.prefixes.hit_tokens == 32
+    for seq_id, prompt in prompts.items():
+        assert done[seq_id]["text"] == generate_alone(parts, prompt, 8), seq_id
+
+
+def test_a_repeated_prompt_reuses_all_but_its_last_token(parts):
+    eng = engine(parts)
+    prompt = "word " * 30  # 32 tokens with [CLS] and [SEP]: exactly two blocks
+    submit(eng, 1, prompt, max_tokens=4)
+    first = finishes(run(eng))[1]
+    submit(eng, 2, prompt, max_tokens=4)
+    second = finishes(run(eng))[2]
+    assert second["cached_tokens"] == 16  # the last block holds the token that must run
+    assert second["text"] == first["text"]
+
+
+def test_the_prefix_cache_evicts_least_recent_blocks_and_can_be_off(parts):
+    eng = engine(parts, prefix_cache_bytes=1)  # smaller than one block
+    submit(eng, 1, f"{SYSTEM} one", max_tokens=2)
+    run(eng)
+    assert len(eng.prefixes) == 0 and eng.prefixes.nbytes == 0
+    off = engine(parts, prefix_cache_bytes=0)
+    for seq_id in (1, 2):
+        submit(off, seq_id, f"{SYSTEM} two", max_tokens=2)
+        assert finishes(run(off))[seq_id]["cached_tokens"] == 0
+    assert off.prefixes.looked_up_tokens == 0

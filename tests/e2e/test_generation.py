@@ -109,6 +109,8 @@ def test_preempted_generation_resumes_with_identical_output(chat_kernel, one_slo
     assert state_after_urgent in ("RUNNING", "PREEMPTED")  # not finished before the urgent one
     assert resumed["preemptions"] == 1 and alone["preemptions"] == 0
     assert resumed["text"] == alone["text"]
+    cached = resumed["usage"].pop("cached_tokens")
+    assert alone["usage"].pop("cached_tokens") == 0 and cached >= 16  # the same prompt again
     assert resumed["usage"] == alone["usage"]
 
 
