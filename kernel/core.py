@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 KERNEL_DEVICE = "kernel"
 #: Longest a loop pass sleeps when nothing is due, in seconds.
 IDLE_POLL = 0.05
+#: Seconds between two checks that the driver hosts live (a busy loop passes far more often).
+HEALTH_CHECK_INTERVAL = 0.05
 
 #: Jobs that run in the background of their hardware (see Scheduler.background).
 BACKGROUND_SYSCALLS = frozenset({"train", "generate", "compress", "update"})
@@ -115,6 +117,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.per_owner: Counter[str] = Counter()
         #: Peers the IO thread could not reach (disconnected); their streams are cancelled.
         self.gone: deque[bytes] = deque()
+        #: True while the IO thread has rung the doorbell and the core has not yet drained.
+        self.rung = False
         self.finished_by_state: Counter[str] = Counter()
         self._deadlines: list[tuple[float, int]] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llmos-kernel-task")
@@ -156,6 +160,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         poller.register(doorbell, zmq.POLLIN)
         poller.register(self.devices.socket, zmq.POLLIN)
         wake_at: float | None = None
+        checked_at = 0.0
         try:
             self._start_devices()
             self._resume_journalled()
@@ -167,9 +172,14 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
                 if doorbell in ready:
                     while doorbell.poll(0):
                         doorbell.recv(copy=False)
+                self.rung = False  # before the drain: see KernelServer._ring
                 self._drain_inbox()
                 now = time.monotonic()
-                for event in self.devices.receive() + self.devices.check(now):
+                events = self.devices.receive()
+                if now >= checked_at + HEALTH_CHECK_INTERVAL:
+                    events += self.devices.check(now)
+                    checked_at = now
+                for event in events:
                     self._on_host_event(event)
                 self._expire(now)
                 self._collect_kernel_task()

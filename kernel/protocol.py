@@ -14,7 +14,8 @@ Nothing here unpickles anything: msgpack only, with size limits on every contain
 from __future__ import annotations
 
 import enum
-import uuid
+import itertools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,9 +86,24 @@ class Message:
     buffers: list[bytes] = field(default_factory=list)
 
 
+_id_prefix = ""
+_id_counter = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    """Random per process (a forked child draws its own), so ids from different processes
+    never collide."""
+    global _id_prefix
+    _id_prefix = os.urandom(8).hex()
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_id() -> str:
-    """A fresh message id."""
-    return uuid.uuid4().hex
+    """A fresh message id: this process's random prefix and a counter."""
+    return f"{_id_prefix}{next(_id_counter):x}"
 
 
 def _pack(obj: Any) -> bytes:

@@ -119,7 +119,11 @@ def check_name(name: str) -> str:
 
 
 class Registry:
-    """Versions of models under ``home``; safe to use from several threads."""
+    """Versions of models under ``home``; safe to use from several threads.
+
+    One kernel owns a home (its pid file says so), so this object is the database's only
+    writer while it lives: :meth:`resolve`, on every request's path, answers from memory,
+    and every write drops what it remembered."""
 
     def __init__(self, home: Path) -> None:
         self.home = Path(home)
@@ -130,7 +134,8 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._db.commit()
+        self._resolved: dict[tuple[str, int | None], ModelVersion] = {}
+        self._commit()
         self._remove_orphans()
 
     def close(self) -> None:
@@ -155,6 +160,9 @@ class Registry:
         """The named version, or the serving one; KernelError(NOT_FOUND) if there is none."""
         check_name(model)
         with self._lock:
+            known = self._resolved.get((model, version))
+            if known is not None:
+                return known
             if version is None:
                 row = self._db.execute(
                     "SELECT v.* FROM versions v JOIN models m ON v.model = m.name "
@@ -163,12 +171,11 @@ class Registry:
                 row = self._db.execute(
                     "SELECT * FROM versions WHERE model = ? AND version = ?", (model, version)
                 ).fetchone()
-        if row is None:
-            what = f"model {model!r}" + (f" version {version}" if version is not None else "")
-            raise KernelError(
-                ErrorCode.NOT_FOUND, f"{what} is not in the registry (see `llmos models`)"
-            )
-        return self._row(row)
+            if row is not None:
+                found = self._resolved[(model, version)] = self._row(row)
+                return found
+        what = f"model {model!r}" + (f" version {version}" if version is not None else "")
+        raise KernelError(ErrorCode.NOT_FOUND, f"{what} is not in the registry (see `llmos models`)")
 
     # --- writes -----------------------------------------------------------------------
 
@@ -231,7 +238,7 @@ class Registry:
                 if first:
                     self._db.execute("INSERT INTO serving_log (model, version) VALUES (?, ?)",
                                      (name, version))
-                self._db.commit()
+                self._commit()
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -244,7 +251,7 @@ class Registry:
             self._db.execute("UPDATE models SET serving = ? WHERE name = ?", (version, model))
             self._db.execute("INSERT INTO serving_log (model, version) VALUES (?, ?)",
                              (model, version))
-            self._db.commit()
+            self._commit()
 
     def previous_serving(self, model: str) -> int | None:
         """The version that served ``model`` before the current one (None: none did)."""
@@ -264,7 +271,7 @@ class Registry:
                                   f"{model} has no earlier serving version to roll back to")
             self._db.execute("DELETE FROM serving_log WHERE id = ?", (rows[0][0],))
             self._db.execute("UPDATE models SET serving = ? WHERE name = ?", (rows[1][1], model))
-            self._db.commit()
+            self._commit()
         return int(rows[1][1])
 
     def add_metrics(self, version: ModelVersion, key: str, metrics: dict[str, Any]) -> None:
@@ -275,7 +282,7 @@ class Registry:
             merged = {**json.loads(row[0]), key: metrics}
             self._db.execute("UPDATE versions SET metrics = ? WHERE model = ? AND version = ?",
                              (json.dumps(merged), version.model, version.version))
-            self._db.commit()
+            self._commit()
 
     # --- the job journal: durable jobs survive a kernel restart -----------------------
 
@@ -285,7 +292,7 @@ class Registry:
             self._db.execute("INSERT OR REPLACE INTO journal VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (job_id, syscall, owner, priority, json.dumps(args), state,
                               time.time()))
-            self._db.commit()
+            self._commit()
 
     def journal_unfinished(self) -> list[tuple[int, str, str, int, dict[str, Any]]]:
         """(id, syscall, owner, priority, args) of journalled jobs that never ended."""
@@ -312,7 +319,7 @@ class Registry:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO tuning VALUES (?, ?, ?, ?, ?)",
                              (version.model, version.version, host, machine, json.dumps(timings)))
-            self._db.commit()
+            self._commit()
 
     def tuning(self, version: ModelVersion, machine: str) -> dict[str, dict[str, float]]:
         """Host name -> timings measured for ``version`` on ``machine`` (empty if none)."""
@@ -323,6 +330,11 @@ class Registry:
         return {host: json.loads(timings) for host, timings in rows}
 
     # --- internals --------------------------------------------------------------------
+
+    def _commit(self) -> None:
+        """Commit (the caller holds the lock) and forget every remembered resolution."""
+        self._db.commit()
+        self._resolved.clear()
 
     def _row(self, row: tuple[Any, ...]) -> ModelVersion:
         model, version, path, parent, recipe, metrics, sha256, created_at = row

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 #: keeps each client far below this (max_jobs_per_client), so a reply is never dropped
 #: silently; a send that fails anyway (peer gone, peer not reading) is counted.
 FRONTEND_HWM = 100_000
+#: Messages the IO thread moves in one go (each way) before it polls again.
+IO_BURST = 256
 
 
 def pid_file(config: KernelConfig) -> Path:
@@ -160,29 +162,57 @@ class KernelServer:
         poller.register(outbox, zmq.POLLIN)
         while True:
             ready = dict(poller.poll())
-            if outbox in ready:
-                frames = outbox.recv_multipart(copy=True)
-                if frames == [b""]:
-                    break
-                if not self._send(frontend, frames):  # the client is gone: stop its streams
-                    self.core.gone.append(frames[0])
-                    doorbell.send(b"")
+            if outbox in ready and not self._forward_replies(frontend, outbox, doorbell):
+                break
             if frontend in ready:
-                self._on_frames(frontend, doorbell, *self._receive(frontend))
+                self._take_requests(frontend, doorbell)
         frontend.close()
         outbox.close()
         doorbell.close()
 
+    def _forward_replies(self, frontend: zmq.Socket, outbox: zmq.Socket, doorbell: zmq.Socket) -> bool:
+        """Send the core's waiting replies (at most ``IO_BURST``); False once the core has
+        said nothing more is coming."""
+        for _ in range(IO_BURST):
+            try:
+                frames = outbox.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            if frames == [b""]:
+                return False
+            if not self._send(frontend, frames):  # the client is gone: stop its streams
+                self.core.gone.append(frames[0])
+                self._ring(doorbell)
+        return True
+
+    def _take_requests(self, frontend: zmq.Socket, doorbell: zmq.Socket) -> None:
+        """Decode the waiting requests (at most ``IO_BURST``) into the core's inbox and ring
+        its doorbell once."""
+        for _ in range(IO_BURST):
+            try:
+                frames, principal = self._receive(frontend)
+            except zmq.Again:
+                break
+            self._on_frames(frontend, frames, principal)
+        if self.inbox:
+            self._ring(doorbell)
+
+    def _ring(self, doorbell: zmq.Socket) -> None:
+        """Wake the core unless it was woken since it last emptied its inbox (it clears
+        ``rung`` before it drains, so nothing appended before this call waits unseen)."""
+        if not self.core.rung:
+            self.core.rung = True
+            doorbell.send(b"")
+
     def _receive(self, frontend: zmq.Socket) -> tuple[list[bytes], Principal]:
         """One message's frames and who sent it (the CURVE key's name, or the local user)."""
         if self.curve is None:
-            return frontend.recv_multipart(copy=True), LOCAL_PRINCIPAL
-        frames = frontend.recv_multipart(copy=False)
+            return frontend.recv_multipart(zmq.NOBLOCK, copy=True), LOCAL_PRINCIPAL
+        frames = frontend.recv_multipart(zmq.NOBLOCK, copy=False)
         principal = self.curve.principal(frames[-1].get("User-Id"))
         return [frame.bytes for frame in frames], principal
 
-    def _on_frames(self, frontend: zmq.Socket, doorbell: zmq.Socket, frames: list[bytes],
-                   principal: Principal) -> None:
+    def _on_frames(self, frontend: zmq.Socket, frames: list[bytes], principal: Principal) -> None:
         self.counters.received += 1
         identity, rest = frames[0], frames[1:]
         msg_id: str | None = None
@@ -218,7 +248,6 @@ class KernelServer:
             self._send(frontend, [identity, *encode_reply(msg_id, syscall, info)])
         else:
             self.inbox.append(Request(identity, msg, spec, args, principal))
-            doorbell.send(b"")
 
     def _send(self, frontend: zmq.Socket, frames: list[bytes]) -> bool:
         """Send; False only when the peer is gone (EHOSTUNREACH)."""

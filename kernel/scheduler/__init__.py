@@ -88,10 +88,17 @@ class Scheduler:
         jobs excepted). If that batch is not full and its oldest job has waited less than
         ``max_queue_delay``, the hardware waits for it rather than giving the slot to a
         lower-ranked job.
+
+        While every free device's hardware is busy and no queued job runs in the
+        background, nothing can start: it returns at once, without ranking the queue (the
+        kernel calls this on every pass of its loop, i.e. on every arriving request).
         """
         batches: list[Batch] = []
         wake_at: float | None = None
         if not free_devices or not self.queue:
+            return batches, wake_at
+        if all(self.hardware(d) in busy_hardware for d in free_devices) and not any(
+                self.background(job) for job in self.queue.values()):
             return batches, wake_at
         ranked = sorted(self.queue.values(), key=lambda job: self.policy.rank(job, now))
         free = set(free_devices)

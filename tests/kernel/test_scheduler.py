@@ -110,3 +110,19 @@ def test_background_jobs_neither_wait_for_nor_block_busy_hardware():
     assert [b.jobs for b in batches] == [[infer]]
     sched.push(infer_job("a"))
     assert sched.schedule({"openvino:cpu"}, 0.0, frozenset({"cpu"}))[0] == []
+
+
+def test_with_all_hardware_busy_the_queue_is_not_even_ranked():
+    """The kernel schedules on every arriving request: while nothing can start, a pass
+    must not cost work per queued job (ranking, candidate lookups)."""
+    consulted: list[int] = []
+    sched = Scheduler(
+        FifoPolicy(), batch_key=lambda j: ("a", "embed"),
+        candidates=lambda j: consulted.append(j.id) or ["openvino:cpu", "torch:cpu"],
+        batching=lambda j: BatchingConfig(32, 0.0), hardware=lambda device: "cpu")
+    for _ in range(20):
+        sched.push(infer_job("a"))
+    assert sched.schedule({"openvino:cpu", "torch:cpu"}, 0.0, frozenset({"cpu"})) == ([], None)
+    assert consulted == []
+    batches, _ = sched.schedule({"openvino:cpu", "torch:cpu"}, 0.0)  # the cpu is free again
+    assert len(batches) == 1 and batches[0].size == 20 and consulted
