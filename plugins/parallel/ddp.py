@@ -182,6 +182,7 @@ class DistributedSession(TrainingSession):
 
     def follow(self) -> None:
         """Ranks other than 0: run the steps rank 0 commands until it says stop."""
+        self.model.train()  # from_pretrained returns it in eval mode: dropout off
         command = torch.zeros(2, dtype=torch.int64)
         while True:
             dist.broadcast(command, src=0)
