@@ -19,8 +19,9 @@ keyed dropout, weighted values) under the registered implementation :data:`ATTEN
 attention without dropout (probability 0) runs torch's fused SDPA. Dropout called
 functionally elsewhere in a model (``F.dropout`` outside the attention function, as BART
 does) is not keyed. On exit the model is as before: its dropout modules' ``forward`` and its
-attention implementation are restored. Masks are drawn on the CPU generator (mt19937, which
-keeps the low 32 bits of a seed).
+attention implementation are restored. A block keys the forwards of its own thread and does
+not nest. Masks are drawn on a CPU generator (mt19937, which keeps the low 32 bits of a
+seed: rows of different keys share a mask about once in 2**32 pairs, harmlessly).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class DropoutKey:
         for b, row in enumerate(self.rows):
             self.generator.manual_seed(self.row_seed(row, call))
             torch.rand(x.shape[1:], generator=self.generator, out=uniform[b])
-        return x * (uniform >= p).to(x.dtype) / (1.0 - p)
+        return x * (uniform >= p).to(device=x.device, dtype=x.dtype) / (1.0 - p)
 
 
 def _keyed_module_forward(module: nn.Dropout, key: DropoutKey, x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ runs optimizer steps for about ``seconds``; at the end of a quantum, once
 and optimizer tensors as safetensors, step and RNG state as JSON/tensors, never pickle)
 into the job's folder, replacing the previous one atomically. A session rebuilt from that
 folder (after a host or kernel restart) continues at the same step with the same data
-order, so a resumed job trains on exactly the batches it has not seen yet.
+order, so a resumed job trains on exactly the batches it has not seen yet. Dropout is keyed
+(:mod:`llmos.drivers.dropout`): a step's masks depend on the seed, the step and each row's
+place in the batch, so a resumed job, and a data-parallel one, draw the same masks.
 """
 
 from __future__ import annotations
