@@ -105,8 +105,8 @@ def _keyed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, :key.shape[-2]]
-    probs = active.drop(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype),
-                             dropout)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = active.drop(probs, dropout)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
