@@ -1,8 +1,8 @@
 """Parallelism through the kernel: replicas 1 vs 2 (throughput), DDP 2 ranks vs one process
-(step time, and accuracy with the same global batch and seed).
+(step time, and accuracy with the same global batch and seed), and keyed dropout's cost.
 
-One kernel with a PyTorch host (all threads). Three parts, contenders interleaved round by
-round so that drift on a shared machine hits both alike:
+One kernel with a PyTorch host (all threads) for parts 1 to 3; contenders interleaved round
+by round so that drift on a shared machine hits both alike:
 
 1. **replicas**: MiniLM loaded twice under two names, on the PyTorch host (1 replica, all
    threads) and with ``--replicas 2`` (2 hosts, ``threads // 2`` each); ``--clients``
@@ -13,7 +13,10 @@ round so that drift on a shared machine hits both alike:
    ``--threads 3``), and ``--parallel ddp --world-size 2`` (2 ranks of 1 thread); the time
    per optimizer step from the jobs' own progress (examples/s over the quanta);
 3. **DDP accuracy**: the bundled reviews, ``--limit`` rows, 1 epoch, batch 32, same seed,
-   one process vs 2 ranks; test accuracy on the full test split.
+   one process vs 2 ranks; test accuracy on the full test split;
+4. **dropout** (in this process, no kernel): seconds of one MiniLM forward and backward
+   (batch 32, 64 tokens, 1 thread, as llmos trains) with the model's own dropout (SDPA)
+   and with the keyed dropout that training uses (llmos.drivers.dropout), interleaved.
 
 Run: ``.venv/bin/python bench/parallel.py [--rounds 3] [--limit 2000] [--json out.json]``.
 """
@@ -33,6 +36,7 @@ from typing import Any
 
 from llmos.kernel import datasets
 from llmos.kernel.client import Client
+from llmos.kernel.sources import _minilm_path
 from llmos.kernel.testing import KernelProcess, running_kernel
 
 
@@ -88,6 +92,20 @@ def main() -> int:
         ("ddp 2 ranks", {"parallel": "ddp", "world_size": 2})]
     results: dict[str, Any] = {"replicas": {"1": [], "2": []},
                                "step_s": {name: [] for name, _ in contenders}}
+    if "dropout" in ARGS.parts:
+        results["dropout_s"] = dropout_cost(texts, labels)
+    if {"replicas", "step", "accuracy"} & set(ARGS.parts):
+        through_kernel(home, texts, step_csv, contenders, results)
+    shutil.rmtree(home, ignore_errors=True)
+    report(results)
+    if ARGS.json:
+        ARGS.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def through_kernel(home: Path, texts: list[str], step_csv: Path,
+                   contenders: list[tuple[str, dict[str, Any]]], results: dict[str, Any]) -> None:
+    """Parts 1 to 3: a kernel with one PyTorch host, and one started with 3 threads."""
     with running_kernel(home, "--devices", "torch:cpu") as kernel, \
             kernel.client(timeout=24 * 3600) as client, \
             running_kernel(home / "threads3", "--devices", "torch:cpu", "--threads", "3") as wide, \
@@ -100,11 +118,6 @@ def main() -> int:
             step_times(client, wide_client, step_csv, contenders, results)
         if "accuracy" in ARGS.parts:
             results["accuracy"] = accuracy(client, contenders)
-    shutil.rmtree(home, ignore_errors=True)
-    report(results)
-    if ARGS.json:
-        ARGS.json.write_text(json.dumps(results, indent=2))
-    return 0
 
 
 def replicas(kernel: KernelProcess, client: Client, texts: list[str],
@@ -149,11 +162,47 @@ def accuracy(client: Client, contenders: list[tuple[str, dict[str, Any]]]) -> di
     return rows
 
 
+def dropout_cost(texts: list[str], labels: list[int], steps: int = 10) -> dict[str, list[float]]:
+    """Part 4: seconds of a forward and backward with plain and with keyed dropout."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from llmos.drivers.dropout import DropoutKey, keyed_dropout
+
+    torch.set_num_threads(1)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        _minilm_path(), num_labels=2, use_safetensors=True, local_files_only=True).train()
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_path(), local_files_only=True)
+    seconds: dict[str, list[float]] = {"plain": [], "keyed": []}
+    for step in range(steps + 1):  # step 0 warms up
+        rows = slice(step * 32, (step + 1) * 32)
+        batch = dict(tokenizer(texts[rows], padding="longest", truncation=True, max_length=64,
+                               return_tensors="pt"))
+        batch["labels"] = torch.tensor(labels[rows])
+        for name in ("plain", "keyed") if step % 2 else ("keyed", "plain"):
+            started = time.perf_counter()
+            if name == "keyed":
+                with keyed_dropout(model, DropoutKey(seed=0, step=step, rows=range(32))):
+                    loss = model(**batch).loss
+            else:
+                loss = model(**batch).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            if step:
+                seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
 def report(results: dict[str, Any]) -> None:
     if results["replicas"]["1"]:
         report_replicas(results)
     if results["step_s"]["ddp 2 ranks"]:
         report_steps(results)
+    if "dropout_s" in results:
+        print("\nforward + backward, MiniLM, batch 32, 64 tokens, 1 thread (median of "
+              f"{len(results['dropout_s']['plain'])} interleaved steps)")
+        for name, values in results["dropout_s"].items():
+            print(f"{name + ' dropout':<16}{statistics.median(values):>8.3f} s")
     if "accuracy" in results:
         print(f"\naccuracy (reviews, {ARGS.limit} rows, 1 epoch, batch 32)")
         for name, row in results["accuracy"].items():
@@ -190,8 +239,8 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
                         help="seeds of the accuracy part, e.g. 0,1")
     parser.add_argument("--parts", type=lambda v: v.split(","),
-                        default=["replicas", "step", "accuracy"],
-                        help="which parts to run: replicas,step,accuracy")
+                        default=["replicas", "step", "accuracy", "dropout"],
+                        help="which parts to run: replicas,step,accuracy,dropout")
     parser.add_argument("--json", type=Path)
     ARGS = parser.parse_args()
     raise SystemExit(main())

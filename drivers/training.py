@@ -6,7 +6,9 @@ runs optimizer steps for about ``seconds``; at the end of a quantum, once
 and optimizer tensors as safetensors, step and RNG state as JSON/tensors, never pickle)
 into the job's folder, replacing the previous one atomically. A session rebuilt from that
 folder (after a host or kernel restart) continues at the same step with the same data
-order, so a resumed job trains on exactly the batches it has not seen yet.
+order, so a resumed job trains on exactly the batches it has not seen yet. Dropout is keyed
+(:mod:`llmos.drivers.dropout`): a step's masks depend on the seed, the step and each row's
+place in the batch, so a resumed job, and a data-parallel one, draw the same masks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from llmos.kernel import datasets
 from llmos.kernel.monitor import CONFIDENCE_EDGES, LENGTH_EDGES, histogram, words
 from llmos.kernel.protocol import ErrorCode, KernelError
+
+from .dropout import DropoutKey, keyed_dropout
 
 _COMMON: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
 
@@ -166,14 +170,20 @@ class TrainingSession:
                 "examples_per_s": round(seen / elapsed, 1) if elapsed else 0.0,
                 "epoch": round(self.step / self.steps_per_epoch, 3), "done": self.done}
 
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """A batch's inputs, padded to its longest row."""
+        return dict(self.tokenizer(texts, padding="longest", truncation=True,
+                                   max_length=self.spec.max_tokens, return_tensors="pt"))
+
     def _train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step on batch ``step``: (its mean loss, examples in the batch)."""
         texts, labels = self._batch(step)
-        batch = self.tokenizer(texts, padding="longest", truncation=True,
-                               max_length=self.spec.max_tokens, return_tensors="pt")
+        batch = self._encode(texts)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
-        loss = self.model(**batch, labels=labels).loss
+        key = DropoutKey(seed=self.spec.seed, step=step, rows=range(len(texts)))
+        with keyed_dropout(self.model, key):  # the masks any world size draws for these rows
+            loss = self.model(**batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()

@@ -12,9 +12,11 @@ Contract (the same as single-process training, :class:`~llmos.drivers.training.T
 * the job is still time-sliced in quanta: rank 0 drives, sending a command before each
   step (``broadcast``), and the other ranks follow; between quanta they wait;
 * step ``s`` uses the same global batch as one process would (same seed, same order);
-  rank ``r`` takes rows ``r, r + N, r + 2N, ...`` of it (DistributedSampler-style), and
-  its loss is weighted so that DDP's gradient average equals the global batch's mean
-  gradient exactly, whatever the shard sizes;
+  rank ``r`` takes rows ``r, r + N, r + 2N, ...`` of it (DistributedSampler-style), padded
+  to the global batch's longest row, and its loss is weighted so that DDP's gradient
+  average equals the global batch's mean gradient, whatever the shard sizes;
+* dropout is keyed (:mod:`llmos.drivers.dropout`): each row draws the masks one process
+  draws for it, so the averaged gradient equals one process's up to float summation order;
 * after every step the ranks compare a fingerprint of their parameters (per-tensor sum
   and sum of squares, float64): any difference fails the job;
 * only rank 0 checkpoints (the base class's checkpoint); a job resumed from it, with any
@@ -39,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from llmos.drivers.dropout import DropoutKey, keyed_dropout
 from llmos.drivers.training import TrainingSession, TrainSpec
 from llmos.kernel.protocol import ErrorCode, KernelError
 
@@ -120,11 +123,12 @@ class DistributedSession(TrainingSession):
         mine = list(range(self.rank, total, world))
         weight = world / total if mine else 0.0
         rows = mine or [0]  # an empty shard still joins the gradient all-reduce, weighted 0
-        batch = self.tokenizer([texts[i] for i in rows], padding="longest", truncation=True,
-                               max_length=self.spec.max_tokens, return_tensors="pt")
+        # the global batch's rows, padded to its longest: each row as one process sees it
+        shard = {name: tensor[rows] for name, tensor in self._encode(texts).items()}
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(step)
-        logits = self.wrapped(**batch).logits
+        with keyed_dropout(self.model, DropoutKey(seed=self.spec.seed, step=step, rows=rows)):
+            logits = self.wrapped(**shard).logits
         summed = torch.nn.functional.cross_entropy(logits, labels[rows], reduction="sum")
         (summed * weight).backward()  # DDP averages over ranks: the global batch's mean
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -178,6 +182,7 @@ class DistributedSession(TrainingSession):
 
     def follow(self) -> None:
         """Ranks other than 0: run the steps rank 0 commands until it says stop."""
+        self.model.train()  # from_pretrained returns it in eval mode: dropout off
         command = torch.zeros(2, dtype=torch.int64)
         while True:
             dist.broadcast(command, src=0)

@@ -180,7 +180,7 @@ def test_ddp_with_two_ranks_matches_one_process_and_ranks_stay_identical(kernel,
     port = _free_port()
     llmos = Path(sys.executable).with_name("llmos")
     with kernel.client() as client:
-        single, _ = _train(client, data)
+        single, alone = _train(client, data)
         joining = subprocess.Popen([str(llmos), "kernel", "join", f"127.0.0.1:{port}",
                                     "--world-size", "2", "--rank", "1"])
         ddp, progress = _train(client, data, parallel="ddp", world_size=2, local_ranks=1,
@@ -189,6 +189,10 @@ def test_ddp_with_two_ranks_matches_one_process_and_ranks_stay_identical(kernel,
     assert ddp["steps"] == single["steps"] == 20
     accuracy = (single["metrics"]["test"]["accuracy"], ddp["metrics"]["test"]["accuracy"])
     assert abs(accuracy[0] - accuracy[1]) <= 0.01, accuracy
+    # keyed dropout: the same training up to float summation order, step by step
+    losses = [(a["step"], a["loss"], b["loss"]) for a in alone for b in progress
+              if a["step"] == b["step"]]
+    assert losses and all(abs(a - b) <= 1e-3 * a for _, a, b in losses), losses
     last = progress[-1]
     assert last["world_size"] == 2 and last["rendezvous"] == f"127.0.0.1:{port}"
     assert last["sync_checks"] == 20  # parameters compared equal on both ranks after every step
