@@ -1,14 +1,18 @@
 """Continuous batching for causal language models, with priorities and preemption.
 
 One :class:`GenerationEngine` serves one loaded model inside a driver host. The host calls
-:meth:`GenerationEngine.step` between its other tasks; each step
+:meth:`GenerationEngine.step` between its other tasks and sends each step's events at once;
+a step is one forward pass, either
 
-1. admits waiting sequences in priority order (nice value, then arrival) while the batch
-   has room, preempting the least urgent running sequence when a strictly more urgent one
-   waits and the batch is full; new prompts are prefilled together, at most
-   ``max_prefill_tokens`` prompt tokens a step, so running sequences never stall for long:
-   a prompt longer than that is prefilled in chunks of that size, one chunk a step;
-2. decodes one token for every running sequence in a single forward pass.
+1. a prefill: it admits waiting sequences in priority order (nice value, then arrival)
+   while the batch has room, preempting the least urgent running sequence when a strictly
+   more urgent one waits and the batch is full; new prompts are prefilled together, at
+   most ``max_prefill_tokens`` prompt tokens a step, so running sequences never stall for
+   long: a prompt longer than that is prefilled in chunks of that size, one chunk a step.
+   Their first tokens go out before the next pass; or
+2. a decode: one token for every running sequence in a single forward pass.
+
+While sequences wait and others run, prefill and decode steps alternate.
 
 Sequences join and leave the running batch between steps. The batch keeps one KV cache
 (:class:`~llmos.drivers.kvcache.RowCache`: preallocated, written in place, grown
@@ -130,6 +134,8 @@ class GenerationEngine:
                             torch.zeros(0, 0, dtype=torch.long))
         #: The long prompt being prefilled in chunks (one at a time), if any.
         self.chunking: Sequence | None = None
+        #: The last pass was a prefill: the next one decodes (see :meth:`step`).
+        self._decode_next = False
         self.device = next(model.parameters()).device
 
     # --- requests -----------------------------------------------------------------------
@@ -202,15 +208,23 @@ class GenerationEngine:
     # --- one step -----------------------------------------------------------------------
 
     def step(self) -> list[dict[str, Any]]:
-        """Admit (and maybe preempt), prefill, then decode one token for every row."""
+        """One forward pass. While prompts wait (or a long one is half prefilled) and the
+        last pass was not a prefill: admit them (maybe preempting) and prefill, so their
+        first tokens leave before any decode pass; otherwise decode one token for every
+        running row. Prefill and decode passes alternate while both have work."""
         events: list[dict[str, Any]] = []
         with torch.inference_mode():
-            self._admit(events)
+            if not self._decode_next and (self.waiting or self.chunking is not None):
+                if self._admit(events):
+                    self._decode_next = bool(self.batch.seqs)
+                    return events
             if self.batch.seqs:
                 self._decode(events)
+            self._decode_next = False
         return events
 
-    def _admit(self, events: list[dict[str, Any]]) -> None:
+    def _admit(self, events: list[dict[str, Any]]) -> bool:
+        """Admit waiting sequences in rank order; True if a prefill pass ran."""
         fresh: list[Sequence] = []
         resumed: list[Sequence] = []
         budget = self.max_prefill_tokens
@@ -238,6 +252,7 @@ class GenerationEngine:
                 fresh.append(best)
             self.waiting.remove(best)
         parts = [self._resume_part(s) for s in resumed]
+        chunked = self.chunking is not None
         if self.chunking is not None:
             part = self._prefill_chunk(self.chunking, events)
             if self.chunking.partial is None:  # the whole prompt is in
@@ -250,6 +265,7 @@ class GenerationEngine:
                 parts.append(part)
         if parts:
             self._merge(parts)
+        return bool(fresh) or chunked
 
     def _preempt(self, seq: Sequence) -> None:
         """Copy ``seq``'s own cache rows out of the batch and put it back in the queue."""

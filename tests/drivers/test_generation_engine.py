@@ -56,7 +56,7 @@ def test_preempted_sequence_resumes_with_identical_tokens(parts):
 
     eng = engine(parts, max_seqs=1)
     submit(eng, 1, "the parcel is late", priority=5)
-    events = run(eng, steps=4)
+    events = run(eng, steps=5)
     assert sum(1 for e in events if e.get("id") == 1 and "tokens" in e) == 5  # prefill + 4
     submit(eng, 2, "urgent question", priority=-5, max_tokens=3)
     events += run(eng)
@@ -79,6 +79,21 @@ def test_equal_priority_does_not_preempt(parts):
     assert [e["id"] for e in events if "finish" in e] == [1, 2]
 
 
+def test_a_prefill_step_sends_first_tokens_before_the_running_rows_decode(parts):
+    """An arrival's first token leaves after its prefill pass alone, not after a decode
+    pass of the running rows too; then decode and prefill passes alternate."""
+    eng = engine(parts)
+    submit(eng, 1, "the parcel is late", max_tokens=30)
+    run(eng, steps=3)
+    submit(eng, 2, "urgent question", max_tokens=30)
+    submit(eng, 3, "another one", max_tokens=30)
+    first = eng.step()
+    assert {e["id"] for e in first} == {2, 3}  # row 1 did not advance in this pass
+    assert {e["id"] for e in eng.step()} == {1, 2, 3}  # a decode pass for every row
+    submit(eng, 4, "late arrival", max_tokens=30)
+    assert {e["id"] for e in eng.step()} == {4}
+
+
 def test_prefill_budget_admits_long_prompts_over_several_steps(parts):
     eng = engine(parts, max_seqs=8, max_prefill_tokens=12)
     for i in range(3):
@@ -93,9 +108,10 @@ def test_rows_leave_and_padding_is_trimmed(parts):
     eng = engine(parts, max_seqs=4)
     submit(eng, 1, "a much longer prompt than the other one here", max_tokens=3)
     submit(eng, 2, "short", max_tokens=6)
-    eng.step()
+    eng.step()  # both prefilled together: one token each
     assert eng.batch.mask.shape[0] == 2 and (eng.batch.mask[1] == 0).any()
-    eng.step()  # the long prompt's sequence has finished
+    eng.step()
+    eng.step()  # the long prompt's sequence has its 3 tokens
     assert [s.id for s in eng.batch.seqs] == [2]
     assert bool(eng.batch.mask.all())  # no padding column is left
     assert eng.batch.cache.windows()[0][0].shape[2] == eng.batch.mask.shape[1]
@@ -160,7 +176,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(parts):
         if any(e.get("id") == 2 and "tokens" in e for e in events):
             break
     assert len(eng.waiting) == 0
-    assert running_tokens[:3] == [1, 1, 1]  # the short one kept decoding during the chunks
+    assert running_tokens[:4] == [1, 0, 1, 0]  # decode and chunk passes alternate
     assert len(running_tokens) >= 4
     rest = run(eng)
     assert finishes(rest)[2]["text"] == expected["text"]
