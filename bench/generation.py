@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--stagger", type=float, default=0.05, help="seconds between arrivals")
     parser.add_argument("--long", type=int, default=8, help="long generations for (d)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="urgent requests idle and loaded (the medians are compared)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="llmos-bgen-"))
