@@ -92,28 +92,28 @@ def test_gate_verdicts():
 
 def test_an_update_learns_the_new_domain_is_gated_and_promoted(kernel):
     with kernel.client() as client:
-        client.learn("films", examples("medicine", 60, 1))
+        client.learn("films", examples("medicine", 120, 1))
         result = client.update("films", method="lora",
-                               params={"learning_rate": 1e-2, "epochs": 4.0, "rank": 4})
+                               params={"learning_rate": 2e-2, "epochs": 8.0, "rank": 8})
         report = result["report"]
         assert result["passed"] and result["promoted"], result["reason"]
         assert report["candidate"]["new"] > report["current"]["new"]
         assert report["drop"] <= 2.0
-        assert report["examples"] == {"train": 48, "held_out": 12, "old": 40}
+        assert report["examples"] == {"train": 96, "held_out": 24, "old": 40}
         wait_until_serving(client, result["model"])
         new = client.classify("films", ["this medicine was helpful after 3 days"])[0]
         version = next(m for m in client.models() if f"{m['model']}:{m['version']}"
                        == result["model"])
     assert new["label"] == "positive"
     assert version["parent"] == "films:1" and version["recipe"]["op"] == "learn"
-    assert version["recipe"]["feedback"]["examples"] == 60
+    assert version["recipe"]["feedback"]["examples"] == 120
     # the adapter is kept in PEFT's own format and equals the merged weights
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     folder = Path(version["path"])
     adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
     merged = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     base = AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"])
     with_adapter = PeftModel.from_pretrained(base, folder / "adapter").eval()

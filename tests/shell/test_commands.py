@@ -99,7 +99,8 @@ def test_parsing_follows_the_parameters(registry):
     load = registry.get("load")
     assert load.parse(["minilm:2", "--device", "torch:cpu", "--priority=-5"]) == {
         "model": "minilm:2", "device": "torch:cpu", "driver": None, "precision": None,
-        "calibrate": None, "max_seqs": None, "replicas": None, "stages": None, "priority": -5,
+        "calibrate": None, "max_seqs": None, "prefix_cache_mb": None, "replicas": None,
+        "stages": None, "priority": -5,
         "timeout": None}
     assert registry.get("nice").parse(["12", "-5"]) == {"id": 12, "priority": -5}
     assert registry.get("ps").parse(["--all"]) == {"all": True, "owner": None}
