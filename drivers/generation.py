@@ -252,7 +252,7 @@ class GenerationEngine:
                 fresh.append(best)
             self.waiting.remove(best)
         parts = [self._resume_part(s) for s in resumed]
-        chunked = self.chunking is not None
+        chunked = self.chunking is not None  # (it is None again once the prompt is in)
         if self.chunking is not None:
             part = self._prefill_chunk(self.chunking, events)
             if self.chunking.partial is None:  # the whole prompt is in
@@ -300,8 +300,8 @@ class GenerationEngine:
         mask = torch.tensor([[0] * (cached - hit.length) + [1] * hit.length
                              + [0] * (longest - len(rest)) + [1] * len(rest)
                              for hit, rest in zip(hits, rests, strict=True)])
-        positions = torch.tensor([[0] * (longest - len(rest)) + list(range(hit.length, hit.length
-                                                                           + len(rest)))
+        positions = torch.tensor([[0] * (longest - len(rest))
+                                  + list(range(hit.length, hit.length + len(rest)))
                                   for hit, rest in zip(hits, rests, strict=True)])
         cache = self._prefix_cache(hits, cached)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),

@@ -123,10 +123,6 @@ class PrefixCache:
         self._touch(path)
         self._evict()
 
-    def clear(self) -> None:
-        self._blocks.clear()
-        self.nbytes = 0
-
     def _touch(self, path: list[_Key]) -> None:
         """Mark a chain used, its first block most recently: children go before parents."""
         for key in reversed(path):
