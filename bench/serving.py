@@ -54,7 +54,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ HANDLE = "minilm:1"
 NAMES = ("hf-eager-1by1", "in-process-batched", "llmos-kernel")
 Embed = Callable[[str], np.ndarray]
 Request = tuple[str, Future[np.ndarray]]
+#: What a (b) worker thread puts in the inbox when its batch is done (a stream is free).
+_BATCH_DONE = "\0batch done"
 
 
 def reviews(chars: int) -> list[str]:
@@ -161,12 +163,18 @@ class Sequential(Server):
 
 
 class Batched(Server):
-    """(b): the kernel's Scheduler forms batches; the driver runs them in this thread."""
+    """(b): the kernel's Scheduler forms batches; the driver runs them on ``streams`` worker
+    threads (one stream each, as a driver host does), this thread schedules."""
 
-    def __init__(self, driver: Driver, config: BatchingConfig) -> None:
-        self.driver, self.config = driver, config
+    def __init__(self, driver: Driver, config: BatchingConfig, streams: int = 1) -> None:
+        self.driver, self.config, self.streams = driver, config, streams
         self.sizes: list[int] = []  # requests per batch run
+        self.workers = ThreadPoolExecutor(streams, thread_name_prefix="bench-stream")
         super().__init__()
+
+    def close(self) -> None:
+        super().close()
+        self.workers.shutdown()
 
     def serve(self) -> None:
         scheduler = Scheduler(policy=FifoPolicy(), candidates=lambda job: ["cpu"],
@@ -174,8 +182,10 @@ class Batched(Server):
                               batching=lambda job: self.config)
         waiting: dict[int, Future[np.ndarray]] = {}
         wake_at: float | None = None
+        running = 0
         while True:
-            timeout = None if not len(scheduler) else max(0.0, (wake_at or 0.0) - time.monotonic())
+            timeout = None if not len(scheduler) or running == self.streams \
+                else max(0.0, (wake_at or 0.0) - time.monotonic())
             items: list[Request | None] = []
             block = True
             while True:  # wait for the first request (or the batch deadline), then drain
@@ -187,22 +197,32 @@ class Batched(Server):
             for item in items:
                 if item is None:
                     return
+                if item[0] is _BATCH_DONE:
+                    running -= 1
+                    continue
                 job = Job("infer", "bench", {"handle": HANDLE, "task": "embed", "inputs": [item[0]]})
                 waiting[job.id] = item[1]
                 scheduler.push(job)
-            batches, wake_at = scheduler.schedule({"cpu"}, time.monotonic())
+            if running == self.streams:
+                continue
+            batches, wake_at = scheduler.schedule({"cpu": self.streams - running}, time.monotonic())
             for batch in batches:
                 futures = [waiting.pop(job.id) for job in batch.jobs]
                 self.sizes.append(len(futures))
-                try:
-                    rows = self.driver.run(HANDLE, "embed", [job.args["inputs"][0] for job in
-                                                             batch.jobs], {}).arrays["embeddings"]
-                except Exception as exc:
-                    for future in futures:
-                        future.set_exception(exc)
-                    continue
-                for row, future in zip(rows, futures, strict=True):
-                    future.set_result(row)
+                running += 1
+                self.workers.submit(self._run, [job.args["inputs"][0] for job in batch.jobs],
+                                    futures)
+
+    def _run(self, texts: list[str], futures: list[Future[np.ndarray]]) -> None:
+        try:
+            rows = self.driver.run(HANDLE, "embed", texts, {}).arrays["embeddings"]
+        except Exception as exc:
+            for future in futures:
+                future.set_exception(exc)
+        else:
+            for row, future in zip(rows, futures, strict=True):
+                future.set_result(row)
+        self.inbox.put((_BATCH_DONE, Future()))
 
 
 def closed_loop(callers: list[Embed], texts: list[str]) -> tuple[float, list[float], list[Any]]:
@@ -276,7 +296,10 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             shutil.copy2(file, model_dir / file.name)
     res: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v
                                         for k, v in vars(args).items()}}
-    with running_kernel(tmp / "home", "--threads", str(args.threads)) as kernel:
+    knobs = ["--threads", str(args.threads), "--streams", str(args.streams),
+             "--max-batch-size", str(args.max_batch_size),
+             "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    with running_kernel(tmp / "home", *knobs) as kernel:
         with kernel.client("bench-admin", timeout=900.0) as admin:
             admin.import_model("minilm")
             res["kernel_load"] = admin.load(
@@ -287,15 +310,18 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                        if args.driver == "auto" else args.driver)
         module, _, cls = DRIVERS[driver_name].partition(":")
         driver: Driver = getattr(importlib.import_module(module), cls)("cpu", args.threads)
+        streams = max(1, min(args.streams, driver.use_streams(args.streams)))
         options: dict[str, Any] = {"precision": args.precision} if driver_name == "openvino" else {}
         if args.precision == "int8":
             options["calibration"] = {"name": CALIBRATION}
         info = driver.load(HANDLE, str(model_dir), options)
-        res["inprocess"] = {"driver": driver_name, "precision": info.precision}
+        res["inprocess"] = {"driver": driver_name, "precision": info.precision,
+                            "streams": streams}
         print(f"(b) uses {driver_name} computing in {info.precision}; kernel precisions: "
               f"{res['kernel_load'].get('precision')}", file=sys.stderr)
         eager = HfEager(model_dir, args.threads)
-        batched = Batched(driver, BatchingConfig(max_batch_size=32, max_queue_delay=0.002))
+        batched = Batched(driver, BatchingConfig(args.max_batch_size,
+                                                 args.max_queue_delay_ms / 1000), streams)
         servers = [Sequential(eager), batched]
         clients = [kernel.client(f"bench-{i}", timeout=300.0) for i in range(args.clients)]
         callers: dict[str, list[Embed]] = {
@@ -340,8 +366,10 @@ def report(res: dict[str, Any]) -> str:
     s = res["settings"]
     lines = [f"embedding serving, MiniLM {s['precision']}: {s['clients']} closed-loop clients, "
              f"{s['rounds']} rounds x {s['requests']} requests per contender; (b) = "
-             f"{res['inprocess']['driver']} in {res['inprocess']['precision']}, mean batch "
-             f"{res['inprocess']['mean_batch']:.1f}", "",
+             f"{res['inprocess']['driver']} in {res['inprocess']['precision']} on "
+             f"{res['inprocess']['streams']} stream(s), mean batch "
+             f"{res['inprocess']['mean_batch']:.1f}; max batch {s['max_batch_size']}, max "
+             f"queue delay {s['max_queue_delay_ms']} ms", "",
              f"{'contender':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"]
     for name in NAMES:
         r = res[name]
@@ -372,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=128, help="untimed requests per contender")
     parser.add_argument("--driver", choices=("auto", *DRIVERS), default="auto", help="for (b)")
     parser.add_argument("--threads", type=int, default=2, help="compute threads, (a) (b) (c)")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="batches at once, (b) and every kernel host (its drivers may grant fewer)")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="(b) and (c)")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="(b) and (c)")
     parser.add_argument("--chars", type=int, default=300, help="review prefix length")
     parser.add_argument("--accuracy", type=int, default=200, help="sentences for the cosine check")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,9 +1,10 @@
 """The Driver contract: what a device driver implements to run inside a driver host.
 
 A driver instance serves one device (``"cpu"``, ``"cuda:0"``, ...) in one worker process.
-The host calls these methods from a single compute thread, one at a time. Errors meant for
-the caller are raised as ``KernelError`` with a code; anything else fails the batch with
-INTERNAL and the host keeps running.
+The host calls these methods from a single compute thread, one at a time (except
+:meth:`Driver.run` on a driver that granted streams: :meth:`Driver.use_streams`). Errors
+meant for the caller are raised as ``KernelError`` with a code; anything else fails the
+batch with INTERNAL and the host keeps running.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class Driver(ABC):
     def __init__(self, device: str, threads: int) -> None:
         self.device = device
         self.threads = threads
+
+    def use_streams(self, streams: int) -> int:
+        """Asked once, before any load, to run up to ``streams`` :meth:`run` calls at once
+        (from as many threads), splitting its threads among them; returns how many it will.
+        The default, 1, keeps every call on the compute thread, one at a time."""
+        return 1
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

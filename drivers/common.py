@@ -9,6 +9,7 @@ post-processes in numpy with the torch driver's semantics: ``embed`` is the mean
 
 from __future__ import annotations
 
+import threading
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ class ExportedGraphDriver(Driver):
     def __init__(self, device: str, threads: int) -> None:
         super().__init__(device, threads)
         self._models: dict[str, _Entry] = {}
+        #: A fast tokenizer may not be called from two threads at once (streams).
+        self._tokenizing = threading.Lock()
 
     @abstractmethod
     def open_graph(self, artifact: Path, options: dict[str, Any],
@@ -123,7 +126,9 @@ class ExportedGraphDriver(Driver):
         entry = self._models.get(handle)
         check_task(handle, entry.info if entry else None, task, self.device)
         assert entry is not None
-        feeds, tokens = tokenize(entry.tokenizer, inputs, entry.info.max_tokens, entry.graph.inputs)
+        with self._tokenizing:
+            feeds, tokens = tokenize(entry.tokenizer, inputs, entry.info.max_tokens,
+                                     entry.graph.inputs)
         if task == "embed":
             hidden = entry.graph.run(feeds, ["last_hidden_state"])["last_hidden_state"]
             arrays = {"embeddings": mean_pool_normalize(hidden, feeds["attention_mask"])}

@@ -7,7 +7,10 @@ Started by the kernel as ``python -m llmos.drivers.host``; never by hand. Two th
   (its parent) is gone;
 * the compute thread (main) constructs the driver, then runs tasks one at a time; while
   the driver is generating it polls for tasks between decode steps instead of blocking, so
-  new requests join the running batch and other tasks run in between.
+  new requests join the running batch and other tasks run in between;
+* with ``--streams N`` granted by the driver (:meth:`Driver.use_streams`), ``run`` batches
+  go to N stream threads instead, up to N at once; each sends its DONE to the IO thread
+  itself (an inproc PUSH socket of its own).
 
 A ``generate`` task stays in flight until each of its requests has finished: every step
 sends one STREAM message with the events of all requests, and a request's task gets its
@@ -27,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -51,6 +55,9 @@ STOP = b"STOP"
 
 #: Ops handled without blocking the compute thread: they start or steer generations.
 STREAMING_TASK_OPS = frozenset({"generate", "cancel", "renice"})
+
+#: Where stream threads send their DONE messages (the IO thread forwards them).
+STREAM_DONE_ADDRESS = "inproc://stream-done"
 
 HOST_PROTOCOL_VERSION = 1
 HEARTBEAT_INTERVAL = 0.5
@@ -77,9 +84,10 @@ def import_driver(qualname: str) -> type[Driver]:
 
 
 def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process,
-             inbound: list[bytes] | None = None) -> list[bytes]:
+             inbound: list[bytes] | None = None, share: int = 1) -> list[bytes]:
     """Execute one task (``inbound``: its tensor frames) and return the DONE frames
-    (errors become an error DONE, never raise)."""
+    (errors become an error DONE, never raise). Its ``cpu_seconds`` is the process's CPU
+    time while it ran divided by ``share`` (the batches that may run beside it)."""
     cpu_before = sum(process.cpu_times()[:2])
     buffers: list[bytes] = []
     body: dict[str, Any] = {"task": task["task"], "ok": True}
@@ -121,7 +129,7 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process,
         log.error("task %s failed:\n%s", task.get("task"), traceback.format_exc())
         body.update(ok=False, code=str(ErrorCode.INTERNAL), message=f"{type(exc).__name__}: {exc}")
         buffers = []
-    body["cpu_seconds"] = sum(process.cpu_times()[:2]) - cpu_before
+    body["cpu_seconds"] = (sum(process.cpu_times()[:2]) - cpu_before) / share
     body["rss"] = process.memory_info().rss
     return [DONE, pack(body), *buffers]
 
@@ -142,10 +150,13 @@ class _IOThread(threading.Thread):
         dealer.connect(self.address)
         pair = self.ctx.socket(zmq.PAIR)
         pair.bind("inproc://compute")
+        finished = self.ctx.socket(zmq.PULL)
+        finished.bind(STREAM_DONE_ADDRESS)
         self.ready.set()
         poller = zmq.Poller()
         poller.register(dealer, zmq.POLLIN)
         poller.register(pair, zmq.POLLIN)
+        poller.register(finished, zmq.POLLIN)
         process = psutil.Process()
         next_beat = 0.0
         while not self.stopped.is_set():
@@ -163,11 +174,39 @@ class _IOThread(threading.Thread):
                     break
             if pair in events:
                 dealer.send_multipart(pair.recv_multipart(copy=True))
+            if finished in events:
+                dealer.send_multipart(finished.recv_multipart(copy=True))
         dealer.close()
         pair.close()
+        finished.close()
 
 
-class _Streams:
+class _StreamPool:
+    """``run`` batches on the driver's streams: one thread per stream, each replying on a
+    PUSH socket of its own to the IO thread (sockets are not shared between threads)."""
+
+    def __init__(self, ctx: zmq.Context, driver: Driver, streams: int,
+                 process: psutil.Process) -> None:
+        self.ctx, self.driver, self.streams, self.process = ctx, driver, streams, process
+        self.local = threading.local()
+        self.executor = ThreadPoolExecutor(streams, thread_name_prefix="llmos-stream")
+
+    def submit(self, task: dict[str, Any]) -> None:
+        self.executor.submit(self._run, task)
+
+    def _run(self, task: dict[str, Any]) -> None:
+        socket = getattr(self.local, "socket", None)
+        if socket is None:
+            socket = self.local.socket = self.ctx.socket(zmq.PUSH)
+            socket.setsockopt(zmq.LINGER, 1000)
+            socket.connect(STREAM_DONE_ADDRESS)
+        socket.send_multipart(run_task(self.driver, task, self.process, share=self.streams))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class _Generations:
     """Which generate task each running request belongs to, to send each task its DONE."""
 
     def __init__(self) -> None:
@@ -194,14 +233,14 @@ class _Streams:
         return done
 
 
-def run_streaming(driver: Driver, task: dict[str, Any], streams: _Streams,
+def run_streaming(driver: Driver, task: dict[str, Any], generations: _Generations,
                   process: psutil.Process) -> list[list[bytes]]:
     """Handle a streaming-related task (generate, cancel, renice); the messages to send."""
     op = task["op"]
     events: list[dict[str, Any]] = []
     replies: list[list[bytes]] = []
     if op == "generate":
-        streams.add(task["task"], [int(r["id"]) for r in task["requests"]])
+        generations.add(task["task"], [int(r["id"]) for r in task["requests"]])
         try:
             events = driver.generate(task["handle"], task["requests"])
         except KernelError as exc:
@@ -217,15 +256,15 @@ def run_streaming(driver: Driver, task: dict[str, Any], streams: _Streams,
         else:
             driver.reprioritize(int(task["id"]), int(task["priority"]))
         replies.append(_done(task["task"], process))
-    return [*_stream_messages(events, streams, process), *replies]
+    return [*_stream_messages(events, generations, process), *replies]
 
 
-def _stream_messages(events: list[dict[str, Any]], streams: _Streams,
+def _stream_messages(events: list[dict[str, Any]], generations: _Generations,
                      process: psutil.Process) -> list[list[bytes]]:
     if not events:
         return []
     return [[STREAM, pack({"events": events})],
-            *(_done(task_id, process) for task_id in streams.finished(events))]
+            *(_done(task_id, process) for task_id in generations.finished(events))]
 
 
 def _done(task_id: int, process: psutil.Process) -> list[bytes]:
@@ -244,17 +283,20 @@ def serve(args: argparse.Namespace) -> int:
     hello = {"v": HOST_PROTOCOL_VERSION, "token": token, "pid": os.getpid()}
     try:
         driver = import_driver(args.driver)(args.device, args.threads)
-        hello["info"] = driver.describe()
+        streams = max(1, min(args.streams, driver.use_streams(args.streams))) \
+            if args.streams > 1 else 1
+        hello["info"] = {**driver.describe(), "streams": streams}
     except Exception as exc:
         pair.send_multipart([START_FAILED, pack({**hello, "message": f"{exc}"})])
         time.sleep(0.5)  # let the IO thread deliver it
         return 1
     pair.send_multipart([READY, pack(hello)])
     process = psutil.Process()
-    streams = _Streams()
+    pool = _StreamPool(ctx, driver, streams, process) if streams > 1 else None
+    generations = _Generations()
     while True:
         if driver.generating and not pair.poll(0):
-            for message in _stream_messages(driver.step(), streams, process):
+            for message in _stream_messages(driver.step(), generations, process):
                 pair.send_multipart(message)
             continue
         frames = pair.recv_multipart(copy=True)
@@ -264,10 +306,14 @@ def serve(args: argparse.Namespace) -> int:
             continue
         task = unpack(frames[1])
         if task.get("op") in STREAMING_TASK_OPS:
-            for message in run_streaming(driver, task, streams, process):
+            for message in run_streaming(driver, task, generations, process):
                 pair.send_multipart(message)
+        elif pool is not None and task.get("op") == "run":
+            pool.submit(task)
         else:
             pair.send_multipart(run_task(driver, task, process, frames[2:]))
+    if pool is not None:
+        pool.close()
     io.stopped.set()
     io.join(timeout=2)
     return 0
@@ -280,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", required=True)
     parser.add_argument("--identity", required=True)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--streams", type=int, default=1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s host %(levelname)s %(message)s")
     return serve(parser.parse_args(argv))
 

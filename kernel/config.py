@@ -49,6 +49,9 @@ class KernelConfig:
     devices: tuple[str, ...] = ()
     #: Compute threads per driver host.
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: Batches each driver host may run at once, its threads split among them (a driver
+    #: that cannot grants 1): more throughput under load, longer lone batches.
+    streams: int = 1
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Unfinished jobs one client may have; past it, BUSY at once.
     max_jobs_per_client: int = 256

@@ -210,7 +210,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         for slot in wanted:
             driver, _, device = slot.partition(":")
             spec = self.ext.drivers.get(driver)
-            self.devices.add(spec, device or "cpu", self.config.threads)
+            self.devices.add(spec, device or "cpu", self.config.threads,
+                             streams=self.config.streams)
 
     # --- requests ---------------------------------------------------------------------
 
@@ -323,8 +324,9 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         inflight = sum(len(task.payload.get("inputs") or [None]) for task in host.inflight.values())
         return (float(inflight), float(host.submitted))
 
-    def _free_devices(self) -> tuple[set[str], frozenset[str]]:
-        """Hosts with nothing in flight, and the hardware busy with foreground work.
+    def _free_devices(self) -> tuple[dict[str, int], dict[str, str]]:
+        """How many more batches each device takes now, and the hardware busy with
+        foreground work (mapped to the host running it: its other streams may join).
 
         Training quanta and generation run in the background: they neither wait for nor
         block their hardware, so inference keeps flowing to the other hosts on it.
@@ -332,11 +334,11 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         assert self.devices is not None
         hosts = self.devices.hosts.values()
         background = {"train", "update", *STREAMING_OPS}
-        busy = frozenset(host.hardware for host in hosts
-                         if any(task.op not in background for task in host.inflight.values()))
-        free = {host.name for host in hosts if host.free}
+        busy = {host.hardware: host.name for host in hosts
+                if any(task.op not in background for task in host.inflight.values())}
+        free = {host.name: slots for host in hosts if (slots := host.free_slots)}
         if self._kernel_task is None:
-            free.add(KERNEL_DEVICE)
+            free[KERNEL_DEVICE] = 1
         return free, busy
 
     def _dispatch(self, now: float) -> float | None:

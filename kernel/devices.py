@@ -73,6 +73,8 @@ class DeviceHost:
     spec: DriverSpec
     device: str
     threads: int
+    #: Batches it is asked to run at once (each on ``threads // streams`` threads).
+    requested_streams: int = 1
     state: HostState = HostState.STARTING
     process: subprocess.Popen[bytes] | None = None
     identity: bytes = b""
@@ -101,10 +103,20 @@ class DeviceHost:
     last_error: str = ""
 
     @property
-    def free(self) -> bool:
-        """Ready, and running nothing but streaming tasks (which it interleaves)."""
-        return self.state is HostState.READY and all(
-            task.op in STREAMING_OPS for task in self.inflight.values())
+    def streams(self) -> int:
+        """Batches it runs at once: what its driver granted of the ``streams`` asked for."""
+        return max(1, int(self.info.get("streams", 1)))
+
+    @property
+    def free_slots(self) -> int:
+        """How many more tasks it takes now: 0 unless ready; streaming tasks (which it
+        interleaves) take no slot, ``run`` batches one stream each, any other task all."""
+        if self.state is not HostState.READY:
+            return 0
+        running = [task.op for task in self.inflight.values() if task.op not in STREAMING_OPS]
+        if any(op != "run" for op in running):
+            return 0
+        return max(0, self.streams - len(running))
 
     @property
     def hardware(self) -> str:
@@ -116,7 +128,8 @@ class DeviceHost:
         return {
             "name": self.name, "driver": self.spec.name, "device": self.device,
             "state": str(self.state), "pid": self.process.pid if self.process else None,
-            "hardware": self.hardware, "threads": self.threads, "rss": self.rss, "info": self.info,
+            "hardware": self.hardware, "threads": self.threads, "streams": self.streams,
+            "rss": self.rss, "info": self.info,
             "loaded": sorted(self.loaded), "inflight": len(self.inflight),
             "restarts": self.restarts, "last_error": self.last_error, "role": self.role,
         }
@@ -163,10 +176,11 @@ class DeviceManager:
     # --- lifecycle --------------------------------------------------------------------
 
     def add(self, spec: DriverSpec, device: str, threads: int, name: str = "", lane: str = "",
-            role: dict[str, Any] | None = None) -> DeviceHost:
-        """Start a host for ``spec`` on ``device`` (named ``driver:device`` unless ``name``)."""
-        host = DeviceHost(name or f"{spec.name}:{device}", spec, device, threads, lane=lane,
-                          role=role or {})
+            role: dict[str, Any] | None = None, streams: int = 1) -> DeviceHost:
+        """Start a host for ``spec`` on ``device`` (named ``driver:device`` unless ``name``),
+        asking its driver for ``streams`` concurrent batches."""
+        host = DeviceHost(name or f"{spec.name}:{device}", spec, device, threads,
+                          requested_streams=streams, lane=lane, role=role or {})
         self.hosts[host.name] = host
         self._spawn(host)
         return host
@@ -197,7 +211,8 @@ class DeviceManager:
         host.process = subprocess.Popen(
             [sys.executable, "-m", "llmos.drivers.host", "--connect", self.address,
              "--driver", host.spec.qualname, "--device", host.device,
-             "--identity", host.identity.decode(), "--threads", str(host.threads)],
+             "--identity", host.identity.decode(), "--threads", str(host.threads),
+             "--streams", str(host.requested_streams)],
             stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, env=env,
         )
         logfile.close()

@@ -195,9 +195,8 @@ class ModelSyscalls(CoreServices):
             return self._placements(version.ref, hosts)
         need = self._check_memory(version, todo)
         precision = request.args["precision"]
-        cached = {host: timings for host, timings in
-                  self.registry.tuning(version, machine_id(precision, todo[0].threads)).items()
-                  if host in {h.name for h in todo}}
+        cached = {host.name: timings for host in todo if (timings := self.registry.tuning(
+            version, machine_id(precision, host.threads, host.streams)).get(host.name))}
         for host in todo:
             if host.name in cached:
                 self.costs.record(version.ref, host.name, cached[host.name])
@@ -259,7 +258,8 @@ class ModelSyscalls(CoreServices):
                 self.costs.record(handle, host.name, timings)
                 name, _, number = handle.rpartition(":")
                 self.registry.save_tuning(self.registry.resolve(name, int(number)), host.name,
-                                          machine_id(payload["options"]["precision"], host.threads),
+                                          machine_id(payload["options"]["precision"],
+                                                     host.threads, host.streams),
                                           timings)
         else:
             host.loaded.pop(handle, None)
@@ -300,11 +300,14 @@ class ModelSyscalls(CoreServices):
         return best.spec.batching or self.batching
 
     def _cost(self, jobs: list[Job], device: str) -> float:
-        """Predicted ms of a batch on a device (0 for work that is not an infer batch)."""
+        """Predicted ms of the hardware a batch takes on a device (0 for work that is not an
+        infer batch): its timed run divided by the host's streams, which run beside it."""
         first = jobs[0]
         if first.syscall != "infer":
             return 0.0
-        return self.costs.predict(first.args["handle"], device, *batch_shape(jobs))
+        host = self._hosts().get(device)
+        streams = host.streams if host is not None else 1
+        return self.costs.predict(first.args["handle"], device, *batch_shape(jobs)) / streams
 
     def _models(self, request: Request) -> dict[str, Any]:
         serving = self.registry.serving()

@@ -71,10 +71,12 @@ class CostModel:
         return float("inf") if measured is None else measured * b_scale * t_scale
 
 
-def machine_id(precision: str, threads: int) -> str:
-    """What tuning results are valid for: machine, processor, CPUs, precision, threads."""
+def machine_id(precision: str, threads: int, streams: int = 1) -> str:
+    """What tuning results are valid for: machine, processor, CPUs, precision, threads (and
+    streams, when a host runs several batches at once on a share of its threads each)."""
     cpu = platform.processor() or platform.machine()
-    return f"{platform.node()}/{cpu}/{os.cpu_count()}cpus/{precision}/{threads}threads"
+    tail = f"/{streams}streams" if streams > 1 else ""
+    return f"{platform.node()}/{cpu}/{os.cpu_count()}cpus/{precision}/{threads}threads{tail}"
 
 
 def weights_bytes(model_dir: Path) -> int:

@@ -278,6 +278,8 @@ def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--policy", default="priority", help="scheduling policy plugin")
     parser.add_argument("--devices", default="", help="comma list of driver:device slots")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--streams", type=int, default=1,
+                        help="batches a driver host runs at once, its threads split among them")
     parser.add_argument("--max-jobs-per-client", type=int, default=256)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
@@ -291,7 +293,7 @@ def add_kernel_options(parser: Any) -> None:
 def kernel_argv(args: Any) -> list[str]:
     """The options of :func:`add_kernel_options` back as command-line arguments."""
     argv = ["--policy", args.policy, "--devices", args.devices, "--threads", str(args.threads),
-            "--max-jobs-per-client", str(args.max_jobs_per_client),
+            "--streams", str(args.streams), "--max-jobs-per-client", str(args.max_jobs_per_client),
             "--max-batch-size", str(args.max_batch_size),
             "--max-queue-delay-ms", str(args.max_queue_delay_ms),
             "--update-after", str(args.update_after)]
@@ -310,7 +312,7 @@ def config_from_args(args: Any) -> KernelConfig:
     return KernelConfig(
         home=home, address=args.listen or "", policy=args.policy,
         devices=tuple(d for d in args.devices.split(",") if d), threads=args.threads,
-        max_jobs_per_client=args.max_jobs_per_client,
+        streams=args.streams, max_jobs_per_client=args.max_jobs_per_client,
         batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms / 1000),
         memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
         curve=args.curve, update_after=args.update_after,

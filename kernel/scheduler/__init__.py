@@ -7,7 +7,8 @@ Triton's max batch size and max queue delay) and placement onto free devices.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,7 +54,8 @@ class Scheduler:
     job that runs alone. ``candidates(job)`` lists the devices that can run it now (e.g. where
     its model is loaded). ``batching(job)`` gives the knobs for its model. ``cost(jobs,
     device)`` predicts a batch's run time on a device (the cheapest free one is chosen), and
-    ``hardware(device)`` names what a device runs on: one batch at a time per hardware.
+    ``hardware(device)`` names what a device runs on: one device's foreground work at a time
+    per hardware (that device may run several batches at once, one per stream).
     ``load(device)`` breaks ties between equally cheap devices (e.g. identical replicas):
     the least outstanding work goes first.
     """
@@ -79,15 +81,20 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def schedule(self, free_devices: set[str], now: float,
-                 busy_hardware: frozenset[str] = frozenset()) -> tuple[list[Batch], float | None]:
+    def schedule(self, free_devices: Mapping[str, int] | AbstractSet[str], now: float,
+                 busy_hardware: Mapping[str, str] | AbstractSet[str] = frozenset(),
+                 ) -> tuple[list[Batch], float | None]:
         """Batches to dispatch now, and the time at which a waiting batch becomes ready.
 
-        A free device takes the highest-ranked job it can run, plus compatible jobs in rank
-        order up to ``max_batch_size`` inputs, unless its hardware is busy (background
-        jobs excepted). If that batch is not full and its oldest job has waited less than
-        ``max_queue_delay``, the hardware waits for it rather than giving the slot to a
-        lower-ranked job.
+        ``free_devices`` maps each device that can take work to how many more batches it
+        takes now (a set means one each: a device with several streams takes several);
+        ``busy_hardware`` maps hardware running foreground work to the device running it
+        (a set: held by nobody who may add to it). A free device takes the highest-ranked
+        job it can run, plus compatible jobs in rank order up to ``max_batch_size`` inputs,
+        unless its hardware is busy with another device's foreground work (background jobs
+        excepted; a device's own further streams may join its hardware). If that batch is
+        not full and its oldest job has waited less than ``max_queue_delay``, the hardware
+        waits for it rather than giving the slot to a lower-ranked job.
 
         While every free device's hardware is busy and no queued job runs in the
         background, nothing can start: it returns at once, without ranking the queue (the
@@ -95,23 +102,25 @@ class Scheduler:
         """
         batches: list[Batch] = []
         wake_at: float | None = None
-        if not free_devices or not self.queue:
+        slots = dict(free_devices) if isinstance(free_devices, Mapping) \
+            else dict.fromkeys(free_devices, 1)
+        holders = dict(busy_hardware) if isinstance(busy_hardware, Mapping) \
+            else dict.fromkeys(busy_hardware, "")
+        if not slots or not self.queue:
             return batches, wake_at
-        if all(self.hardware(d) in busy_hardware for d in free_devices) and not any(
+        if all(holders.get(self.hardware(d), d) != d for d in slots) and not any(
                 self.background(job) for job in self.queue.values()):
             return batches, wake_at
         ranked = sorted(self.queue.values(), key=lambda job: self.policy.rank(job, now))
-        free = set(free_devices)
-        busy = set(busy_hardware)
         taken: set[int] = set()
         for job in ranked:
-            if not free:
+            if not slots:
                 break
             if job.id in taken:
                 continue
             background = self.background(job)
-            devices = [d for d in self.candidates(job)
-                       if d in free and (background or self.hardware(d) not in busy)]
+            devices = [d for d in self.candidates(job) if d in slots
+                       and (background or holders.get(self.hardware(d), d) == d)]
             if not devices:
                 continue
             key = self.batch_key(job)
@@ -121,9 +130,11 @@ class Scheduler:
             batch = Batch(device, members, key if key is not None else ("job", job.id))
             oldest = min(m.queued_at for m in members)
             ready_at = oldest + config.max_queue_delay
-            free.discard(device)
+            slots[device] -= 1
+            if not slots[device]:
+                del slots[device]
             if not background:
-                busy.add(self.hardware(device))  # held or used now
+                holders[self.hardware(device)] = device  # held or used now
             taken.update(m.id for m in members)
             if key is not None and batch.size < config.max_batch_size and ready_at > now:
                 # hold the hardware for this batch; lower-ranked jobs must not jump ahead

@@ -126,3 +126,20 @@ def test_with_all_hardware_busy_the_queue_is_not_even_ranked():
     assert consulted == []
     batches, _ = sched.schedule({"openvino:cpu", "torch:cpu"}, 0.0)  # the cpu is free again
     assert len(batches) == 1 and batches[0].size == 20 and consulted
+
+
+def test_a_device_with_streams_takes_one_batch_per_free_stream_and_no_one_joins_it():
+    sched = Scheduler(
+        FifoPolicy(), batch_key=lambda j: ("a", "embed"),
+        candidates=lambda j: ["openvino:cpu", "torch:cpu"],
+        batching=lambda j: BatchingConfig(2, 0.0), hardware=lambda device: "cpu",
+        cost=lambda jobs, device: 1.0 if device == "openvino:cpu" else 2.0)
+    for _ in range(8):
+        sched.push(infer_job("a"))
+    batches, _ = sched.schedule({"openvino:cpu": 2, "torch:cpu": 1}, 0.0)
+    assert [b.device for b in batches] == ["openvino:cpu", "openvino:cpu"]  # torch: cpu held
+    # one stream still runs on the cpu: the other may start, torch may not
+    batches, _ = sched.schedule({"openvino:cpu": 1, "torch:cpu": 1}, 0.0, {"cpu": "openvino:cpu"})
+    assert [b.device for b in batches] == ["openvino:cpu"]
+    assert sched.schedule({"torch:cpu": 1}, 0.0, {"cpu": "openvino:cpu"}) == ([], None)
+    assert len(sched) == 2
