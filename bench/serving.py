@@ -10,9 +10,10 @@ characters so lengths vary as in real traffic, sampled with a fixed seed. Conten
   time (tokenize one sentence, forward, mean-pool, normalise), 2 torch threads;
 * ``in-process-batched``: one llmos driver (``--driver``; ``auto`` is OpenVINO for bf16 and int8, the
   only driver that computes in it, else the host the kernel's autotune timed fastest at
-  32x64) on a private copy of the model folder, fed by the
-  kernel's own ``Scheduler`` (FifoPolicy, max batch 32, max queue delay 2 ms) in one worker
-  thread: the kernel's batching with no sockets and no processes;
+  32x64 per stream) on a private copy of the model folder, fed by the kernel's own
+  ``Scheduler`` (FifoPolicy, the kernel's batching knobs) from one thread, its batches run
+  on as many worker threads as the driver granted streams: the kernel's batching with no
+  sockets and no processes;
 * ``llmos-kernel``: a real kernel (``running_kernel``: every driver, automatic placement),
   each client thread with its own ``llmos.Client`` calling ``embed("minilm", [text])``.
 
@@ -28,8 +29,15 @@ warmed up first, so drift on a shared machine hits all alike. ``--precision bf16
 compared with fp32 ones by cosine similarity (printed in every mode). Numbers on a small
 shared box are noisy.
 
+``--streams``, ``--max-batch-size`` and ``--max-queue-delay-ms`` (defaults: the kernel's, 1,
+32, 2 ms) apply to (b) and (c) alike: the throughput setting on 2 cores is ``--streams 2
+--max-batch-size 11 --max-queue-delay-ms 8`` (two OpenVINO streams, and batches small
+enough that 32 clients form three groups, so a stream that finishes finds the next batch
+waiting while its own clients' replies travel).
+
 Run: ``.venv/bin/python bench/serving.py [--precision f32|bf16|int8] [--clients 32]
-[--requests 640] [--rounds 3] [--driver auto|torch|onnxruntime|openvino] [--json out.json]``.
+[--requests 640] [--rounds 3] [--driver auto|torch|onnxruntime|openvino] [--streams 1]
+[--max-batch-size 32] [--max-queue-delay-ms 2] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -275,12 +283,14 @@ def cosine(got: list[Any], reference: list[np.ndarray]) -> dict[str, float]:
     return {"min": float(cos.min()), "mean": float(cos.mean())}
 
 
-def pick_driver(precision: str, timings: dict[str, dict[str, float]]) -> str:
+def pick_driver(precision: str, timings: dict[str, dict[str, float]],
+                streams: dict[str, int]) -> str:
     """OpenVINO for bf16 and int8; else the driver whose host the autotune timed fastest at
-    32x64."""
+    32x64, per stream as the kernel's cost model does (a host runs ``streams`` at once)."""
     if precision in ("bf16", "int8"):
         return "openvino"
-    timed = {host: table["32x64"] for host, table in timings.items() if "32x64" in table}
+    timed = {host: table["32x64"] / streams.get(host, 1) for host, table in timings.items()
+             if "32x64" in table}
     return min(timed, key=lambda host: timed[host]).partition(":")[0] if timed else "openvino"
 
 
@@ -306,7 +316,8 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "minilm", precision=args.precision,
                 calibrate=CALIBRATION if args.precision == "int8" else None)
             res["kernel_timings_ms"] = admin.models()[0]["timings_ms"]
-        driver_name = (pick_driver(args.precision, res["kernel_timings_ms"])
+            res["kernel_streams"] = {d["name"]: d["streams"] for d in admin.devices()}
+        driver_name = (pick_driver(args.precision, res["kernel_timings_ms"], res["kernel_streams"])
                        if args.driver == "auto" else args.driver)
         module, _, cls = DRIVERS[driver_name].partition(":")
         driver: Driver = getattr(importlib.import_module(module), cls)("cpu", args.threads)
@@ -397,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
     parser.add_argument("--requests", type=int, default=640, help="per contender per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=128, help="untimed requests per contender")
+    parser.add_argument("--warmup", type=int, default=640,
+                        help="untimed requests per contender (OpenVINO prepares its kernels "
+                             "for each new input shape the first time it meets it)")
     parser.add_argument("--driver", choices=("auto", *DRIVERS), default="auto", help="for (b)")
     parser.add_argument("--threads", type=int, default=2, help="compute threads, (a) (b) (c)")
     parser.add_argument("--streams", type=int, default=1,

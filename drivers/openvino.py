@@ -31,8 +31,10 @@ from llmos.kernel.protocol import ErrorCode, KernelError
 from .common import ExportedGraphDriver, Graph
 
 PRECISIONS = ("f32", "bf16", "int8")
-#: Texts an int8 quantization is calibrated on, and how many go in one calibration batch.
-CALIBRATION_ROWS = 256
+#: Texts an int8 quantization is calibrated on (at most), and how many go in one batch:
+#: MiniLM's embeddings of 200 drug reviews against fp32 reach cosine min 0.9957 with 1,024
+#: movie reviews, 0.9889 with 256.
+CALIBRATION_ROWS = 1024
 CALIBRATION_BATCH = 16
 
 
@@ -104,7 +106,8 @@ def quantized(artifact: Path, calibration: dict[str, str] | None, tokenizer: Any
     if not calibration:
         raise KernelError(ErrorCode.BAD_REQUEST, "int8 needs calibration texts: load with "
                           "calibrate (a bundled dataset or a CSV/JSONL path)")
-    key = hashlib.sha256(json.dumps(calibration, sort_keys=True).encode()).hexdigest()[:16]
+    spec = {**calibration, "rows": CALIBRATION_ROWS}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     target = artifact.with_name(f"int8-{key}.xml")
     if target.exists():
         return target
