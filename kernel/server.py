@@ -9,6 +9,7 @@ for the core to stop.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 FRONTEND_HWM = 100_000
 #: Messages the IO thread moves in one go (each way) before it polls again.
 IO_BURST = 256
+#: Most ``--streams`` a kernel may ask its driver hosts for.
+MAX_STREAMS = 64
 
 
 def pid_file(config: KernelConfig) -> Path:
@@ -272,13 +275,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _streams(text: str) -> int:
+    """``--streams``: a whole number from 1 to MAX_STREAMS."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_STREAMS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_STREAMS}, got {text!r}")
+    return value
+
+
 def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
     parser.add_argument("--listen", help="ipc://PATH or tcp://127.0.0.1:PORT")
     parser.add_argument("--policy", default="priority", help="scheduling policy plugin")
     parser.add_argument("--devices", default="", help="comma list of driver:device slots")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--streams", type=int, default=1,
+    parser.add_argument("--streams", type=_streams, default=1, metavar="N",
                         help="batches a driver host runs at once, its threads split among them")
     parser.add_argument("--max-jobs-per-client", type=int, default=256)
     parser.add_argument("--max-batch-size", type=int, default=32)

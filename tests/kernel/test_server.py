@@ -1,8 +1,10 @@
+import argparse
+
 import pytest
 
 from llmos.kernel.config import KernelConfig, is_local
 from llmos.kernel.protocol import ErrorCode, KernelError
-from llmos.kernel.server import KernelServer
+from llmos.kernel.server import KernelServer, add_kernel_options, config_from_args, kernel_argv
 
 
 @pytest.mark.parametrize("address", ["ipc:///tmp/x.sock", "tcp://127.0.0.1:5555",
@@ -29,3 +31,16 @@ def test_unknown_driver_or_policy_fails_before_anything_starts(home):
             KernelServer(KernelConfig(home=home, **options))
         assert info.value.code is ErrorCode.NOT_FOUND
     assert not (home / "run" / "kernel.json").exists()
+
+
+def test_streams_is_a_kernel_option_from_1_to_64_that_survives_a_detach(capsys):
+    parser = argparse.ArgumentParser()
+    add_kernel_options(parser)
+    args = parser.parse_args(["--streams", "2"])
+    assert config_from_args(args).streams == 2
+    assert parser.parse_args(kernel_argv(args)).streams == 2  # what a detached start passes on
+    assert config_from_args(parser.parse_args([])).streams == 1
+    for bad in ("0", "65", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--streams", bad])
+        assert "expected a whole number from 1 to 64" in capsys.readouterr().err
