@@ -12,7 +12,8 @@ into batches (by start time) to show the batch sizes the clients settle into and
 long the host waits between two.
 
 Run: ``.venv/bin/python bench/kernel_cpu.py [--precision int8] [--requests 2560]
-[--clients 32] [--device openvino:cpu] [--json out.json]``.
+[--clients 32] [--device openvino:cpu] [--streams 1] [--max-batch-size 32]
+[--max-queue-delay-ms 2] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -93,13 +94,18 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2560)
     parser.add_argument("--warmup", type=int, default=256)
     parser.add_argument("--chars", type=int, default=300)
+    parser.add_argument("--streams", type=int, default=1, help="the kernel's --streams")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     pool = reviews(args.chars)
     rng = random.Random(0)
     texts = [rng.choice(pool) for _ in range(640)]
     home = Path(tempfile.mkdtemp(prefix="llmos-bcpu-"))
-    with running_kernel(home, "--devices", args.device, "--threads", "2") as kernel:
+    knobs = ["--streams", str(args.streams), "--max-batch-size", str(args.max_batch_size),
+             "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    with running_kernel(home, "--devices", args.device, "--threads", "2", *knobs) as kernel:
         with kernel.client("bench-admin", timeout=900.0) as admin:
             admin.import_model("minilm")
             admin.load("minilm", precision=args.precision,
