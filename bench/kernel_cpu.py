@@ -142,7 +142,7 @@ def main() -> int:
     print(f"  everything else / the serving host ({busiest}) = {report['overhead_vs_inference']:.3f}")
     print(f"  batches {batching['batches']}, mean size {batching['mean_size']:.1f}, "
           f"last sizes {batching['last_sizes']}, host waits {batching['gap_ms_median']:.2f} ms "
-          f"(median) between batches")
+          f"(median) between batches (negative: they overlap, on streams)")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
