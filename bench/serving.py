@@ -294,16 +294,23 @@ def pick_driver(precision: str, timings: dict[str, dict[str, float]],
     return min(timed, key=lambda host: timed[host]).partition(":")[0] if timed else "openvino"
 
 
+def private_minilm(tmp: Path) -> Path:
+    """A copy of the bundled MiniLM in ``tmp/minilm``: drivers write their artifacts into
+    the model folder, never into site-packages."""
+    model_dir = tmp / "minilm"
+    model_dir.mkdir()
+    for pattern in MODEL_FILES:
+        for file in _minilm_path().glob(pattern):
+            shutil.copy2(file, model_dir / file.name)
+    return model_dir
+
+
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     pool = reviews(args.chars)
     rng = random.Random(args.seed)
     texts = [rng.choice(pool) for _ in range(args.requests)]
     accuracy_texts = rng.sample(pool, min(args.accuracy, len(pool)))
-    model_dir = tmp / "minilm"  # drivers write artifacts into the model folder: never site-packages
-    model_dir.mkdir()
-    for pattern in MODEL_FILES:
-        for file in _minilm_path().glob(pattern):
-            shutil.copy2(file, model_dir / file.name)
+    model_dir = private_minilm(tmp)
     res: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v
                                         for k, v in vars(args).items()}}
     knobs = ["--threads", str(args.threads), "--streams", str(args.streams),

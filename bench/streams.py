@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from llmos.drivers.openvino import OpenVinoDriver
-from llmos.kernel.sources import _minilm_path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving import CALIBRATION, MODEL_FILES, reviews  # noqa: E402  (a sibling script)
+from serving import CALIBRATION, private_minilm, reviews  # noqa: E402  (a sibling script)
 
 PERIOD = 0.004
 #: The other work's program. Not a multiprocessing child: a forked one makes this big
@@ -160,15 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.duties[0] != 0.0:
         args.duties.insert(0, 0.0)
     with tempfile.TemporaryDirectory(prefix="llmos-streams-") as tmp:
-        model_dir = Path(tmp) / "minilm"  # drivers write artifacts beside the weights
-        model_dir.mkdir()
-        for pattern in MODEL_FILES:
-            for file in _minilm_path().glob(pattern):
-                shutil.copy2(file, model_dir / file.name)
-        res = measure(args, model_dir)
-    print(report(res))
+        res = measure(args, private_minilm(Path(tmp)))
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
+    print(report(res))
     return 0
 
 
