@@ -71,7 +71,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from llmos.drivers.base import Driver
+from llmos.drivers.base import Driver, granted_streams
 from llmos.drivers.common import max_tokens
 from llmos.kernel.jobs import Job
 from llmos.kernel.scheduler import BatchingConfig, Scheduler
@@ -328,7 +328,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                        if args.driver == "auto" else args.driver)
         module, _, cls = DRIVERS[driver_name].partition(":")
         driver: Driver = getattr(importlib.import_module(module), cls)("cpu", args.threads)
-        streams = max(1, min(args.streams, driver.use_streams(args.streams)))
+        streams = granted_streams(driver, args.streams)
         options: dict[str, Any] = {"precision": args.precision} if driver_name == "openvino" else {}
         if args.precision == "int8":
             options["calibration"] = {"name": CALIBRATION}

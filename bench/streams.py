@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmos.drivers.base import granted_streams
 from llmos.drivers.openvino import OpenVinoDriver
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -98,7 +99,7 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         options["calibration"] = {"name": CALIBRATION}
     single = OpenVinoDriver("cpu", args.threads)
     multi = OpenVinoDriver("cpu", args.threads)
-    granted = multi.use_streams(args.threads)
+    granted = granted_streams(multi, args.threads)
     single.load("m", str(model_dir), options)
     multi.load("m", str(model_dir), options)
     modes: dict[str, Callable[[], None]] = {

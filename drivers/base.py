@@ -128,6 +128,12 @@ class Driver(ABC):
         """A running generation's new nice value."""
 
 
+def granted_streams(driver: Driver, asked: int) -> int:
+    """How many ``run`` calls ``driver`` takes at once when ``asked`` for that many: what
+    :meth:`Driver.use_streams` grants, kept between 1 and ``asked`` (1 without asking)."""
+    return max(1, min(asked, driver.use_streams(asked))) if asked > 1 else 1
+
+
 def check_task(handle: str, info: LoadedModel | None, task: str, device: str) -> LoadedModel:
     """``info`` if the model is loaded and can run ``task``; KernelError otherwise."""
     if info is None:

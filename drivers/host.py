@@ -40,7 +40,7 @@ import zmq
 
 from llmos.kernel.protocol import ErrorCode, KernelError, tensor_from_ref, tensor_ref
 
-from .base import Driver
+from .base import Driver, granted_streams
 from .tuning import time_shapes
 
 # host -> kernel
@@ -283,8 +283,7 @@ def serve(args: argparse.Namespace) -> int:
     hello = {"v": HOST_PROTOCOL_VERSION, "token": token, "pid": os.getpid()}
     try:
         driver = import_driver(args.driver)(args.device, args.threads)
-        streams = max(1, min(args.streams, driver.use_streams(args.streams))) \
-            if args.streams > 1 else 1
+        streams = granted_streams(driver, args.streams)
         hello["info"] = {**driver.describe(), "streams": streams}
     except Exception as exc:
         pair.send_multipart([START_FAILED, pack({**hello, "message": f"{exc}"})])

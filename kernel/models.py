@@ -195,11 +195,12 @@ class ModelSyscalls(CoreServices):
             return self._placements(version.ref, hosts)
         need = self._check_memory(version, todo)
         precision = request.args["precision"]
-        cached = {host.name: timings for host in todo if (timings := self.registry.tuning(
-            version, machine_id(precision, host.threads, host.streams)).get(host.name))}
+        cached: set[str] = set()
         for host in todo:
-            if host.name in cached:
-                self.costs.record(version.ref, host.name, cached[host.name])
+            machine = machine_id(precision, host.threads, host.streams)
+            if timings := self.registry.tuning(version, machine).get(host.name):
+                self.costs.record(version.ref, host.name, timings)
+                cached.add(host.name)
         tune = [] if generative or parallel else [h.name for h in todo if h.name not in cached]
         return self._admit(
             request, handle=version.ref, path=str(version.path), memory=need, options=options,
