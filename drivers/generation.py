@@ -23,14 +23,30 @@ into the batch and decoding continues where it stopped: nothing is recomputed, a
 greedy decoding its output equals an uninterrupted run's.
 
 Events returned by :meth:`step` (and :meth:`cancel`) are plain dicts keyed by sequence id:
-``{"id", "text", "tokens"}`` for new text (``text`` may be empty while a multi-byte
-character or a possible stop string is incomplete), ``{"id", "preempted": True}``, and one
-final ``{"id", "finish", ...}`` with the whole text and the usage.
+``{"id", "text", "tokens", "token"}`` for new text (``text`` may be empty while a multi-byte
+character or a possible stop string is incomplete; ``token`` is the sampled token's id, which
+the kernel keeps so that a request can resume on another host), ``{"id", "preempted": True}``,
+and one final ``{"id", "finish", ...}`` with the whole text and the usage, or with reason
+``error``, a ``code`` and a ``message``.
+
+Faults stay with the sequence that met them: a failure while sampling, detokenizing or
+matching stop strings for one sequence ends that sequence with an ``error`` event; a forward
+pass that fails ends the sequences in that pass (the others keep their place); nothing here
+raises out of :meth:`step` or :meth:`cancel`, so the host serves on. Every path that touches
+the engine's tensors runs under :func:`torch.inference_mode` (the cache's tensors are
+inference tensors: updating them outside it raises).
+
+A request may carry ``resume``: ``{"tokens": [...], "sent": n}``, the tokens an earlier host
+generated for it before it died and the characters of their text the client already has. The
+prompt and those tokens are prefilled together and generation continues after them; text is
+sent from character ``n`` on, so the client receives every character exactly once and, under
+greedy decoding, the text equals an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -48,6 +64,8 @@ from .prefixes import DEFAULT_MAX_BYTES, PrefixCache, PrefixHit
 ROLES = ("system", "user", "assistant")
 
 _arrivals = itertools.count()
+
+log = logging.getLogger("llmos.generation")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +102,8 @@ class Sequence:
     prefilled: int = 0
     #: Prompt tokens whose keys and values came from the prefix cache.
     cached: int = 0
+    #: Generated tokens it arrived with (``resume``): prefilled after the prompt.
+    resumed: int = 0
     preemptions: int = 0
     cpu_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -93,6 +113,11 @@ class Sequence:
     def rank(self) -> tuple[int, int]:
         """Lower runs first: nice value, then arrival order."""
         return (self.priority, self.arrival)
+
+    @property
+    def feed(self) -> list[int]:
+        """What a prefill feeds: the prompt, then the tokens it resumed with."""
+        return self.prompt_ids + self.generated[:self.resumed] if self.resumed else self.prompt_ids
 
 
 @dataclass(slots=True)
@@ -152,6 +177,8 @@ class GenerationEngine:
             ignore_eos=bool(request.get("ignore_eos", False)),
         )
         ids = self.encode(request.get("prompt"), request.get("messages"))
+        resume = request.get("resume") or {}
+        resumed = [int(t) for t in resume.get("tokens") or ()]
         if len(ids) + sampling.max_tokens > self.context:
             raise KernelError(ErrorCode.BAD_REQUEST,
                               f"the prompt has {len(ids)} tokens; with max_tokens "
@@ -162,7 +189,8 @@ class GenerationEngine:
             seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(6))
             generator = torch.Generator().manual_seed(seed)
         return Sequence(seq_id, ids, sampling, int(request.get("priority") or 0),
-                        generator=generator)
+                        generator=generator, generated=resumed, resumed=len(resumed),
+                        sent=int(resume.get("sent") or 0))
 
     def encode(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
         """Token ids of a raw prompt, or of chat messages through the model's template."""
@@ -185,7 +213,8 @@ class GenerationEngine:
         self.waiting.append(seq)
 
     def cancel(self, ids: set[int]) -> list[dict[str, Any]]:
-        """Drop these sequences wherever they are; their ``cancelled`` finish events."""
+        """Drop these sequences wherever they are; their ``cancelled`` finish events. Never
+        raises: if the batch cannot be cut, its other rows end with an error event."""
         events = [self._finish(s, "cancelled") for s in self.waiting if s.id in ids]
         self.waiting = [s for s in self.waiting if s.id not in ids]
         if self.chunking is not None and self.chunking.id in ids:
@@ -193,7 +222,12 @@ class GenerationEngine:
             self.chunking = None
         rows = [i for i, s in enumerate(self.batch.seqs) if s.id in ids]
         events += [self._finish(self.batch.seqs[i], "cancelled") for i in rows]
-        self._drop_rows(set(rows))
+        try:
+            with torch.inference_mode():
+                self._drop_rows(set(rows))
+        except Exception as exc:
+            log.exception("cancel could not cut the batch")
+            events += self._abandon_batch(exc)
         return events
 
     def reprioritize(self, seq_id: int, priority: int) -> None:
@@ -213,15 +247,39 @@ class GenerationEngine:
         first tokens leave before any decode pass; otherwise decode one token for every
         running row. Prefill and decode passes alternate while both have work."""
         events: list[dict[str, Any]] = []
-        with torch.inference_mode():
-            if not self._decode_next and (self.waiting or self.chunking is not None):
-                if self._admit(events):
-                    self._decode_next = bool(self.batch.seqs)
-                    return events
-            if self.batch.seqs:
-                self._decode(events)
-            self._decode_next = False
+        waiting = list(self.waiting)
+        try:
+            with torch.inference_mode():
+                if not self._decode_next and (self.waiting or self.chunking is not None):
+                    if self._admit(events):
+                        self._decode_next = bool(self.batch.seqs)
+                        return events
+                if self.batch.seqs:
+                    self._decode(events)
+                self._decode_next = False
+        except Exception as exc:  # a failed pass ends its own sequences, not the host
+            log.exception("a generation step failed")
+            ended = {int(e["id"]) for e in events if "finish" in e}
+            admitted = [s for s in waiting if s not in self.waiting and s not in self.batch.seqs
+                        and s is not self.chunking and s.id not in ended]
+            events += [self._error(s, exc) for s in admitted]
+            events += self._abandon_batch(exc, ended)
         return events
+
+    def _abandon_batch(self, exc: Exception, ended: set[int] | None = None) -> list[dict[str, Any]]:
+        """End every running sequence (and the one being chunked) with an error event and
+        start an empty batch: after a failed pass its cache can no longer be trusted."""
+        seqs = [*self.batch.seqs, *([self.chunking] if self.chunking is not None else [])]
+        self.batch = _Batch([], RowCache(self.layers, self.context), torch.zeros(0, 0, dtype=torch.long))
+        self.chunking = None
+        self._decode_next = False
+        return [self._error(s, exc) for s in seqs if s.id not in (ended or set())]
+
+    @staticmethod
+    def _error(seq: Sequence, exc: BaseException) -> dict[str, Any]:
+        """The finish event of a sequence that a fault ended."""
+        return {"id": seq.id, "finish": "error", "code": str(ErrorCode.INTERNAL),
+                "message": f"generation failed: {type(exc).__name__}: {exc}"}
 
     def _admit(self, events: list[dict[str, Any]]) -> bool:
         """Admit waiting sequences in rank order; True if a prefill pass ran."""
@@ -241,14 +299,14 @@ class GenerationEngine:
                 events.append({"id": victim.id, "preempted": True})
             if best.swapped is not None:
                 resumed.append(best)
-            elif len(best.prompt_ids) > self.max_prefill_tokens:
+            elif len(best.feed) > self.max_prefill_tokens:
                 if self.chunking is not None:
                     break  # one long prompt at a time
                 self.chunking = best
             else:
-                if fresh and len(best.prompt_ids) > budget:
+                if fresh and len(best.feed) > budget:
                     break
-                budget -= len(best.prompt_ids)
+                budget -= len(best.feed)
                 fresh.append(best)
             self.waiting.remove(best)
         parts = [self._resume_part(s) for s in resumed]
@@ -291,8 +349,9 @@ class GenerationEngine:
         rest right-aligned in the ``longest`` columns fed now; the mask hides both paddings.
         """
         started = time.process_time()
-        hits = [self.prefixes.lookup(s.prompt_ids) for s in seqs]
-        rests = [s.prompt_ids[hit.length:] for s, hit in zip(seqs, hits, strict=True)]
+        feeds = [s.feed for s in seqs]
+        hits = [self.prefixes.lookup(feed) for feed in feeds]
+        rests = [feed[hit.length:] for feed, hit in zip(feeds, hits, strict=True)]
         cached = max(hit.length for hit in hits)
         longest = max(len(rest) for rest in rests)
         pad_id = self.tokenizer.pad_token_id or 0
@@ -309,14 +368,15 @@ class GenerationEngine:
                          use_cache=True, logits_to_keep=1)
         self._charge(seqs, started)
         windows = cache.windows()
-        for row, (seq, hit, rest) in enumerate(zip(seqs, hits, rests, strict=True)):
+        for row, (seq, feed, hit, rest) in enumerate(zip(seqs, feeds, hits, rests, strict=True)):
             seq.cached = hit.length
             own = cached + longest - len(rest)
-            self.prefixes.store(seq.prompt_ids, hit, [(k[row:row + 1, :, own:], v[row:row + 1, :, own:])
+            self.prefixes.store(feed, hit, [(k[row:row + 1, :, own:], v[row:row + 1, :, own:])
                                                       for k, v in windows])
         part = _Batch(list(seqs), cache, mask)
-        finished = {i for i, s in enumerate(seqs)
-                    if self._accept(s, self._sample(out.logits[:, -1], seqs)[i], events)}
+        tokens = self._sample(out.logits[:, -1], seqs)
+        finished = {i for i, (s, t) in enumerate(zip(seqs, tokens, strict=True))
+                    if self._accept(s, t, events)}
         if len(finished) == len(seqs):
             return None
         part.keep([i for i in range(len(seqs)) if i not in finished])
@@ -345,8 +405,9 @@ class GenerationEngine:
         started = time.process_time()
         if seq.partial is None:
             seq.partial = RowCache(self.layers, self.context)
-        end = min(len(seq.prompt_ids), seq.prefilled + self.max_prefill_tokens)
-        ids = torch.tensor([seq.prompt_ids[seq.prefilled:end]], device=self.device)
+        feed = seq.feed
+        end = min(len(feed), seq.prefilled + self.max_prefill_tokens)
+        ids = torch.tensor([feed[seq.prefilled:end]], device=self.device)
         positions = torch.arange(seq.prefilled, end, device=self.device).unsqueeze(0)
         out = self.model(input_ids=ids, attention_mask=torch.ones(1, end, dtype=torch.long,
                                                                   device=self.device),
@@ -354,7 +415,7 @@ class GenerationEngine:
                          logits_to_keep=1)
         seq.prefilled = end
         self._charge([seq], started)
-        if end < len(seq.prompt_ids):
+        if end < len(feed):
             return None
         cache, seq.partial = seq.partial, None
         if self._accept(seq, self._sample(out.logits[:, -1], [seq])[0], events):
@@ -379,24 +440,39 @@ class GenerationEngine:
     # --- tokens -------------------------------------------------------------------------
 
     @staticmethod
-    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """One token per row: argmax for greedy rows, nucleus sampling for the others."""
-        tokens = logits.argmax(-1).tolist()
+    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+        """One token per row: argmax for greedy rows, nucleus sampling for the others; a row
+        whose sampling fails gets the exception instead (it ends that sequence only)."""
+        tokens: list[int | Exception] = list(logits.argmax(-1).tolist())
         for i, seq in enumerate(seqs):
             sampling = seq.sampling
             if sampling.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[i].float() / sampling.temperature, -1)
-            if sampling.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
-                sorted_probs[outside] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+            try:
+                probs = torch.softmax(logits[i].float() / sampling.temperature, -1)
+                if sampling.top_p < 1.0:
+                    sorted_probs, order = probs.sort(descending=True)
+                    outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p
+                    sorted_probs[outside] = 0.0
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+            except Exception as exc:
+                tokens[i] = exc
         return tokens
 
-    def _accept(self, seq: Sequence, token: int, events: list[dict[str, Any]]) -> bool:
-        """Record a sampled token and emit its text; True when ``seq`` has finished."""
+    def _accept(self, seq: Sequence, token: int | Exception, events: list[dict[str, Any]]) -> bool:
+        """Record a sampled token and emit its text; True when ``seq`` has finished (also
+        when handling it failed: it then ends with an ``error`` event)."""
+        try:
+            if isinstance(token, Exception):
+                raise token
+            return self._take(seq, token, events)
+        except Exception as exc:
+            log.exception("generation %d failed", seq.id)
+            events.append(self._error(seq, exc))
+            return True
+
+    def _take(self, seq: Sequence, token: int, events: list[dict[str, Any]]) -> bool:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         if token in self.eos and not seq.sampling.ignore_eos:
@@ -417,7 +493,7 @@ class GenerationEngine:
             ready = min(ready, len(text.rstrip("\ufffd")))
         delta = text[seq.sent:ready] if ready > seq.sent else ""
         seq.sent = max(seq.sent, ready)
-        events.append({"id": seq.id, "text": delta, "tokens": 1})
+        events.append({"id": seq.id, "text": delta, "tokens": 1, "token": token})
         seq.pending = token
         return False
 

@@ -60,7 +60,7 @@ STREAMING_TASK_OPS = frozenset({"generate", "cancel", "renice"})
 STREAM_DONE_ADDRESS = "inproc://stream-done"
 
 HOST_PROTOCOL_VERSION = 1
-HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_INTERVAL = 0.25
 TOKEN_ENV = "LLMOS_HOST_TOKEN"
 
 log = logging.getLogger("llmos.host")
@@ -218,6 +218,10 @@ class _Generations:
         for seq_id in ids:
             self.task_of[seq_id] = task_id
 
+    def running(self) -> list[int]:
+        """Ids of every request not yet finished."""
+        return list(self.task_of)
+
     def finished(self, events: list[dict[str, Any]]) -> list[int]:
         """Tasks all of whose requests have now finished."""
         done = []
@@ -251,12 +255,33 @@ def run_streaming(driver: Driver, task: dict[str, Any], generations: _Generation
             events = [{"id": r["id"], "finish": "error", "code": str(ErrorCode.INTERNAL),
                        "message": f"{type(exc).__name__}: {exc}"} for r in task["requests"]]
     else:
-        if op == "cancel":
-            events = driver.cancel([int(i) for i in task["ids"]])
-        else:
-            driver.reprioritize(int(task["id"]), int(task["priority"]))
+        try:
+            if op == "cancel":
+                events = driver.cancel([int(i) for i in task["ids"]])
+            else:
+                driver.reprioritize(int(task["id"]), int(task["priority"]))
+        except Exception:  # a driver bug here must not end the other generations
+            log.error("%s failed:\n%s", op, traceback.format_exc())
         replies.append(_done(task["task"], process))
     return [*_stream_messages(events, generations, process), *replies]
+
+
+def step_generations(driver: Driver, generations: _Generations) -> list[dict[str, Any]]:
+    """One generation step's events. A driver whose step raises (the built-in engine
+    contains its own faults; a third party's may not) ends every running request with an
+    error event and is told to drop them; the host itself serves on."""
+    try:
+        return driver.step()
+    except Exception as exc:
+        log.error("generation step failed:\n%s", traceback.format_exc())
+        ids = generations.running()
+        try:
+            driver.cancel(ids)
+        except Exception:
+            log.error("cancel after a failed step failed:\n%s", traceback.format_exc())
+        message = f"generation failed: {type(exc).__name__}: {exc}"
+        return [{"id": i, "finish": "error", "code": str(ErrorCode.INTERNAL), "message": message}
+                for i in ids]
 
 
 def _stream_messages(events: list[dict[str, Any]], generations: _Generations,
@@ -295,7 +320,7 @@ def serve(args: argparse.Namespace) -> int:
     generations = _Generations()
     while True:
         if driver.generating and not pair.poll(0):
-            for message in _stream_messages(driver.step(), generations, process):
+            for message in _stream_messages(step_generations(driver, generations), generations, process):
                 pair.send_multipart(message)
             continue
         frames = pair.recv_multipart(copy=True)

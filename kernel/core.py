@@ -29,7 +29,7 @@ from .config import KernelConfig
 from .control import ControlSyscalls
 from .devices import STREAMING_OPS, DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
 from .feedback import FeedbackStore
-from .generation import GenerationSyscalls
+from .generation import GenerationSyscalls, Streamed
 from .jobs import Job, JobState
 from .learning import LearningSyscalls
 from .models import ModelSyscalls
@@ -115,6 +115,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.active: dict[int, Job] = {}
         self.history: deque[Job] = deque(maxlen=config.history)
         self.per_owner: Counter[str] = Counter()
+        self.streamed: dict[int, Streamed] = {}
         #: Peers the IO thread could not reach (disconnected); their streams are cancelled.
         self.gone: deque[bytes] = deque()
         #: True while the IO thread has rung the doorbell and the core has not yet drained.
@@ -334,8 +335,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         assert self.devices is not None
         hosts = self.devices.hosts.values()
         background = {"train", "update", *STREAMING_OPS}
-        busy = {host.hardware: host.name for host in hosts
-                if any(task.op not in background for task in host.inflight.values())}
+        busy = {host.hardware: host.name for host in hosts if host.state is HostState.READY
+                and any(task.op not in background for task in host.inflight.values())}
         free = {host.name: slots for host in hosts if (slots := host.free_slots)}
         if self._kernel_task is None:
             free[KERNEL_DEVICE] = 1
@@ -394,29 +395,33 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             assert self.devices is not None
             for handle, payload in host.wanted.items():
                 self.devices.submit(host, Task("load", {"handle": handle, **payload}))
-        elif event.kind == "died":
-            self._on_host_died(host, event.body["reason"], event.lost)
+        elif event.kind in ("died", "stalled"):
+            self._on_tasks_lost(host, event.kind, event.body["reason"], event.lost)
         elif event.kind == "stream":
-            self._on_stream(event.body["events"])
+            self._on_stream(host.name, event.body["events"])
         elif event.task is not None:
             self._on_task_done(host, event.task, event.body, event.buffers)
 
-    def _on_host_died(self, host: DeviceHost, reason: str, lost: list[Task]) -> None:
+    def _on_tasks_lost(self, host: DeviceHost, how: str, reason: str, lost: list[Task]) -> None:
+        """Requeue the jobs of tasks a host lost (it ``died``) or gave back (it ``stalled``);
+        a job on its second attempt, or on a host given up for good, fails instead. A
+        generation resumes after what it has streamed (kernel/generation.py)."""
         for task in lost:
             for job in task.jobs:
                 if job.state not in (JobState.RUNNING, JobState.PREEMPTED):
                     continue
                 if job.state is JobState.PREEMPTED:
                     job.transition(JobState.RUNNING)
-                streamed = job.syscall == "generate" and job.tokens > 0
-                if job.attempts >= 2 or host.state is HostState.FAILED or streamed:
+                if job.attempts >= 2 or host.state is HostState.FAILED:
                     self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
-                               f"{host.name} died while running this job ({reason}); "
+                               f"{host.name} {how} while running this job ({reason}); "
                                f"attempts: {job.attempts}")
-                else:
-                    job.transition(JobState.QUEUED)
-                    job.device = None
-                    self.scheduler.push(job)
+                    continue
+                if how == "stalled" and job.syscall == "generate":
+                    self._stop_generation(job)  # the host drops it when it wakes up
+                job.transition(JobState.QUEUED)
+                job.device = None
+                self.scheduler.push(job)
         if host.state is HostState.FAILED:
             host.wanted.clear()
             self._fail_orphans()
@@ -508,6 +513,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             self.scheduler.remove(job.id)
         elif job.syscall == "generate" and state is not JobState.DONE:
             self._stop_generation(job)
+        if job.syscall == "generate":
+            self._generation_ended(job)
         job.transition(state)
         del self.active[job.id]
         self.per_owner[job.owner] -= 1

@@ -5,6 +5,14 @@ ROUTER socket the hosts connect to. It knows processes, heartbeats and tasks in 
 knows nothing of jobs' meaning. Deaths are reported to the caller with the tasks that were
 in flight, so the caller (the core) decides to requeue or fail them. Each incarnation of a
 host has its own socket identity, so late messages from a dead one are ignored.
+
+Two timeouts watch a host (docs/architecture.md, "Faults"). A host sends a heartbeat every
+``HEARTBEAT_INTERVAL`` (0.25 s) from its IO thread, even while it computes. Silent for
+``stall_timeout`` (0.75 s by default), it is STALLED: it takes no new work, its hardware
+counts as free again (so the other hosts on that CPU keep serving), and its ``run``,
+``stage`` and ``generate`` tasks are handed back to the caller to run elsewhere (the first
+result wins; a late one from the stalled host is ignored). A heartbeat makes it READY
+again. Silent for ``heartbeat_timeout`` (10 s), it is killed and restarted as a dead one.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import psutil
 import zmq
 
 from llmos.drivers import host as hostwire
@@ -37,11 +46,19 @@ _task_ids = itertools.count(1)
 #: Host ops that stay in flight while the host serves other tasks between their steps
 #: (generation); they report progress as STREAM messages and end with DONE.
 STREAMING_OPS = frozenset({"generate"})
+#: Tasks a stalled host gives back at once to run elsewhere: inference, which is safe to
+#: run twice (the first result wins). Training and the others wait for the host to wake
+#: or die.
+REASSIGNABLE_OPS = frozenset({"run", "stage", "generate"})
+#: Seconds without a message after which a host is STALLED (three missed heartbeats).
+DEFAULT_STALL_TIMEOUT = 3 * hostwire.HEARTBEAT_INTERVAL
 
 
 class HostState(enum.StrEnum):
     STARTING = "STARTING"
     READY = "READY"
+    #: Silent past the stall timeout: no new work, its hardware free for the others.
+    STALLED = "STALLED"
     RESTARTING = "RESTARTING"
     FAILED = "FAILED"
     STOPPED = "STOPPED"
@@ -138,14 +155,15 @@ class DeviceHost:
 @dataclass(slots=True)
 class HostEvent:
     """What happened to a host: ``ready``, ``done`` (a task finished), ``stream`` (events of
-    streaming tasks: ``body["events"]``) or ``died``."""
+    streaming tasks: ``body["events"]``), ``stalled`` (``lost``: the tasks it gave back) or
+    ``died``."""
 
     kind: str
     host: DeviceHost
     task: Task | None = None
     body: dict[str, Any] = field(default_factory=dict)
     buffers: list[bytes] = field(default_factory=list)
-    #: For ``died``: every task that was in flight.
+    #: For ``died``: every task that was in flight; for ``stalled``: those given back.
     lost: list[Task] = field(default_factory=list)
 
 
@@ -156,9 +174,11 @@ class DeviceManager:
     MAX_CRASHES_IN_A_ROW = 5
 
     def __init__(self, ctx: zmq.Context, run_dir: Path, log_dir: Path,
-                 heartbeat_timeout: float, start_timeout: float) -> None:
+                 heartbeat_timeout: float, start_timeout: float,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
         self.hosts: dict[str, DeviceHost] = {}
         self.heartbeat_timeout = heartbeat_timeout
+        self.stall_timeout = min(stall_timeout, heartbeat_timeout)
         self.start_timeout = start_timeout
         self.log_dir = log_dir
         self.socket = ctx.socket(zmq.ROUTER)
@@ -166,10 +186,12 @@ class DeviceManager:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
+        _sweep_backend_sockets(run_dir)
         path = run_dir / f"backend-{os.getpid()}.sock"
         if len(str(path)) > 100:  # too long for a Unix socket: a private (0700) temp folder
             path = Path(tempfile.mkdtemp(prefix="llmos-")) / "backend.sock"
         self.socket.bind(f"ipc://{path}")
+        self._socket_path = path
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._by_identity: dict[bytes, DeviceHost] = {}
 
@@ -233,6 +255,7 @@ class DeviceManager:
                 host.process.kill()
                 host.process.wait()
         self.socket.close()
+        self._socket_path.unlink(missing_ok=True)
 
     # --- traffic ----------------------------------------------------------------------
 
@@ -268,6 +291,9 @@ class DeviceManager:
             if not isinstance(body, dict):
                 continue
             host.last_seen = time.monotonic()
+            if host.state is HostState.STALLED:
+                host.state = HostState.READY
+                log.warning("%s answers again", host.name)
             if kind == hostwire.HEARTBEAT:
                 host.rss = int(body.get("rss", 0))
             elif kind == hostwire.READY and host.state is HostState.STARTING:
@@ -293,18 +319,32 @@ class DeviceManager:
         """Detect dead or silent hosts (reported as ``died``) and restart those due."""
         events: list[HostEvent] = []
         for host in self.hosts.values():
-            if host.state in (HostState.STARTING, HostState.READY):
+            if host.state in (HostState.STARTING, HostState.READY, HostState.STALLED):
                 code = host.process.poll() if host.process else None
+                silent = now - host.last_seen
                 if code is not None:
                     events.extend(self._kill(host, f"driver host exited with status {code}"))
-                elif host.state is HostState.READY and now - host.last_seen > self.heartbeat_timeout:
+                elif host.state is not HostState.STARTING and silent > self.heartbeat_timeout:
                     events.extend(self._kill(host, "driver host stopped sending heartbeats"))
+                elif host.state is HostState.READY and silent > self.stall_timeout:
+                    events.append(self._stall(host, silent))
                 elif host.state is HostState.STARTING and now - host.spawned_at > self.start_timeout:
                     events.extend(self._kill(host, "driver host did not become ready in time"))
             elif host.state is HostState.RESTARTING and now >= host.restart_at:
                 host.restarts += 1
                 self._spawn(host)
         return events
+
+    def _stall(self, host: DeviceHost, silent: float) -> HostEvent:
+        """Mark ``host`` STALLED and take back its reassignable tasks."""
+        host.state = HostState.STALLED
+        given_back = [task for task in host.inflight.values() if task.op in REASSIGNABLE_OPS]
+        for task in given_back:
+            del host.inflight[task.id]
+        log.warning("%s silent for %.1f s: stalled; %d tasks go elsewhere", host.name, silent,
+                    len(given_back))
+        return HostEvent("stalled", host, body={"reason": f"silent for {silent:.1f} s"},
+                         lost=given_back)
 
     def _kill(self, host: DeviceHost, reason: str, give_up: bool = False) -> list[HostEvent]:
         if host.process and host.process.poll() is None:
@@ -323,3 +363,12 @@ class DeviceManager:
             host.restart_at = time.monotonic() + min(10.0, 0.25 * 2 ** (host.crashes_in_a_row - 1))
             log.warning("%s died (%s); restarting", host.name, reason)
         return [HostEvent("died", host, body={"reason": reason}, lost=lost)]
+
+
+def _sweep_backend_sockets(run_dir: Path) -> None:
+    """Remove the backend sockets of kernels that are no longer running (``backend-PID.sock``
+    left by one that was killed)."""
+    for path in run_dir.glob("backend-*.sock"):
+        pid = path.stem.removeprefix("backend-")
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            path.unlink(missing_ok=True)

@@ -9,12 +9,17 @@ training: it neither waits for nor blocks other work there, and its host stays f
 other tasks, which it interleaves with decode steps.
 
 A job that ends early (cancel, deadline, the client gone) is removed from the host's batch
-with a ``cancel`` task. A job whose host dies is retried only if it has not streamed
-anything yet: a client never sees text twice.
+with a ``cancel`` task. A job whose host dies (or stalls, see kernel/devices.py) is queued
+again and resumes where the client's stream stopped: the kernel keeps the ids of the tokens
+it has streamed (:class:`Streamed`), and the retry sends them as ``resume`` with the number
+of characters already sent, so the new host prefills prompt and tokens and the client
+receives every character exactly once. Events from a host that no longer runs the job (a
+stalled one that woke up) are ignored.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .devices import HostState, Task
@@ -34,8 +39,23 @@ _REQUEST_ARGS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "st
                  "ignore_eos")
 
 
+@dataclass(slots=True)
+class Streamed:
+    """What a generate job has streamed so far: its token ids and characters of text."""
+
+    tokens: list[int] = field(default_factory=list)
+    chars: int = 0
+
+    def resume(self) -> dict[str, Any]:
+        """The ``resume`` field of a retried request (see drivers/generation.py)."""
+        return {"tokens": self.tokens, "sent": self.chars}
+
+
 class GenerationSyscalls(CoreServices):
     """The ``generate`` handler and the streaming of its results."""
+
+    #: Job id -> what it has streamed (entries leave when the job ends).
+    streamed: dict[int, Streamed]
 
     def _generate(self, request: Request) -> Job:
         check_generation(request.args)
@@ -46,13 +66,18 @@ class GenerationSyscalls(CoreServices):
     def _generation_task(self, jobs: list[Job]) -> Task:
         requests = [{"id": job.id, "priority": job.priority,
                      **{name: job.args[name] for name in _REQUEST_ARGS}} for job in jobs]
+        for request in requests:
+            streamed = self.streamed.get(request["id"])
+            if streamed is not None and streamed.tokens:
+                request["resume"] = streamed.resume()
         return Task("generate", {"handle": jobs[0].args["handle"], "requests": requests}, jobs)
 
-    def _on_stream(self, events: list[dict[str, Any]]) -> None:
-        """Apply a host's per-job generation events (unknown or ended jobs are ignored)."""
+    def _on_stream(self, host: str, events: list[dict[str, Any]]) -> None:
+        """Apply host ``host``'s per-job generation events (unknown or ended jobs, and jobs
+        that host no longer runs, are ignored)."""
         for event in events:
             job = self.active.get(int(event.get("id", -1)))
-            if job is None or job.syscall != "generate" or job.state not in (
+            if job is None or job.syscall != "generate" or job.device != host or job.state not in (
                     JobState.RUNNING, JobState.PREEMPTED):
                 continue
             if event.get("preempted"):
@@ -66,10 +91,17 @@ class GenerationSyscalls(CoreServices):
                 continue
             job.tokens += int(event.get("tokens", 0))
             job.progress["completion_tokens"] = job.tokens
+            streamed = self.streamed.setdefault(job.id, Streamed())
+            if "token" in event:
+                streamed.tokens.append(int(event["token"]))
             self._stream(job, str(event.get("text", "")))
 
     def _stream(self, job: Job, text: str) -> None:
-        if text and job.wants_events and job.reply_route:
+        if not text:
+            return
+        if job.id in self.streamed:
+            self.streamed[job.id].chars += len(text)
+        if job.wants_events and job.reply_route:
             identity, msg_id = job.reply_route
             self._send(identity, encode_event(msg_id, "generate", "token",
                                               {"job": job.id, "text": text}))
@@ -105,9 +137,13 @@ class GenerationSyscalls(CoreServices):
         """Remove an ended job from its host's batch."""
         self._tell_host(job, Task("cancel", {"ids": [job.id]}))
 
+    def _generation_ended(self, job: Job) -> None:
+        """Forget what an ended job streamed."""
+        self.streamed.pop(job.id, None)
+
     def _tell_host(self, job: Job, task: Task) -> None:
         """Send ``task`` to the host running ``job`` (nothing to do if that host is gone)."""
         assert self.devices is not None
         host = self.devices.hosts.get(job.device or "")
-        if host is not None and host.state is HostState.READY:
+        if host is not None and host.state in (HostState.READY, HostState.STALLED):
             self.devices.submit(host, task)

@@ -259,3 +259,89 @@ def test_the_prefix_cache_evicts_least_recent_blocks_and_can_be_off(parts):
         submit(off, seq_id, f"{SYSTEM} two", max_tokens=2)
         assert finishes(run(off))[seq_id]["cached_tokens"] == 0
     assert off.prefixes.looked_up_tokens == 0
+
+
+# --- faults stay with their sequence (issue 17) -------------------------------------------
+
+
+def test_cancel_mid_batch_outside_inference_mode_leaves_the_others_running(parts):
+    """The host calls cancel between steps, outside inference mode: cutting the batch's
+    cache (inference tensors) must work there, and the other rows finish unchanged."""
+    alone = engine(parts)
+    submit(alone, 2, "the parcel is late")
+    expected = finishes(run(alone))[2]["text"]
+
+    eng = engine(parts)
+    for seq_id, prompt in enumerate(["my order", "the parcel is late", "refund please"], 1):
+        submit(eng, seq_id, prompt)
+    events = run(eng, steps=4)
+    assert not torch.is_inference_mode_enabled()
+    events += eng.cancel({1, 3})
+    events += run(eng)
+    done = finishes(events)
+    assert done[1]["finish"] == done[3]["finish"] == "cancelled"
+    assert done[2]["finish"] == "length" and done[2]["text"] == expected
+
+
+def test_a_failing_sequence_ends_alone(parts, monkeypatch):
+    """A fault while detokenizing one sequence ends that sequence with an error event;
+    the other sequence in the same batch finishes normally."""
+    eng = engine(parts)
+    submit(eng, 1, "first request")
+    submit(eng, 2, "second request")
+    decode = eng.tokenizer.decode
+    calls = {"n": 0}
+
+    def flaky(ids, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # in the middle of the run, whichever row it is
+            raise ValueError("detokenizer broke")
+        return decode(ids, **kwargs)
+
+    monkeypatch.setattr(eng.tokenizer, "decode", flaky)
+    done = finishes(run(eng))
+    reasons = sorted(e["finish"] for e in done.values())
+    assert reasons == ["error", "length"]
+    failed = next(e for e in done.values() if e["finish"] == "error")
+    assert failed["code"] == "INTERNAL" and "detokenizer broke" in failed["message"]
+
+
+def test_a_failing_forward_pass_ends_its_sequences_and_the_engine_serves_on(parts, monkeypatch):
+    eng = engine(parts)
+    submit(eng, 1, "first request")
+    run(eng, steps=3)
+    forward = eng.model.forward
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(eng.model, "forward", broken)
+    events = eng.step()
+    assert finishes(events)[1]["finish"] == "error"
+    assert not eng.busy
+    monkeypatch.setattr(eng.model, "forward", forward)
+    submit(eng, 2, "a new request")
+    assert finishes(run(eng))[2]["finish"] == "length"
+
+
+def test_resume_continues_after_the_streamed_tokens(parts):
+    """A request resumed with the tokens (and characters) an earlier host streamed
+    continues exactly where it stopped: the remaining text, and a whole text equal to an
+    uninterrupted greedy run's."""
+    alone = engine(parts)
+    submit(alone, 1, "the parcel is late", max_tokens=12)
+    events = run(alone)
+    whole = finishes(events)[1]
+    tokens = [e["token"] for e in events if e.get("id") == 1 and "token" in e]
+    sent = "".join(e["text"] for e in events[:5] if e.get("id") == 1 and "text" in e
+                   and "finish" not in e)
+
+    eng = engine(parts)
+    submit(eng, 1, "the parcel is late", max_tokens=12,
+           resume={"tokens": tokens[:5], "sent": len(sent)})
+    resumed = run(eng)
+    done = finishes(resumed)[1]
+    rest = "".join(e.get("text", "") for e in resumed if "finish" not in e) + done["delta"]
+    assert done["text"] == whole["text"]
+    assert done["completion_tokens"] == whole["completion_tokens"] == 12
+    assert sent + rest == whole["text"]
