@@ -81,6 +81,8 @@ class KernelConfig:
                 f"refusing to listen on {self.address} without authentication: beyond loopback "
                 "the kernel needs CURVE (--curve; create keys with `llmos keys create` and "
                 "allow clients with `llmos keys allow`)")
+        if self.curve:
+            check_curve_keys(self.home)
         if self.max_jobs_per_client < 1 or self.max_jobs < 1:
             raise ValueError("queue limits must be positive")
 
@@ -92,6 +94,23 @@ class KernelConfig:
     @property
     def log_dir(self) -> Path:
         return self.home / "logs"
+
+
+def check_curve_keys(home: Path) -> None:
+    """Unless ``home`` has the kernel's CURVE key pair (else KernelError(NOT_FOUND)) and at
+    least one allowed client key (else KernelError(DENIED)), each saying how to make them:
+    without both a ``--curve`` kernel could answer no one (docs/security.md)."""
+    from .security import KeyStore  # here: every client imports this module, few need keys
+
+    store = KeyStore(home)
+    how = ("make the kernel's key and a client's with `llmos keys create --client NAME`, "
+           f"then allow the client with `llmos keys allow NAME {store.root / 'clients' / 'NAME.key'}`"
+           " (docs/security.md)")
+    if not (store.root / "server.key_secret").exists():
+        raise KernelError(ErrorCode.NOT_FOUND, f"--curve: there is no kernel key in {store.root}: {how}")
+    if not store.allowed():
+        raise KernelError(ErrorCode.DENIED, f"--curve: no client key is allowed in "
+                          f"{store.allowed_dir}, so no one could connect: {how}")
 
 
 def is_loopback_host(host: str) -> bool:

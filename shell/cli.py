@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import os
 import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from llmos.kernel.client import Client
-from llmos.kernel.config import default_address, default_home
+from llmos.kernel.client import Client, CurveKeys
+from llmos.kernel.config import default_address, default_home, is_local
 from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.security import AuditLog, KeyStore
 from llmos.kernel.server import (
@@ -59,45 +61,141 @@ def resolve_address(args: argparse.Namespace) -> str:
     return record["address"] if record else default_address(home)
 
 
-def start_detached(home: Path, extra: list[str], wait: float = 120.0) -> dict[str, Any]:
-    """Start ``python -m llmos.kernel`` in its own session; return its record once it pings."""
-    (home / "logs").mkdir(parents=True, exist_ok=True)
-    log = open(home / "logs" / "kernel.log", "ab")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llmos.kernel", "--home", str(home), *extra],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
+#: How long ``kernel start --detach`` waits for the new kernel to answer.
+START_WAIT_SECONDS = 120.0
+#: How long ``kernel stop`` waits for the kernel's process to exit (``--wait``).
+STOP_WAIT_SECONDS = 60.0
+#: How long a lifecycle command waits for a kernel's ``info`` (its IO thread answers).
+ANSWER_SECONDS = 5.0
+#: How long ``kernel stop`` waits for the reply to ``shutdown`` (its scheduling loop answers).
+SHUTDOWN_SECONDS = 30.0
+
+
+def start_detached(home: Path, extra: list[str], wait: float = START_WAIT_SECONDS,
+                   curve: CurveKeys | None = None) -> dict[str, Any]:
+    """Start ``python -m llmos.kernel`` in its own session and return its record
+    ``{pid, address}`` once that very process answers ``info`` with its own pid (over
+    CURVE with ``curve``; default: LLMOS_CLIENT_KEY/LLMOS_SERVER_KEY if set). If it exits
+    first: KernelError(INTERNAL) with the last line it logged; if it does not answer within
+    ``wait`` seconds it is killed and KernelError(TIMEOUT) raised."""
+    log_path = home / "logs" / "kernel.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        logged_before = log.tell()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmos.kernel", "--home", str(home), *extra],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise KernelError(ErrorCode.INTERNAL, f"the kernel exited with status "
-                              f"{process.returncode}; see {home / 'logs' / 'kernel.log'}")
+                              f"{process.returncode}: {_last_line(log_path, logged_before)} "
+                              f"(see {log_path})")
         record = read_pid_file(home)
-        if record:
-            with Client(record["address"]) as client:
-                try:
-                    client.ping(timeout=1.0)
-                    return record
-                except KernelError:
-                    pass
+        if record and int(record["pid"]) == process.pid and _answers_as(record, curve):
+            return record
         time.sleep(0.1)
     process.kill()
-    raise KernelError(ErrorCode.TIMEOUT, f"the kernel did not answer within {wait:g} s")
+    process.wait()
+    raise KernelError(ErrorCode.TIMEOUT, f"the kernel (pid {process.pid}) did not answer "
+                      f"within {wait:g} s and was killed; see {log_path}")
 
 
-def stop_kernel(address: str, home: Path, wait: float = 60.0) -> bool:
-    """Ask the kernel to shut down and wait for its process to go; False if none answered."""
-    record = read_pid_file(home)
-    with Client(address) as client:
+def _answers_as(record: dict[str, Any], curve: CurveKeys | None) -> bool:
+    """True if the kernel at ``record["address"]`` answers ``info`` with ``record["pid"]``."""
+    with Client(record["address"], timeout=1.0, curve=curve) as client:
         try:
-            client.shutdown()
+            return int(client.info()["pid"]) == int(record["pid"])
+        except KernelError:
+            return False
+
+
+def _last_line(log_path: Path, offset: int) -> str:
+    """The last non-empty line written to ``log_path`` after ``offset`` (a traceback ends
+    with its error), or a note that there is none."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").strip().splitlines()
+    return lines[-1].strip()[:500] if lines else "it logged nothing"
+
+
+def curve_client_keys(home: Path) -> CurveKeys:
+    """The keys ``kernel start --detach --curve`` checks the new kernel with:
+    LLMOS_CLIENT_KEY (the secret key file of a client on ``home``'s allowlist) and
+    LLMOS_SERVER_KEY (``home``'s kernel public key). KernelError(DENIED) at once, saying
+    what to set, if they are missing, unreadable or not this kernel's."""
+    store = KeyStore(home)
+    how = (f"make a client key with `llmos keys create --client NAME`, allow it with "
+           f"`llmos keys allow NAME {store.root / 'clients' / 'NAME.key'}`, then set "
+           f"LLMOS_CLIENT_KEY={store.root / 'clients' / 'NAME.key_secret'} and "
+           f"LLMOS_SERVER_KEY={store.root / 'server.key'} (docs/security.md)")
+    try:
+        keys = CurveKeys.from_env()
+    except (OSError, ValueError) as exc:
+        raise KernelError(ErrorCode.DENIED, f"kernel start --curve: cannot read "
+                          f"LLMOS_CLIENT_KEY/LLMOS_SERVER_KEY ({exc}); {how}") from None
+    if keys is None:
+        raise KernelError(ErrorCode.DENIED, "kernel start --detach --curve: this command "
+                          "checks the new kernel answers, over CURVE, so it needs a client "
+                          f"key: {how}")
+    if keys.public not in store.allowed():
+        raise KernelError(ErrorCode.DENIED, f"kernel start --curve: the key in "
+                          f"LLMOS_CLIENT_KEY is not on the allowlist ({store.allowed_dir}); {how}")
+    if keys.server != store.server_keys()[0]:
+        raise KernelError(ErrorCode.DENIED, f"kernel start --curve: LLMOS_SERVER_KEY is not "
+                          f"this kernel's key; {how}")
+    return keys
+
+
+class StopOutcome(enum.Enum):
+    """What ``kernel stop`` saw happen."""
+
+    #: The kernel's process exited (or, remote, it stopped answering).
+    STOPPED = "stopped"
+    #: It acknowledged the shutdown but still runs when the wait ran out.
+    STILL_RUNNING = "still running"
+    #: Nothing answered at the address.
+    NO_KERNEL = "no kernel"
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """The outcome of :func:`stop_kernel`; ``pid`` as the kernel reported it (None when
+    nothing answered)."""
+
+    outcome: StopOutcome
+    pid: int | None = None
+
+
+def stop_kernel(address: str, wait: float = STOP_WAIT_SECONDS) -> Stopped:
+    """Ask the kernel at ``address`` to shut down and wait, at most ``wait`` seconds, until
+    its process has exited: the pid is the one it reports in ``info``, watched here when
+    the address is local (ipc or loopback), else until it no longer answers."""
+    with Client(address, timeout=SHUTDOWN_SECONDS) as client:
+        try:
+            pid = int(client.submit("info", {}).result(ANSWER_SECONDS)["pid"])
         except KernelError as exc:
             if exc.code is ErrorCode.TIMEOUT:
-                return False
+                return Stopped(StopOutcome.NO_KERNEL)
             raise
+        client.shutdown()
     deadline = time.monotonic() + wait
-    while record and _alive(int(record["pid"])) and time.monotonic() < deadline:
+    running = (lambda: _alive(pid)) if is_local(address) else (lambda: _answers(address))
+    while running():
+        if time.monotonic() >= deadline:
+            return Stopped(StopOutcome.STILL_RUNNING, pid)
         time.sleep(0.1)
+    return Stopped(StopOutcome.STOPPED, pid)
+
+
+def _answers(address: str) -> bool:
+    """True while a kernel answers ``ping`` at ``address`` (within a second)."""
+    with Client(address, timeout=1.0) as client:
+        try:
+            client.ping(timeout=1.0)
+        except KernelError:
+            return False
     return True
 
 
@@ -109,17 +207,45 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kernel(args: argparse.Namespace) -> int:
-    home = resolve_home(args)
-    if args.kernel_command == "start":
-        if not args.detach:
-            logging.basicConfig(level=logging.INFO,
-                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
-            KernelServer(config_from_args(args)).serve()
-            return 0
-        record = start_detached(home, kernel_argv(args))
-        render.console.print(f"kernel pid {record['pid']} listening on {record['address']}")
+def _start(args: argparse.Namespace) -> int:
+    """``kernel start``: check the configuration (e.g. --curve's keys) before anything runs;
+    then serve in the foreground, or spawn and report the pid that answers (--detach)."""
+    config = config_from_args(args)
+    if not args.detach:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        KernelServer(config).serve()
         return 0
+    running = read_pid_file(config.home)
+    if running:
+        raise KernelError(ErrorCode.BUSY, f"a kernel (pid {running['pid']}) is already running "
+                          f"at {running['address']} for {config.home}; `llmos kernel stop` first")
+    curve = curve_client_keys(config.home) if config.curve else None
+    record = start_detached(config.home, kernel_argv(args), curve=curve)
+    render.console.print(f"kernel pid {record['pid']} listening on {record['address']}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    """``kernel stop``: 0 once the kernel's process has exited; 1 if none answered or it
+    still runs after ``--wait`` seconds."""
+    address = resolve_address(args)
+    stopped = stop_kernel(address, wait=args.wait)
+    if stopped.outcome is StopOutcome.NO_KERNEL:
+        render.error("TIMEOUT", f"no kernel answered at {address}")
+        return 1
+    if stopped.outcome is StopOutcome.STILL_RUNNING:
+        render.error("TIMEOUT", f"the kernel (pid {stopped.pid}) acknowledged the shutdown but "
+                     f"still runs after {args.wait:g} s (`kill {stopped.pid}` ends it)")
+        return 1
+    render.console.print(f"kernel stopped (pid {stopped.pid} exited)" if is_local(address)
+                         else f"kernel stopped (pid {stopped.pid} at {address} no longer answers)")
+    return 0
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    if args.kernel_command == "start":
+        return _start(args)
     if args.kernel_command == "join":
         from llmos.plugins.parallel.launch import join
 
@@ -128,16 +254,11 @@ def _kernel(args: argparse.Namespace) -> int:
         except ValueError as exc:
             render.error("BAD_REQUEST", str(exc))
             return 2
-    address = resolve_address(args)
     if args.kernel_command == "status":
-        with Client(address) as client:
+        with Client(resolve_address(args)) as client:
             render.show(views.mapping("kernel", client.info()), args.json)
         return 0
-    if not stop_kernel(address, home):
-        render.error("TIMEOUT", f"no kernel answered at {address}")
-        return 1
-    render.console.print("kernel stopped")
-    return 0
+    return _stop(args)
 
 
 def _show(args: argparse.Namespace, client: Client) -> int:
@@ -219,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--rank", type=int, required=True, help="the first rank to run here")
     join.add_argument("--ranks", type=int, default=1, help="how many ranks to run here")
     ksub.add_parser("status", help="show the running kernel's info")
-    ksub.add_parser("stop", help="shut the kernel down")
+    stop = ksub.add_parser("stop", help="shut the kernel down and wait for its process to exit")
+    stop.add_argument("--wait", type=float, default=STOP_WAIT_SECONDS, metavar="SECONDS",
+                      help=f"the longest wait for the exit (default {STOP_WAIT_SECONDS:g})")
 
     for name, text in (("ping", "check the kernel answers"), ("info", "kernel information"),
                        ("drivers", "registered drivers"), ("devices", "driver hosts"),

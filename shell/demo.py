@@ -89,7 +89,7 @@ def run_demo() -> int:
             _learn(client)
             render.show(views.jobs(client.jobs()))
     finally:
-        stop_kernel(record["address"], home)
+        stop_kernel(record["address"])
     render.console.print(f"done in {time.perf_counter() - started:.1f} s; kernel stopped")
     return 0
 

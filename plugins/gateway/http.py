@@ -8,11 +8,16 @@ requests run concurrently and the kernel batches them like any other clients'. R
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent
   events), ``POST /v1/embeddings``.
 
-Errors use OpenAI's error JSON with the HTTP status of the kernel's error code. A streamed
-request's headers are sent only once its first token (or its error) is in, so an error
-still gets its proper status. A client that disconnects mid-stream has its job cancelled,
-freeing its place in the running batch. Bound beyond loopback, the gateway requires an API
-key (``Authorization: Bearer KEY``).
+Errors use OpenAI's error JSON with the HTTP status of the kernel's error code. A body
+that breaks the gateway's own limits (see :func:`~llmos.plugins.gateway.openai_api.parse_body`:
+nesting, lone surrogates, integers beyond int64, non-finite numbers, a bad model version)
+is a 400 naming the field before anything reaches the kernel. A streamed request's headers
+are sent only once its first token (or its error) is in, so an error still gets its proper
+status. While a request waits on the kernel, streamed or not, its thread checks every
+:data:`PEER_CHECK_SECONDS` that the HTTP client is still connected: one that hung up (or
+whose stream can no longer be written) has its job cancelled, freeing its place in the
+running batch, and is counted with status 499. Bound beyond loopback, the gateway requires
+an API key (``Authorization: Bearer KEY``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -32,7 +38,7 @@ from typing import Any
 
 from llmos.kernel.client import Client, Pending, unpack_result
 from llmos.kernel.config import is_loopback_host
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.protocol import ErrorCode, KernelError, Message
 
 from . import openai_api as api
 from .metrics import Metrics
@@ -46,12 +52,28 @@ API_KEY_ENV = "LLMOS_API_KEY"
 
 #: Idle kernel clients kept for reuse; more are made under load and closed afterwards.
 IDLE_CLIENTS = 32
+#: How often a request waiting on the kernel checks that its HTTP client is still there.
+PEER_CHECK_SECONDS = 0.1
+#: How long cancelling a gone client's job waits for each of the kernel's answers.
+CANCEL_WAIT_SECONDS = 5.0
+#: poll() events that mean the peer closed or broke the connection (POLLRDHUP: Linux).
+_HUNG_UP = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
+#: HTTP status counted for a request whose client went away before its answer (nginx's).
+CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """The HTTP client closed its connection while its request was in the kernel (whose
+    job has been cancelled)."""
 
 
 class Gateway(ThreadingHTTPServer):
     """The server: where the kernel is, the API key, metrics, a pool of kernel clients."""
 
     daemon_threads = True
+    #: The listen backlog (socketserver's default is 5: a burst of chat clients connecting at
+    #: once would be refused or reset).
+    request_queue_size = 1024
 
     def __init__(self, host: str, port: int, kernel_address: str, api_key: str | None = None) -> None:
         if not is_loopback_host(host) and not api_key:
@@ -73,16 +95,26 @@ class Gateway(ThreadingHTTPServer):
 
     @contextmanager
     def client(self) -> Iterator[Client]:
-        """A kernel client for one request, returned to the pool afterwards (a client is
-        not thread-safe: no two requests share one at a time)."""
+        """A kernel client for one request (a client is not thread-safe: no two requests
+        share one at a time). It goes back to the pool after a success or an error the
+        kernel answered; after anything else (a TIMEOUT, a client gone) a reply may still
+        be on its way to it, so it is closed instead."""
         try:
             client = self._idle.get_nowait()
         except queue.Empty:
             client = Client(self.kernel_address, name=f"gateway-{os.getpid()}-{next(self._names)}")
+        clean = False
         try:
             yield client
+            clean = True
+        except api.ApiError:
+            clean = True
+            raise
+        except KernelError as exc:
+            clean = exc.code is not ErrorCode.TIMEOUT
+            raise
         finally:
-            if self._idle.qsize() < IDLE_CLIENTS:
+            if clean and self._idle.qsize() < IDLE_CLIENTS:
                 self._idle.put(client)
             else:
                 client.close()
@@ -114,6 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, routes: dict[str, Any]) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         self.body_read = self.command != "POST"
+        self.streaming = False
         started = time.monotonic()
         status = 500
         try:
@@ -124,17 +157,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._authorize()
             status = route()
         except api.ApiError as exc:
-            status = exc.status
-            self._json(exc.status, exc.body())
+            status = self._fail(exc)
         except KernelError as exc:
-            error = api.ApiError.from_kernel(exc)
-            status = error.status
-            self._json(error.status, error.body())
-        except (BrokenPipeError, ConnectionResetError):
-            status = 499  # the client went away
+            status = self._fail(api.ApiError.from_kernel(exc))
+        except (BrokenPipeError, ConnectionResetError, ClientGone):
+            status = CLIENT_CLOSED
+            self.close_connection = True
         except Exception as exc:
             log.exception("gateway error on %s", path)
-            self._json(500, api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error").body())
+            status = self._fail(api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
         finally:
             self.server.metrics.request(path if path in routes else "other", status,
                                         time.monotonic() - started)
@@ -149,22 +180,24 @@ class _Handler(BaseHTTPRequestHandler):
                                "authentication_error", "invalid_api_key")
 
     def _body(self) -> dict[str, Any]:
+        """The JSON object sent, checked by :func:`api.parse_body` (ApiError otherwise)."""
         self.body_read = True
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             raise api.ApiError(411, "a Content-Length header is required")
         if int(length) > MAX_BODY_BYTES:
             raise api.ApiError(413, f"the body has {length} bytes (limit {MAX_BODY_BYTES})")
-        raw = self.rfile.read(int(length))
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise api.ApiError(400, f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise api.ApiError(400, "the body must be a JSON object")
-        return body
+        return api.parse_body(self.rfile.read(int(length)))
 
     # --- responses ----------------------------------------------------------------------
+
+    def _fail(self, error: api.ApiError) -> int:
+        """Answer with ``error``; once an event stream has begun its headers are out, so
+        the connection is closed instead (the stream reported what it could)."""
+        if self.streaming:
+            self.close_connection = True
+            return error.status
+        return self._json(error.status, error.body())
 
     def _json(self, status: int, payload: dict[str, Any]) -> int:
         if not self.body_read or status in (411, 413):
@@ -178,6 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         return status
 
     def _start_events(self) -> None:
+        self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -226,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         args, encoding = api.embedding_args(body)
         with self.server.client() as client:
-            result = client.infer(**args)
+            result = self._result(client.submit("infer", args, events=True), client.timeout)
         return self._json(200, api.embeddings(result, body["model"], encoding))
 
     def _completions(self) -> int:
@@ -238,53 +272,48 @@ class _Handler(BaseHTTPRequestHandler):
         return self._generate(body, api.chat_args(body), chat=True)
 
     def _generate(self, body: dict[str, Any], args: dict[str, Any], chat: bool) -> int:
-        with self.server.client() as client:
-            return self._generate_with(client, body, args, chat)
-
-    def _generate_with(self, client: Client, body: dict[str, Any], args: dict[str, Any],
-                       chat: bool) -> int:
+        stream, include_usage = api.stream_options(body)
         model = body["model"]
-        if not body.get("stream"):
-            result = client.generate(**args)
-            self.server.metrics.generated(result)
-            shape = api.chat_completion if chat else api.completion
-            return self._json(200, shape(result, model))
-        pending = client.submit("generate", args, events=True)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        try:
-            self._stream(pending, model, chat, include_usage)
-        except (BrokenPipeError, ConnectionResetError):
-            self._cancel(pending)
-            raise
-        return 200
+        with self.server.client() as client:
+            pending = client.submit("generate", args, events=True)
+            if not stream:
+                result = self._result(pending, client.timeout)
+                self.server.metrics.generated(result)
+                shape = api.chat_completion if chat else api.completion
+                return self._json(200, shape(result, model))
+            try:
+                self._stream(pending, model, chat, include_usage, client.timeout)
+            except (BrokenPipeError, ConnectionResetError):
+                self._cancel(pending)
+                raise
+            return 200
 
-    def _stream(self, pending: Pending, model: str, chat: bool, include_usage: bool) -> None:
+    def _stream(self, pending: Pending, model: str, chat: bool, include_usage: bool,
+                quiet_limit: float) -> None:
         """Relay token events as chunks; headers go out with the first token, so an error
         before it is still a plain JSON error with its status."""
-        started = False
         job = 0
-        for event in pending.stream():
+        for event in self._events(pending, quiet_limit):
             if event.event == "accepted":
                 job = int(event.body["job"])
                 continue
             if event.event != "token":
                 continue
-            if not started:
+            if not self.streaming:
                 self._start_events()
-                started = True
                 if chat:
                     self._event(api.chunk(job, model, chat, "", role=True))
             self._event(api.chunk(job, model, chat, str(event.body["text"])))
         try:
             result = unpack_result(pending.reply())
         except KernelError as exc:
-            if not started:
+            if not self.streaming:
                 raise
             self._event(api.ApiError.from_kernel(exc).body())
             self._end_events()
             return
         self.server.metrics.generated(result)
-        if not started:
+        if not self.streaming:
             self._start_events()
             if chat:
                 self._event(api.chunk(job, model, chat, "", role=True))
@@ -295,11 +324,74 @@ class _Handler(BaseHTTPRequestHandler):
         self._event("[DONE]")
         self._end_events()
 
-    def _cancel(self, pending: Pending) -> None:
-        """The HTTP client went away: cancel its job so its batch slot frees at once."""
-        try:
-            pending.client.cancel(pending.job_id(timeout=5.0))
-            pending.reply(timeout=5.0)  # collect the CANCELLED reply: nothing left behind
-        except KernelError:
-            pass  # it ended already
+    # --- waiting on the kernel ------------------------------------------------------------
 
+    def _result(self, pending: Pending, quiet_limit: float) -> dict[str, Any]:
+        """``pending``'s unpacked result, awaited as :meth:`_events` does (KernelError for
+        an error reply)."""
+        for _ in self._events(pending, quiet_limit):
+            pass
+        return unpack_result(pending.reply())
+
+    def _events(self, pending: Pending, quiet_limit: float) -> Iterator[Message]:
+        """``pending``'s events as they arrive, until its reply is in (then
+        ``pending.reply()`` returns at once). Every PEER_CHECK_SECONDS it checks the HTTP
+        client: one that hung up gets its job cancelled and ClientGone raised. After
+        ``quiet_limit`` seconds without a word from the kernel the job is cancelled and
+        KernelError(TIMEOUT) raised."""
+        seen = 0
+        heard = checked = time.monotonic()
+        while True:
+            events = pending.stream(timeout=PEER_CHECK_SECONDS)
+            try:
+                for index, event in enumerate(events):
+                    if index < seen:
+                        continue  # a fresh stream starts from the first event again
+                    seen += 1
+                    heard = time.monotonic()
+                    yield event
+                    if heard - checked >= PEER_CHECK_SECONDS:
+                        break
+                else:
+                    return
+            except KernelError as exc:
+                if exc.code is not ErrorCode.TIMEOUT:
+                    raise
+            finally:
+                events.close()
+            checked = time.monotonic()
+            if self._peer_gone():
+                self._cancel(pending)
+                raise ClientGone
+            if checked - heard > quiet_limit:
+                self._cancel(pending)
+                raise KernelError(ErrorCode.TIMEOUT, f"the kernel at {pending.client.address} "
+                                  f"sent nothing for {quiet_limit:g} s; the job was cancelled")
+
+    def _peer_gone(self) -> bool:
+        """True once the HTTP client has closed (or reset) its connection; checked without
+        blocking. Bytes it sent ahead (a pipelined request) do not count as a hang-up."""
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN | _HUNG_UP)
+        ready = poller.poll(0)
+        if not ready:
+            return False
+        if ready[0][1] & _HUNG_UP:
+            return True
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _cancel(self, pending: Pending) -> None:
+        """Cancel ``pending``'s job (its HTTP client went away, or the kernel went quiet)
+        so its batch slot frees at once. Best effort, each answer awaited at most
+        CANCEL_WAIT_SECONDS; the caller raises next, so the kernel client is closed rather
+        than pooled and the job's late reply cannot reach another request."""
+        try:
+            job = pending.job_id(timeout=CANCEL_WAIT_SECONDS)
+            pending.client.submit("cancel", {"id": job}).result(CANCEL_WAIT_SECONDS)
+        except KernelError:
+            pass  # never admitted, ended first, or the kernel does not answer

@@ -3,11 +3,19 @@
 Pure functions (no sockets), so the HTTP layer stays small and each mapping is testable.
 Only what llmos can honour is accepted: asking for ``n`` > 1, ``logprobs``, ``echo``, tools
 or token-id prompts is a 400 that says so, never a silently different answer.
+
+Every body is checked before any of it reaches the kernel (:func:`parse_body`): nesting at
+most :data:`MAX_DEPTH` levels, every string valid Unicode (no lone surrogates), every
+integer within int64, every number finite. A breach is a 400 whose message names the field
+(``messages[0].content``) and whose ``param`` is the top-level field.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +39,16 @@ STATUS = {
 #: Default max_tokens when a request names none (OpenAI's completions default is 16).
 COMPLETION_MAX_TOKENS = 16
 CHAT_MAX_TOKENS = 512
+#: Deepest nesting of arrays and objects a body may have (OpenAI's shapes need 4).
+MAX_DEPTH = 32
+#: Integers anywhere in a body must fit a signed 64-bit integer (msgpack's and SQLite's).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: The strings and brackets of a JSON text: enough to measure its nesting without parsing.
+_JSON_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+#: A kernel error message's argument name (``generate: argument 'max_tokens' must ...``).
+_KERNEL_ARGUMENT = re.compile(r"argument '(\w+)'")
+#: Kernel argument names that differ from the OpenAI field they come from.
+_OPENAI_FIELD = {"inputs": "input", "version": "model"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,19 +67,116 @@ class ApiError(Exception):
 
     @classmethod
     def from_kernel(cls, exc: KernelError) -> ApiError:
+        """The kernel's error with its HTTP status; ``param`` is the OpenAI field of the
+        argument a BAD_REQUEST names, if it names one."""
         status, kind = STATUS.get(exc.code, (500, "server_error"))
-        return cls(status, exc.message, kind, str(exc.code).lower())
+        named = _KERNEL_ARGUMENT.search(exc.message) if exc.code is ErrorCode.BAD_REQUEST else None
+        param = _OPENAI_FIELD.get(named[1], named[1]) if named else None
+        return cls(status, exc.message, kind, str(exc.code).lower(), param)
+
+
+def bad_field(path: str, problem: str, param: str | None = None) -> ApiError:
+    """A 400 about the field at ``path`` (``messages[0].content``), named in the message;
+    ``param`` is its top-level field (default: ``path`` itself)."""
+    return ApiError(400, f"'{path}' {problem}", param=param or path)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object whose every value the kernel's wire can carry;
+    ApiError(400) naming the field otherwise (see the module's docstring)."""
+    _check_depth(raw)
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    for key, value in body.items():
+        field = _printable(key)
+        _check_value(key, field, field)
+        _check_value(value, field, field)
+    return body
+
+
+def _check_depth(raw: bytes) -> None:
+    """ApiError(400) if ``raw`` nests arrays or objects deeper than MAX_DEPTH, naming the
+    top-level field the deep value is under (the string just before it at depth 1)."""
+    depth, field = 0, ""
+    for token in _JSON_TOKENS.finditer(raw):
+        text = token[0]
+        if text in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise bad_field(field or "body", f"nests arrays and objects deeper than "
+                                f"{MAX_DEPTH} levels", field or None)
+        elif text in (b"]", b"}"):
+            depth -= 1
+        elif depth == 1:
+            field = text[1:-1].decode("utf-8", "replace")
+
+
+def _printable(key: str) -> str:
+    """A key as it can be shown: any lone surrogate escaped (``\\ud800``)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_value(value: Any, path: str, field: str) -> None:
+    """ApiError(400) for a lone surrogate, an integer beyond int64 or a non-finite number
+    anywhere in ``value``, found at ``path`` under the top-level ``field`` (the depth is
+    bounded by :func:`_check_depth`)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad_field(path, f"is not valid Unicode: a lone surrogate "
+                            f"U+{ord(value[exc.start]):04X} at character {exc.start}",
+                            field) from None
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            digits = str(value)
+            shown = digits if len(digits) <= 24 else f"a {len(digits)}-digit number"
+            raise bad_field(path, f"is out of range ({shown}): integers must be from "
+                            f"{INT64_MIN} to {INT64_MAX}", field)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise bad_field(path, f"must be a finite number, got {value}", field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{_printable(key)}"
+            _check_value(key, inner, field)
+            _check_value(item, inner, field)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_value(item, f"{path}[{index}]", field)
 
 
 def split_model(model: Any) -> tuple[str, int | None]:
-    """``"smollm2"`` or ``"smollm2:1"`` -> (name, version)."""
+    """``"smollm2"`` or ``"smollm2:1"`` -> (name, version); the version from 1 to int64's
+    maximum."""
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' must be a non-empty string", param="model")
     name, colon, version = model.partition(":")
-    if colon and not (version.isdigit() and int(version) > 0):
-        raise ApiError(400, f"bad model version in {model!r} (use NAME or NAME:VERSION)",
+    if not name:
+        raise ApiError(400, f"'model' has no name in {model!r} (use NAME or NAME:VERSION)",
                        param="model")
-    return name, int(version) if colon else None
+    if not colon:
+        return name, None
+    if not (version.isascii() and version.isdigit() and 1 <= int(version) <= INT64_MAX):
+        raise ApiError(400, f"'model' has a bad version in {model!r}: use NAME or "
+                       f"NAME:VERSION with VERSION from 1 to {INT64_MAX}", param="model")
+    return name, int(version)
+
+
+def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) of a completion body."""
+    stream, options = body.get("stream"), body.get("stream_options")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    return bool(stream), bool((options or {}).get("include_usage"))
 
 
 def _unsupported(body: dict[str, Any]) -> None:
@@ -108,7 +223,9 @@ def chat_args(body: dict[str, Any]) -> dict[str, Any]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}] must be an object", param="messages")
-        role = "system" if message.get("role") == "developer" else message.get("role")
+        if not isinstance(message.get("role"), str):
+            raise ApiError(400, f"messages[{i}].role must be a string", param="messages")
+        role = "system" if message["role"] == "developer" else message["role"]
         converted.append({"role": role, "content": _text_content(message.get("content"), i)})
     name, version = split_model(body.get("model"))
     return {"model": name, "version": version, "messages": converted,
