@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .jobs import Job, JobState
+from .jobs import Job, JobHistory, JobState
 from .mixin import CoreServices
 from .protocol import ErrorCode, KernelError
 
@@ -31,7 +31,7 @@ class ControlSyscalls(CoreServices):
 
     batching: BatchingConfig
     counters: Counters
-    history: Any
+    history: JobHistory
     per_owner: Counter[str]
     finished_by_state: Counter[str]
     started: float
@@ -57,8 +57,9 @@ class ControlSyscalls(CoreServices):
         owner, finished = request.args["owner"], request.args["finished"]
         if not self._sees_all(request):
             owner = request.owner
-        jobs = list(self.active.values()) + (list(self.history) if finished else [])
-        rows = [j.summary() for j in jobs if owner is None or j.owner == owner]
+        rows = [j.summary() for j in self.active.values() if owner is None or j.owner == owner]
+        if finished:
+            rows += self.history.summaries(owner)
         return {"jobs": sorted(rows, key=lambda r: r["id"])}
 
     @staticmethod
@@ -66,29 +67,39 @@ class ControlSyscalls(CoreServices):
         """Local users and admin keys see and control every job; other keys their own."""
         return not request.principal.authenticated or request.principal.may("admin")
 
-    def _find(self, request: Request) -> Job:
-        """The job named by ``request.args["id"]``, if the caller may see it."""
+    def _find(self, request: Request) -> Job | dict[str, Any]:
+        """The unfinished job named by ``request.args["id"]``, or a finished one's summary,
+        if the caller may see it; KernelError(NOT_FOUND) otherwise."""
         job_id = request.args["id"]
-        job = self.active.get(job_id) or next((j for j in self.history if j.id == job_id), None)
-        if job is None or not (self._sees_all(request) or job.owner == request.owner):
+        found: Job | dict[str, Any] | None = self.active.get(job_id)
+        if found is None:
+            found = self.history.get(job_id)
+        owner = found.owner if isinstance(found, Job) else (found or {}).get("owner")
+        if found is None or not (self._sees_all(request) or owner == request.owner):
             raise KernelError(ErrorCode.NOT_FOUND, f"no job {job_id}")
-        return job
+        return found
+
+    def _find_unfinished(self, request: Request) -> Job:
+        """The unfinished job named by ``request.args["id"]``; KernelError(BAD_REQUEST) when
+        it already ended, NOT_FOUND when the caller cannot see it."""
+        found = self._find(request)
+        if not isinstance(found, Job):
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"job {found['id']} already ended ({found['state']})")
+        return found
 
     def _job(self, request: Request) -> dict[str, Any]:
-        return self._find(request).summary()
+        found = self._find(request)
+        return found.summary() if isinstance(found, Job) else found
 
     def _cancel(self, request: Request) -> dict[str, Any]:
-        job = self._find(request)
-        if job.state.finished:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
+        job = self._find_unfinished(request)
         self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED,
                    f"job {job.id} was cancelled by {request.owner}")
         return job.summary()
 
     def _renice(self, request: Request) -> dict[str, Any]:
-        job = self._find(request)
-        if job.state.finished:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"job {job.id} already ended ({job.state})")
+        job = self._find_unfinished(request)
         job.priority = request.args["priority"]
         if job.syscall == "generate" and job.state in (JobState.RUNNING, JobState.PREEMPTED):
             self._renice_generation(job)

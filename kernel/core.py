@@ -30,7 +30,7 @@ from .control import ControlSyscalls
 from .devices import STREAMING_OPS, DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
 from .feedback import FeedbackStore
 from .generation import GenerationSyscalls, Streamed
-from .jobs import Job, JobState
+from .jobs import Job, JobHistory, JobState
 from .learning import LearningSyscalls
 from .models import ModelSyscalls
 from .monitor import ModelMonitor
@@ -113,7 +113,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.started = time.time()
         self.stop_requested = threading.Event()
         self.active: dict[int, Job] = {}
-        self.history: deque[Job] = deque(maxlen=config.history)
+        self.history = JobHistory(config.history)
         self.per_owner: Counter[str] = Counter()
         self.streamed: dict[int, Streamed] = {}
         #: Peers the IO thread could not reach (disconnected); their streams are cancelled.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgpack
 
 from .protocol import ErrorCode, KernelError
 
@@ -114,3 +117,63 @@ class Job:
             "tokens": self.tokens, "error": self.error, "progress": self.progress,
         }
 
+
+
+#: The finished-job history keeps at most this many bytes of packed summaries, besides
+#: at most ``KernelConfig.history`` (1000) jobs.
+HISTORY_MAX_BYTES = 2 * 2**20
+#: A finished job's error text is kept up to this many characters; its progress map only
+#: when it packs into at most this many bytes (else ``{}``).
+MAX_ERROR_CHARS = 1024
+MAX_PROGRESS_BYTES = 2048
+
+
+class JobHistory:
+    """Summaries of finished jobs, oldest first, bounded by count and by total bytes.
+
+    An entry is the job's :meth:`Job.summary`, packed with msgpack, with its error cut to
+    MAX_ERROR_CHARS and a progress map over MAX_PROGRESS_BYTES left out; no arguments or
+    inputs are kept, so what a client sent never outlives its job. :meth:`append` evicts
+    the oldest entries until both caps hold.
+    """
+
+    def __init__(self, max_jobs: int, max_bytes: int = HISTORY_MAX_BYTES) -> None:
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        #: Packed summary bytes held now.
+        self.nbytes = 0
+        self._entries: OrderedDict[int, tuple[str, bytes]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, job: Job) -> None:
+        """Remember a finished job's bounded summary, evicting the oldest past a cap."""
+        packed = msgpack.packb(_bounded_summary(job), use_bin_type=True)
+        self._entries[job.id] = (job.owner, packed)
+        self.nbytes += len(packed)
+        while self._entries and (len(self._entries) > self.max_jobs
+                                 or self.nbytes > self.max_bytes):
+            _, (_, oldest) = self._entries.popitem(last=False)
+            self.nbytes -= len(oldest)
+
+    def get(self, job_id: int) -> dict[str, Any] | None:
+        """The summary of finished job ``job_id``, or None when it is not remembered."""
+        entry = self._entries.get(job_id)
+        return None if entry is None else msgpack.unpackb(entry[1])
+
+    def summaries(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Remembered summaries, oldest first; only ``owner``'s when one is given."""
+        return [msgpack.unpackb(packed) for who, packed in self._entries.values()
+                if owner is None or who == owner]
+
+
+def _bounded_summary(job: Job) -> dict[str, Any]:
+    """``job.summary()`` with its error cut to MAX_ERROR_CHARS and an oversized progress
+    map left out (``{}``)."""
+    summary = job.summary()
+    if job.error is not None and len(job.error) > MAX_ERROR_CHARS:
+        summary["error"] = f"{job.error[:MAX_ERROR_CHARS]}..."
+    if len(msgpack.packb(job.progress, use_bin_type=True)) > MAX_PROGRESS_BYTES:
+        summary["progress"] = {}
+    return summary

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,20 @@ MAGIC = b"LLMOS"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Most frames one message may have (magic, header, body and buffers).
 MAX_FRAMES = 64
+#: Most levels of maps and lists in a header or body (the header or body map is level 1).
+MAX_DEPTH = 32
+#: Longest header ``id``, ``syscall`` and ``client``, in characters.
+MAX_ID_CHARS = 128
+MAX_SYSCALL_CHARS = 64
+MAX_CLIENT_CHARS = 256
+#: Most items in one msgpack array, and entries in one msgpack map.
+MAX_ARRAY_ITEMS = 1_000_000
+MAX_MAP_ENTRIES = 100_000
+#: Longest piece of client data quoted back in an error message, in characters.
+MAX_QUOTE_CHARS = 80
+
+#: UTF-16 surrogates, which no valid UTF-8 string holds (undecodable bytes arrive as these).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ErrorCode(enum.StrEnum):
@@ -111,16 +126,69 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack(raw: bytes, max_len: int) -> Any:
+    """msgpack only, size-limited; bytes that are not UTF-8 in a string decode to lone
+    surrogates (``surrogateescape``) so that :func:`_flaw` can name the field they are in."""
     return msgpack.unpackb(
         raw,
         raw=False,
         strict_map_key=True,
+        unicode_errors="surrogateescape",
         max_str_len=max_len,
         max_bin_len=max_len,
-        max_array_len=1_000_000,
-        max_map_len=100_000,
+        max_array_len=MAX_ARRAY_ITEMS,
+        max_map_len=MAX_MAP_ENTRIES,
         max_ext_len=0,
     )
+
+
+def _unpack_map(raw: bytes, frame: str, max_len: int, msg_id: str | None = None) -> dict[Any, Any]:
+    """Decode the ``frame`` ("header" or "body"), which must be a map; ProtocolError
+    (BAD_REQUEST) naming what is wrong otherwise."""
+    try:
+        value = _unpack(raw, max_len)
+    except msgpack.StackError:
+        raise ProtocolError(f"{frame} nests deeper than the limit of {MAX_DEPTH} levels",
+                            msg_id) from None
+    except Exception as exc:
+        raise ProtocolError(f"{frame} is not valid msgpack: {exc}", msg_id) from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{frame} must be a map, got {type(value).__name__}", msg_id)
+    return value
+
+
+def quote(value: Any) -> str:
+    """``repr(value)``, cut to MAX_QUOTE_CHARS: client data echoed in an error message."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTE_CHARS else f"{text[:MAX_QUOTE_CHARS]}..."
+
+
+def _where(frame: str, path: tuple[Any, ...]) -> str:
+    """A field's name for an error message: ``body field 'messages'[0]['content']``."""
+    if not path:
+        return frame
+    head, *rest = path
+    return f"{frame} field {quote(head)}" + "".join(f"[{quote(key)}]" for key in rest)
+
+
+def _flaw(root: dict[str, Any], frame: str) -> str | None:
+    """The first flaw in a decoded header or body, naming its field: a container nested
+    deeper than MAX_DEPTH levels, or a string or map key that holds a lone surrogate (bytes
+    that were not UTF-8). Iterative, so no tree can exhaust the Python stack."""
+    stack: list[tuple[dict[Any, Any] | list[Any], tuple[Any, ...]]] = [(root, ())]
+    while stack:
+        container, path = stack.pop()
+        if len(path) >= MAX_DEPTH:
+            return f"{_where(frame, path)} nests deeper than the limit of {MAX_DEPTH} levels"
+        pairs = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, value in pairs:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return f"{_where(frame, path)} has a key that is not valid UTF-8: {quote(key)}"
+            if isinstance(value, str):
+                if not value.isascii() and _SURROGATE.search(value):
+                    return f"{_where(frame, (*path, key))} is not valid UTF-8"
+            elif isinstance(value, dict | list):
+                stack.append((value, (*path, key)))
+    return None
 
 
 def encode_request(
@@ -175,43 +243,63 @@ def decode(frames: list[bytes], max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> M
         raise ProtocolError(f"message of {size} bytes exceeds the limit of {max_bytes} bytes")
     if frames[0] != MAGIC:
         raise ProtocolError("first frame must be the protocol magic b'LLMOS'")
-    try:
-        header = _unpack(frames[1], max_bytes)
-    except Exception as exc:
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
-    msg_id = header.get("id") if isinstance(header.get("id"), str) else None
-    error = _check_header(header)
+    header = _unpack_map(frames[1], "header", max_bytes)
+    msg_id = _reply_id(header)
+    error = _flaw(header, "header") or _check_header(header)
     if error:
         raise ProtocolError(error, msg_id)
-    try:
-        body = _unpack(frames[2], max_bytes)
-    except Exception as exc:
-        raise ProtocolError(f"body is not valid msgpack: {exc}", msg_id) from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"body must be a map, got {type(body).__name__}", msg_id)
+    body = _unpack_map(frames[2], "body", max_bytes, msg_id)
+    error = _flaw(body, "body")
+    if error:
+        raise ProtocolError(error, msg_id)
     return Message(
-        syscall=header["syscall"], body=body, msg_id=msg_id, client=header.get("client", ""),
-        kind=header.get("kind", "request"), reply_to=header.get("re"),
-        status=header.get("status"), events=bool(header.get("events", False)),
-        buffers=list(frames[3:]),
+        syscall=header["syscall"], body=body, msg_id=header["id"],
+        client=header.get("client", ""), kind=header.get("kind", "request"),
+        reply_to=header.get("re"), status=header.get("status"),
+        events=header.get("events", False), buffers=list(frames[3:]),
     )
 
 
+def _reply_id(header: dict[Any, Any]) -> str | None:
+    """The header's ``id`` when an error reply may carry it back (a valid id: a string of
+    at most MAX_ID_CHARS characters, all UTF-8); None otherwise."""
+    msg_id = header.get("id")
+    if _check_text(header, "id", MAX_ID_CHARS) is None and not _SURROGATE.search(msg_id):
+        return msg_id
+    return None
+
+
+def _check_text(header: dict[str, Any], name: str, limit: int, *, empty: bool = False) -> str | None:
+    """The problem with the header's string field ``name``, or None when it is valid
+    (a string of at most ``limit`` characters, non-empty unless ``empty``). A missing field
+    counts as ``""``."""
+    value = header.get(name, "")
+    if not isinstance(value, str):
+        return f"header field {name!r} must be a string, got {type(value).__name__}"
+    if not value and not empty:
+        return f"header field {name!r} must be a non-empty string"
+    if len(value) > limit:
+        return f"header field {name!r} has {len(value)} characters (limit {limit})"
+    return None
+
+
 def _check_header(header: dict[str, Any]) -> str | None:
-    """The first problem with a header, or None when it is valid."""
+    """The first problem with a header (already checked by :func:`_flaw`), or None when it
+    is valid. Types are exact: ``True`` is not the version ``1``."""
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
-        return f"protocol version {version!r} is not supported; this kernel speaks {PROTOCOL_VERSION}"
-    if not isinstance(header.get("id"), str) or not header["id"]:
-        return "header field 'id' must be a non-empty string"
-    if not isinstance(header.get("syscall"), str) or not header["syscall"]:
-        return "header field 'syscall' must be a non-empty string"
-    if not isinstance(header.get("client", ""), str):
-        return "header field 'client' must be a string"
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        return (f"header field 'v': protocol version {quote(version)} is not supported; "
+                f"this kernel speaks {PROTOCOL_VERSION}")
+    for name, limit, empty in (("id", MAX_ID_CHARS, False), ("syscall", MAX_SYSCALL_CHARS, False),
+                               ("client", MAX_CLIENT_CHARS, True)):
+        error = _check_text(header, name, limit, empty=empty)
+        if error:
+            return error
     if header.get("kind", "request") not in ("request", "reply", "event"):
         return "header field 'kind' must be 'request', 'reply' or 'event'"
+    if type(header.get("events", False)) is not bool:
+        return (f"header field 'events' must be a boolean, "
+                f"got {type(header['events']).__name__}")
     return None
 
 

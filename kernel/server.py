@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,23 @@ def read_pid_file(home: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record
+
+
+@dataclass(frozen=True, slots=True)
+class IpcFile:
+    """The socket file a kernel bound for an ``ipc://`` address, and its inode."""
+
+    path: Path
+    inode: int
+
+    def remove(self) -> None:
+        """Unlink the file if it is still the one this kernel bound (a kernel started later
+        on the same path owns the file now and keeps it)."""
+        try:
+            if self.path.stat().st_ino == self.inode:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 class KernelServer:
@@ -148,8 +166,9 @@ class KernelServer:
                 self.curve.start(self.ctx)
                 self.curve.secure(frontend)
             frontend.bind(self.config.address)
-            if self.config.address.startswith("ipc://"):
-                os.chmod(self.config.address[len("ipc://"):], 0o600)
+            socket_file = self._ipc_file()
+            if socket_file is not None:
+                os.chmod(socket_file.path, 0o600)
             outbox = self.ctx.socket(zmq.PULL)
             outbox.bind(OUTBOX)
             doorbell = self.ctx.socket(zmq.PUSH)
@@ -172,6 +191,15 @@ class KernelServer:
         frontend.close()
         outbox.close()
         doorbell.close()
+        if socket_file is not None:
+            socket_file.remove()
+
+    def _ipc_file(self) -> IpcFile | None:
+        """The socket file just bound, for an ``ipc://`` address; None for tcp."""
+        if not self.config.address.startswith("ipc://"):
+            return None
+        path = Path(self.config.address[len("ipc://"):])
+        return IpcFile(path, path.stat().st_ino)
 
     def _forward_replies(self, frontend: zmq.Socket, outbox: zmq.Socket, doorbell: zmq.Socket) -> bool:
         """Send the core's waiting replies (at most ``IO_BURST``); False once the core has

@@ -7,21 +7,50 @@ reject bad requests without touching the scheduling loop.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from .jobs import MAX_PRIORITY, MIN_PRIORITY
 from .parallel import MAX_REPLICAS, MAX_STAGES, MAX_WORLD_SIZE
-from .protocol import ErrorCode, KernelError
+from .protocol import ErrorCode, KernelError, quote
 
 _MISSING = object()
+
+#: Every ``int`` argument fits SQLite's signed 64-bit integers, whatever its own bounds.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Longest ``str`` argument, and longest item of a ``strs`` one, unless the argument sets
+#: its own limit (in characters).
+MAX_STRING_CHARS = 4096
+#: Highest model version and job id a request may name.
+MAX_VERSION = 2**31 - 1
+MAX_JOB_ID = INT64_MAX
+#: Longest owner name: a header ``client`` (256) or a routing id in hex (up to 510).
+MAX_OWNER_CHARS = 512
+
+
+class Kind(enum.StrEnum):
+    """The types an argument may have."""
+
+    STR = "str"
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+    #: A list of strings.
+    STRS = "strs"
+    MAP = "map"
+    #: A list of maps.
+    MAPS = "maps"
 
 
 @dataclass(frozen=True, slots=True)
 class Arg:
-    """One argument: ``kind`` is str, int, float, bool, strs (list of str), map or maps
-    (list of maps); ``minimum``/``maximum`` bound a number, or the length of the others."""
+    """One argument: ``kind`` is one of :class:`Kind`; ``minimum``/``maximum`` bound a
+    number, or the length of the others (a ``str`` is at most MAX_STRING_CHARS long unless
+    ``maximum`` says otherwise; an ``int`` always lies within INT64_MIN..INT64_MAX).
+    ``item_maximum`` bounds each item of a ``strs``. Only ``text`` arguments (free text such
+    as a prompt) may hold NUL characters; names, paths and options may not."""
 
     name: str
     kind: str
@@ -30,38 +59,72 @@ class Arg:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    item_maximum: int = MAX_STRING_CHARS
+    text: bool = False
+
+    def __post_init__(self) -> None:
+        Kind(self.kind)  # ValueError for a kind that does not exist, when the table is built
 
     def parse(self, syscall: str, value: Any) -> Any:
+        """``value`` checked against this argument (a float for ``float``); KernelError
+        (BAD_REQUEST) naming the argument otherwise."""
         where = f"{syscall}: argument {self.name!r}"
-        if not _KIND_CHECKS[self.kind](value):
+        kind = Kind(self.kind)
+        if not _KIND_CHECKS[kind](value):
             raise KernelError(
-                ErrorCode.BAD_REQUEST, f"{where} must be {_KIND_NAMES[self.kind]}, "
+                ErrorCode.BAD_REQUEST, f"{where} must be {_KIND_NAMES[kind]}, "
                 f"got {type(value).__name__}")
         if self.choices and value not in self.choices:
             raise KernelError(
                 ErrorCode.BAD_REQUEST, f"{where} must be one of {', '.join(self.choices)}, "
-                f"got {value!r}")
-        if self.kind == "float" and not math.isfinite(value):
+                f"got {quote(value)}")
+        if kind is Kind.FLOAT and not math.isfinite(value):
             raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be a finite number")
-        size = len(value) if self.kind in ("str", "strs", "maps") else value
-        if self.minimum is not None and size < self.minimum:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be >= {self.minimum}")
-        if self.maximum is not None and size > self.maximum:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be <= {self.maximum}")
-        return float(value) if self.kind == "float" else value
+        self._check_bounds(where, kind, value)
+        if kind is Kind.STRS:
+            for i, item in enumerate(value):
+                if len(item) > self.item_maximum:
+                    raise KernelError(ErrorCode.BAD_REQUEST,
+                                      f"{where}: item {i} has {len(item)} characters "
+                                      f"(limit {self.item_maximum})")
+        if not self.text and kind in (Kind.STR, Kind.STRS):
+            for item in [value] if kind is Kind.STR else value:
+                if "\x00" in item:
+                    raise KernelError(ErrorCode.BAD_REQUEST,
+                                      f"{where} must not contain a NUL character")
+        return float(value) if kind is Kind.FLOAT else value
+
+    def _check_bounds(self, where: str, kind: Kind, value: Any) -> None:
+        """The value (a number) or the length (the others) within the argument's bounds."""
+        minimum, maximum = self.minimum, self.maximum
+        if kind is Kind.INT:
+            minimum = INT64_MIN if minimum is None else max(minimum, INT64_MIN)
+            maximum = INT64_MAX if maximum is None else min(maximum, INT64_MAX)
+        elif kind is Kind.STR and maximum is None:
+            maximum = MAX_STRING_CHARS
+        size = len(value) if kind in (Kind.STR, Kind.STRS, Kind.MAPS) else value
+        if minimum is not None and size < minimum:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be >= {minimum}")
+        if maximum is not None and size > maximum:
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} must be <= {maximum}")
 
 
 _KIND_CHECKS = {
-    "str": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "bool": lambda v: isinstance(v, bool),
-    "strs": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
-    "map": lambda v: isinstance(v, dict),
-    "maps": lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
+    Kind.STR: lambda v: isinstance(v, str),
+    Kind.INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    Kind.FLOAT: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    Kind.BOOL: lambda v: isinstance(v, bool),
+    Kind.STRS: lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+    Kind.MAP: lambda v: isinstance(v, dict),
+    Kind.MAPS: lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v),
 }
-_KIND_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean",
-               "strs": "a list of strings", "map": "a map", "maps": "a list of maps"}
+_KIND_NAMES = {Kind.STR: "a string", Kind.INT: "an integer", Kind.FLOAT: "a number",
+               Kind.BOOL: "a boolean", Kind.STRS: "a list of strings", Kind.MAP: "a map",
+               Kind.MAPS: "a list of maps"}
+
+
+#: Unknown argument names quoted in one error message.
+MAX_UNKNOWN_SHOWN = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +139,13 @@ class Syscall:
     def parse(self, body: dict[str, Any]) -> dict[str, Any]:
         """Validated arguments with defaults filled in; KernelError(BAD_REQUEST) otherwise."""
         known = {a.name for a in self.args}
-        unknown = sorted(str(key) for key in set(body) - known)
+        unknown = sorted(quote(key) for key in set(body) - known)
         if unknown:
+            shown = ", ".join(unknown[:MAX_UNKNOWN_SHOWN])
+            more = f" and {len(unknown) - MAX_UNKNOWN_SHOWN} more" if len(unknown) > MAX_UNKNOWN_SHOWN else ""
             raise KernelError(
                 ErrorCode.BAD_REQUEST,
-                f"{self.name}: unknown argument(s) {', '.join(map(repr, unknown))}; "
+                f"{self.name}: unknown argument(s) {shown}{more}; "
                 f"expected {', '.join(sorted(known)) or 'none'}")
         parsed: dict[str, Any] = {}
         for arg in self.args:
@@ -102,6 +167,7 @@ MAX_TEXT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
 MAX_MESSAGES = 256
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024
 #: Most labelled examples one ``learn`` call may carry.
 MAX_FEEDBACK = 1024
 
@@ -113,7 +179,7 @@ _JOB_OPTIONS = (
 TRAIN_PRIORITY = 10
 _MODEL = Arg("model", "str", required=True, minimum=1, maximum=64)
 _DATA = (Arg("data", "str", minimum=1, maximum=64), Arg("path", "str", minimum=1, maximum=4096))
-_VERSION = Arg("version", "int", minimum=1)
+_VERSION = Arg("version", "int", minimum=1, maximum=MAX_VERSION)
 
 SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     Syscall("ping", (), "Liveness check; answered on the IO thread."),
@@ -152,17 +218,18 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     Syscall("infer", (
         _MODEL, _VERSION,
         Arg("task", "str", required=True, choices=("embed", "classify")),
-        Arg("inputs", "strs", required=True, minimum=1, maximum=MAX_INPUTS_PER_JOB),
+        Arg("inputs", "strs", required=True, minimum=1, maximum=MAX_INPUTS_PER_JOB,
+            item_maximum=MAX_TEXT_CHARS, text=True),
         *_JOB_OPTIONS,
     ), "Run embed or classify on a list of texts; batched with compatible jobs.", job=True),
     Syscall("generate", (
         _MODEL, _VERSION,
-        Arg("prompt", "str", minimum=1, maximum=MAX_TEXT_CHARS),
+        Arg("prompt", "str", minimum=1, maximum=MAX_TEXT_CHARS, text=True),
         Arg("messages", "maps", minimum=1, maximum=MAX_MESSAGES),
         Arg("max_tokens", "int", default=256, minimum=1, maximum=MAX_NEW_TOKENS),
         Arg("temperature", "float", default=1.0, minimum=0.0, maximum=2.0),
         Arg("top_p", "float", default=1.0, minimum=0.001, maximum=1.0),
-        Arg("stop", "strs", maximum=MAX_STOP_STRINGS),
+        Arg("stop", "strs", maximum=MAX_STOP_STRINGS, item_maximum=MAX_STOP_CHARS, text=True),
         Arg("seed", "int", minimum=0, maximum=2**63 - 1),
         Arg("ignore_eos", "bool", default=False),
         *_JOB_OPTIONS,
@@ -191,7 +258,7 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("local_ranks", "int", minimum=1, maximum=MAX_WORLD_SIZE),
         Arg("master_addr", "str", minimum=1, maximum=255),
         Arg("master_port", "int", minimum=1, maximum=65535),
-        Arg("resume", "int", minimum=1),
+        Arg("resume", "int", minimum=1, maximum=MAX_JOB_ID),
         Arg("priority", "int", default=TRAIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
         Arg("timeout", "float", minimum=0.001, maximum=30 * 24 * 3600),
     ), "Fine-tune a sequence classifier on labelled texts, time-sliced with inference; "
@@ -219,7 +286,8 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     ), "Compress a classifier with a recipe of plugin steps (prune, quantize, lowrank...), "
        "gated on validation accuracy; a passing result is a new model version with a report.",
         job=True),
-    Syscall("promote", (_MODEL, Arg("version", "int", required=True, minimum=1), *_JOB_OPTIONS),
+    Syscall("promote", (_MODEL, Arg("version", "int", required=True, minimum=1, maximum=MAX_VERSION),
+                        *_JOB_OPTIONS),
             "Make a version the one that serves its model name: load it where the serving one "
             "is, switch, then unload the old one once its jobs are done (no request fails).",
         job=True),
@@ -247,13 +315,14 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     Syscall("rollback", (_MODEL, *_JOB_OPTIONS),
             "Serve the version that served before the current one (the same hot swap as "
             "promote: no request fails).", job=True),
-    Syscall("jobs", (Arg("owner", "str"), Arg("finished", "bool", default=True)),
+    Syscall("jobs", (Arg("owner", "str", maximum=MAX_OWNER_CHARS),
+                     Arg("finished", "bool", default=True)),
             "List jobs (ps): unfinished ones and recent finished ones."),
-    Syscall("job", (Arg("id", "int", required=True, minimum=1),), "One job's status."),
-    Syscall("cancel", (Arg("id", "int", required=True, minimum=1),),
+    Syscall("job", (Arg("id", "int", required=True, minimum=1, maximum=MAX_JOB_ID),), "One job's status."),
+    Syscall("cancel", (Arg("id", "int", required=True, minimum=1, maximum=MAX_JOB_ID),),
             "Cancel (kill) a job; its submitter gets CANCELLED."),
     Syscall("renice", (
-        Arg("id", "int", required=True, minimum=1),
+        Arg("id", "int", required=True, minimum=1, maximum=MAX_JOB_ID),
         Arg("priority", "int", required=True, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
     ), "Change a queued or running job's priority (nice value, lower runs first)."),
     Syscall("stats", (Arg("model", "str", minimum=1, maximum=64), _VERSION),
@@ -264,19 +333,17 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
 
 
 def check_inputs(inputs: list[str]) -> None:
-    """KernelError(BAD_REQUEST) for empty or oversized texts."""
+    """KernelError(BAD_REQUEST) for blank texts (their length is checked by ``Arg.parse``)."""
     for i, text in enumerate(inputs):
         if not text.strip():
             raise KernelError(ErrorCode.BAD_REQUEST, f"infer: input {i} is empty")
-        if len(text) > MAX_TEXT_CHARS:
-            raise KernelError(
-                ErrorCode.BAD_REQUEST,
-                f"infer: input {i} has {len(text)} characters (limit {MAX_TEXT_CHARS})")
 
 
 #: Roles a chat message may have, and the keys a message may carry.
 CHAT_ROLES = ("system", "user", "assistant")
 _MESSAGE_KEYS = frozenset({"role", "content", "name"})
+#: A chat message's optional ``name`` (the speaker, as in OpenAI's API).
+_MESSAGE_NAME = Arg("name", "str", maximum=64)
 
 
 def check_generation(args: dict[str, Any]) -> None:
@@ -290,16 +357,19 @@ def check_generation(args: dict[str, Any]) -> None:
     total = 0
     for i, message in enumerate(messages or []):
         where = f"generate: message {i}"
-        extra = sorted(str(k) for k in set(message) - _MESSAGE_KEYS)
+        extra = sorted(quote(k) for k in set(message) - _MESSAGE_KEYS)
         if extra:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} has unknown key(s) {', '.join(extra)}")
+            raise KernelError(ErrorCode.BAD_REQUEST, f"{where} has unknown key(s) "
+                              f"{', '.join(extra[:MAX_UNKNOWN_SHOWN])}")
         if message.get("role") not in CHAT_ROLES:
             raise KernelError(ErrorCode.BAD_REQUEST,
                               f"{where}: role must be one of {', '.join(CHAT_ROLES)}, "
-                              f"got {message.get('role')!r}")
+                              f"got {quote(message.get('role'))}")
         content = message.get("content")
         if not isinstance(content, str):
             raise KernelError(ErrorCode.BAD_REQUEST, f"{where}: content must be a string")
+        if message.get("name") is not None:
+            _MESSAGE_NAME.parse(where, message["name"])
         total += len(content)
     if total > MAX_TEXT_CHARS:
         raise KernelError(ErrorCode.BAD_REQUEST,
