@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -293,13 +294,17 @@ class KernelServer:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m llmos.kernel``: run a kernel in the foreground."""
-    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m llmos.kernel")
     add_kernel_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    KernelServer(config_from_args(args)).serve()
+    try:
+        server = KernelServer(config_from_args(args))
+    except KernelError as exc:  # a bad configuration: one line saying what to do
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    server.serve()
     return 0
 
 
