@@ -57,6 +57,10 @@ class KernelConfig:
     max_jobs_per_client: int = 256
     #: Unfinished jobs in the whole kernel.
     max_jobs: int = 4096
+    #: Bytes of requests one client's unfinished jobs may hold; past it, BUSY at once.
+    max_bytes_per_client: int = 256 * 2**20
+    #: Bytes of requests all unfinished jobs may hold together.
+    max_bytes: int = 2 * 2**30
     #: Finished jobs remembered for `jobs` / `job`.
     history: int = 1000
     batching: BatchingConfig = field(default_factory=BatchingConfig)

@@ -80,6 +80,8 @@ class Request:
     spec: Syscall
     args: dict[str, Any]
     principal: Principal = LOCAL_PRINCIPAL
+    #: Bytes of the message (all frames but the identity); 0 for the kernel's own.
+    size: int = 0
 
     @property
     def owner(self) -> str:
@@ -115,6 +117,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.active: dict[int, Job] = {}
         self.history = JobHistory(config.history)
         self.per_owner: Counter[str] = Counter()
+        #: Bytes of requests held by unfinished jobs, per owner (see _admit).
+        self.bytes_per_owner: Counter[str] = Counter()
         self.streamed: dict[int, Streamed] = {}
         #: Peers the IO thread could not reach (disconnected); their streams are cancelled.
         self.gone: deque[bytes] = deque()
@@ -277,6 +281,16 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             raise KernelError(ErrorCode.BUSY,
                               f"client {owner!r} has {self.per_owner[owner]} unfinished jobs "
                               f"(limit {self.config.max_jobs_per_client}); wait for replies")
+        held = self.bytes_per_owner[owner]
+        if held and held + request.size > self.config.max_bytes_per_client:
+            raise KernelError(ErrorCode.BUSY,
+                              f"client {owner!r} has {held} bytes of requests in unfinished jobs "
+                              f"(limit {self.config.max_bytes_per_client}); wait for replies")
+        total = self.bytes_per_owner.total()
+        if total and total + request.size > self.config.max_bytes:
+            raise KernelError(ErrorCode.BUSY,
+                              f"the kernel holds {total} bytes of requests in unfinished jobs "
+                              f"(limit {self.config.max_bytes}); retry later")
         args = {**request.args, **extra}
         if device is not None:
             args["device"] = device
@@ -286,8 +300,10 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             heapq.heappush(self._deadlines, (job.deadline, job.id))
         job.reply_route = (request.identity, request.msg.msg_id)
         job.wants_events = request.msg.events
+        job.request_bytes = request.size
         self.active[job.id] = job
         self.per_owner[owner] += 1
+        self.bytes_per_owner[owner] += request.size
         self.scheduler.push(job)
         return job
 
@@ -520,6 +536,9 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         self.per_owner[job.owner] -= 1
         if self.per_owner[job.owner] <= 0:
             del self.per_owner[job.owner]
+        self.bytes_per_owner[job.owner] -= job.request_bytes
+        if self.bytes_per_owner[job.owner] <= 0:
+            del self.bytes_per_owner[job.owner]
         self.history.append(job)
         self.finished_by_state[str(state)] += 1
         if job.syscall in PRIVILEGED:

@@ -93,6 +93,8 @@ class Job:
     wants_events: bool = False
     #: Who to answer: (peer identity, request id); None once answered.
     reply_route: tuple[bytes, str] | None = None
+    #: Bytes of the request that made it, held by the kernel until the job ends.
+    request_bytes: int = 0
 
     def transition(self, new: JobState) -> None:
         """Move to ``new``; raises KernelError(INTERNAL) for a transition the table forbids."""

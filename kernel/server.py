@@ -279,7 +279,8 @@ class KernelServer:
             info = {**self._info, "uptime": time.time() - self.started}
             self._send(frontend, [identity, *encode_reply(msg_id, syscall, info)])
         else:
-            self.inbox.append(Request(identity, msg, spec, args, principal))
+            self.inbox.append(Request(identity, msg, spec, args, principal,
+                                      size=sum(len(frame) for frame in rest)))
 
     def _send(self, frontend: zmq.Socket, frames: list[bytes]) -> bool:
         """Send; False only when the peer is gone (EHOSTUNREACH)."""
@@ -328,6 +329,8 @@ def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--streams", type=_streams, default=1, metavar="N",
                         help="batches a driver host runs at once, its threads split among them")
     parser.add_argument("--max-jobs-per-client", type=int, default=256)
+    parser.add_argument("--max-mb-per-client", type=int, default=256, metavar="MB",
+                        help="bytes of requests one client's unfinished jobs may hold")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--memory-budget-mb", type=int, help="model memory per hardware")
@@ -341,6 +344,7 @@ def kernel_argv(args: Any) -> list[str]:
     """The options of :func:`add_kernel_options` back as command-line arguments."""
     argv = ["--policy", args.policy, "--devices", args.devices, "--threads", str(args.threads),
             "--streams", str(args.streams), "--max-jobs-per-client", str(args.max_jobs_per_client),
+            "--max-mb-per-client", str(args.max_mb_per_client),
             "--max-batch-size", str(args.max_batch_size),
             "--max-queue-delay-ms", str(args.max_queue_delay_ms),
             "--update-after", str(args.update_after)]
@@ -360,6 +364,7 @@ def config_from_args(args: Any) -> KernelConfig:
         home=home, address=args.listen or "", policy=args.policy,
         devices=tuple(d for d in args.devices.split(",") if d), threads=args.threads,
         streams=args.streams, max_jobs_per_client=args.max_jobs_per_client,
+        max_bytes_per_client=args.max_mb_per_client * 2**20,
         batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms / 1000),
         memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
         curve=args.curve, update_after=args.update_after,

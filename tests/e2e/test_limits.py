@@ -9,7 +9,9 @@ some of them), and the kernel keeps answering. A cleanly stopped kernel leaves n
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from typing import Any
 
 import msgpack
@@ -178,3 +180,36 @@ def test_a_clean_stop_removes_the_socket_file(home):
     assert process.returncode == 0
     assert not socket_file.exists()
     assert not (home / "run" / "kernel.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_bytes_held_by_one_clients_unfinished_jobs_are_capped(home):
+    """A client that sends big requests faster than they run gets BUSY once its unfinished
+    jobs hold more than --max-mb-per-client; the bytes come back as its jobs end."""
+    with running_kernel(home, "--devices", "torch:cpu", "--max-mb-per-client", "1") as kernel:
+        with kernel.client() as client:
+            client.import_model("minilm")
+            client.load("minilm")
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(kernel.address)
+        with kernel.client() as client:
+            host_pid = client.devices()[0]["pid"]
+        text = "the parcel is late " * 5_000  # 95 KB; truncated to the model's length
+        os.kill(host_pid, signal.SIGSTOP)  # nothing finishes: every admitted job stays
+        try:
+            for i in range(12):
+                sock.send_multipart([MAGIC, header(f"big-{i}", "infer", client="greedy"),
+                                     pack({"model": "minilm", "task": "embed",
+                                           "inputs": [text] * 2})])
+            refused = [decode_reply(sock.recv_multipart()) for _ in range(7)]
+        finally:
+            os.kill(host_pid, signal.SIGCONT)
+        admitted = [decode_reply(sock.recv_multipart()) for _ in range(5)]
+        assert all(r.status == "error" and r.body["code"] == "BUSY"
+                   and "bytes of requests" in r.body["message"] for r in refused), refused
+        assert [r.reply_to for r in refused] == [f"big-{i}" for i in range(5, 12)]
+        assert all(r.status == "ok" for r in admitted)  # 5 x 190 KB fit in 1 MiB, 6 do not
+        with Client(kernel.address, name="greedy") as again:
+            assert again.embed("minilm", [text]).shape == (1, 384)  # released at the end
+        sock.close()
