@@ -120,6 +120,7 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         #: Bytes of requests held by unfinished jobs, per owner (see _admit).
         self.bytes_per_owner: Counter[str] = Counter()
         self.streamed: dict[int, Streamed] = {}
+        self.stream_jobs: dict[int, int] = {}
         #: Peers the IO thread could not reach (disconnected); their streams are cancelled.
         self.gone: deque[bytes] = deque()
         #: True while the IO thread has rung the doorbell and the core has not yet drained.

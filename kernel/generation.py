@@ -13,12 +13,17 @@ with a ``cancel`` task. A job whose host dies (or stalls, see kernel/devices.py)
 again and resumes where the client's stream stopped: the kernel keeps the ids of the tokens
 it has streamed (:class:`Streamed`), and the retry sends them as ``resume`` with the number
 of characters already sent, so the new host prefills prompt and tokens and the client
-receives every character exactly once. Events from a host that no longer runs the job (a
-stalled one that woke up) are ignored.
+receives every character exactly once.
+
+On the host a request is known by a **stream id**, new for every dispatch of the job, not
+by the job id: events of an earlier dispatch (a stalled host that woke up, perhaps the very
+host the job went back to) carry a stream id the kernel no longer maps to the job, and are
+ignored.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,16 +40,20 @@ if TYPE_CHECKING:
 #: Generate jobs leave the queue for their host at once, all together: the host batches.
 GENERATE_BATCHING = BatchingConfig(max_batch_size=1024, max_queue_delay=0.0)
 #: The arguments a driver host needs for one request.
+#: Stream ids: a generate job's name on its host, new for each dispatch.
+_stream_ids = itertools.count(1)
 _REQUEST_ARGS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "stop", "seed",
                  "ignore_eos")
 
 
 @dataclass(slots=True)
 class Streamed:
-    """What a generate job has streamed so far: its token ids and characters of text."""
+    """What a generate job has streamed so far (its token ids and characters of text), and
+    its current stream id on its host."""
 
     tokens: list[int] = field(default_factory=list)
     chars: int = 0
+    sid: int = 0
 
     def resume(self) -> dict[str, Any]:
         """The ``resume`` field of a retried request (see drivers/generation.py)."""
@@ -56,6 +65,8 @@ class GenerationSyscalls(CoreServices):
 
     #: Job id -> what it has streamed (entries leave when the job ends).
     streamed: dict[int, Streamed]
+    #: Current stream id -> job id (only the latest dispatch of each job).
+    stream_jobs: dict[int, int]
 
     def _generate(self, request: Request) -> Job:
         check_generation(request.args)
@@ -64,19 +75,24 @@ class GenerationSyscalls(CoreServices):
         return self._admit(request, handle=version.ref)
 
     def _generation_task(self, jobs: list[Job]) -> Task:
-        requests = [{"id": job.id, "priority": job.priority,
-                     **{name: job.args[name] for name in _REQUEST_ARGS}} for job in jobs]
-        for request in requests:
-            streamed = self.streamed.get(request["id"])
-            if streamed is not None and streamed.tokens:
+        requests = []
+        for job in jobs:
+            streamed = self.streamed.setdefault(job.id, Streamed())
+            self.stream_jobs.pop(streamed.sid, None)  # what an earlier dispatch sends is stale
+            streamed.sid = next(_stream_ids)
+            self.stream_jobs[streamed.sid] = job.id
+            request = {"id": streamed.sid, "priority": job.priority,
+                       **{name: job.args[name] for name in _REQUEST_ARGS}}
+            if streamed.tokens:
                 request["resume"] = streamed.resume()
+            requests.append(request)
         return Task("generate", {"handle": jobs[0].args["handle"], "requests": requests}, jobs)
 
     def _on_stream(self, host: str, events: list[dict[str, Any]]) -> None:
         """Apply host ``host``'s per-job generation events (unknown or ended jobs, and jobs
         that host no longer runs, are ignored)."""
         for event in events:
-            job = self.active.get(int(event.get("id", -1)))
+            job = self.active.get(self.stream_jobs.get(int(event.get("id", -1)), -1))
             if job is None or job.syscall != "generate" or job.device != host or job.state not in (
                     JobState.RUNNING, JobState.PREEMPTED):
                 continue
@@ -91,9 +107,8 @@ class GenerationSyscalls(CoreServices):
                 continue
             job.tokens += int(event.get("tokens", 0))
             job.progress["completion_tokens"] = job.tokens
-            streamed = self.streamed.setdefault(job.id, Streamed())
             if "token" in event:
-                streamed.tokens.append(int(event["token"]))
+                self.streamed[job.id].tokens.append(int(event["token"]))
             self._stream(job, str(event.get("text", "")))
 
     def _stream(self, job: Job, text: str) -> None:
@@ -131,15 +146,19 @@ class GenerationSyscalls(CoreServices):
 
     def _renice_generation(self, job: Job) -> None:
         """Tell the host a running job's new priority (it decides preemption by it)."""
-        self._tell_host(job, Task("renice", {"id": job.id, "priority": job.priority}))
+        self._tell_host(job, Task("renice", {"id": self.streamed[job.id].sid,
+                                             "priority": job.priority}))
 
     def _stop_generation(self, job: Job) -> None:
         """Remove an ended job from its host's batch."""
-        self._tell_host(job, Task("cancel", {"ids": [job.id]}))
+        if job.id in self.streamed:
+            self._tell_host(job, Task("cancel", {"ids": [self.streamed[job.id].sid]}))
 
     def _generation_ended(self, job: Job) -> None:
-        """Forget what an ended job streamed."""
-        self.streamed.pop(job.id, None)
+        """Forget what an ended job streamed, and its stream id."""
+        streamed = self.streamed.pop(job.id, None)
+        if streamed is not None:
+            self.stream_jobs.pop(streamed.sid, None)
 
     def _tell_host(self, job: Job, task: Task) -> None:
         """Send ``task`` to the host running ``job`` (nothing to do if that host is gone)."""

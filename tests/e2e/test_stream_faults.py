@@ -3,9 +3,9 @@
 * 16 streamed chats through the gateway with the official openai client, half of them
   closed at random points (a chat UI's Stop button), for 5 rounds: the generation host never
   restarts and every stream left open finishes with ``length`` or ``stop``;
-* kill -9 of the generation host during 8 greedy streams: every stream completes, and the
-  text it received equals the same request run alone (the generations resume on the
-  restarted host after the tokens already sent);
+* kill -9 (or SIGSTOP past the stall timeout) of the generation host during 8 greedy
+  streams: every stream completes, and the text it received equals the same request run
+  alone (the generations resume on the restarted host after the tokens already sent);
 * SIGSTOP of one of two hosts on the CPU while 32 clients send embeds: the other host keeps
   answering (the stalled one frees the hardware after 0.75 s, not the 10 s heartbeat
   timeout), and after SIGCONT, then after a kill, every request has exactly one good reply.
@@ -115,7 +115,11 @@ def wait_for(condition, what: str, timeout: float = 120.0):
 
 
 @pytest.mark.timeout(900)
-def test_generations_survive_a_killed_host_with_every_token_once(chat_kernel):
+@pytest.mark.parametrize("fault", ["kill", "stall"])
+def test_generations_survive_their_host_with_every_token_once(chat_kernel, fault):
+    """kill: the host dies and restarts; stall: SIGSTOP for 2 s (past the stall timeout),
+    then SIGCONT: the jobs go back to the queue and return to the same host, which still
+    runs the first dispatch's sequences until it reads the kernel's cancel."""
     args = [{"model": "smollm2", "messages": chat(q), "max_tokens": 40, "temperature": 0.0,
              "ignore_eos": True} for q in QUESTIONS]
     with chat_kernel.client() as client:
@@ -131,7 +135,12 @@ def test_generations_survive_a_killed_host_with_every_token_once(chat_kernel):
                     received[index] += event.body["text"]
                     if received[index]:
                         break
-        os.kill(host["pid"], signal.SIGKILL)
+        if fault == "kill":
+            os.kill(host["pid"], signal.SIGKILL)
+        else:
+            os.kill(host["pid"], signal.SIGSTOP)
+            time.sleep(2.0)
+            os.kill(host["pid"], signal.SIGCONT)
         results = []
         for index, (pending, stream) in enumerate(zip(pendings, streams, strict=True)):
             for event in stream:
@@ -140,9 +149,12 @@ def test_generations_survive_a_killed_host_with_every_token_once(chat_kernel):
             results.append(pending.result())
         wait_for(lambda: torch_host(client.devices())["state"] == "READY"
                  and "smollm2:1" in torch_host(client.devices())["loaded"],
-                 "the restarted host to load the model again")
-        restarted = torch_host(client.devices())
-    assert restarted["restarts"] == host["restarts"] + 1 and restarted["pid"] != host["pid"]
+                 "the host to serve the model again")
+        after = torch_host(client.devices())
+    if fault == "kill":
+        assert after["restarts"] == host["restarts"] + 1 and after["pid"] != host["pid"]
+    else:
+        assert after["restarts"] == host["restarts"] and after["pid"] == host["pid"]
     assert [r["text"] for r in results] == alone
     assert received == alone, "a client missed text or received some twice"
     assert all(r["usage"]["completion_tokens"] == 40 for r in results)
