@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.kernel.protocol import ErrorCode, KernelError
-from llmos.kernel.registry import digest_files
+from llmos.kernel.registry import digest_files, writing
 
 #: Artifact file name per format.
 FORMATS: dict[str, str] = {"onnx": "model.onnx", "openvino": "model.xml"}
@@ -91,8 +91,9 @@ def ensure_artifact(model_dir: Path, fmt: str) -> tuple[Path, bool]:
         staging = Path(tempfile.mkdtemp(prefix=f".{fmt}-new-", dir=root))
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the artifact from other users
         try:
-            parameters = _BUILDERS[fmt](model_dir, staging)
-            (staging / META).write_text(json.dumps({**expected, "parameters": parameters}))
+            with writing(f"the {fmt} export of {model_dir}", target):  # e.g. a full disk
+                parameters = _BUILDERS[fmt](model_dir, staging)
+                (staging / META).write_text(json.dumps({**expected, "parameters": parameters}))
             if target.exists():
                 stale = Path(tempfile.mkdtemp(prefix=f".{fmt}-old-", dir=root))
                 target.rename(stale / fmt)

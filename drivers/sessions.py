@@ -4,7 +4,9 @@ A compress or update job is a sequence of **phases**: a generator (:meth:`Phased
 that yields the name of the next phase each time one ends. Each task from the kernel runs
 phases for about ``seconds`` (at least one) with the host's threads minus one, so a core
 stays free for inference, and reports the progress; the job goes back to the kernel's
-queue between quanta, so queued inference runs first.
+queue between quanta, so queued inference runs first. A write that fails in a phase (a full
+disk, above all) fails the task with KernelError(INTERNAL) naming the file, and the job
+ends: the kernel removes its folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from llmos.kernel.protocol import KernelError
+from llmos.kernel.registry import is_disk_full, write_error
 
 
 class PhasedSession:
@@ -38,6 +43,11 @@ class PhasedSession:
                 self.finished_phases += 1
                 ran += 1
                 self.done = self.phase == "done"
+        except Exception as exc:  # safetensors, torch, onnx say it without an OSError
+            if isinstance(exc, KernelError) or not is_disk_full(exc):
+                raise
+            where = getattr(exc, "filename", None) or "the job's folder"
+            raise write_error(f"the files of the {self.phase!r} phase", where, exc) from exc
         finally:
             torch.set_num_threads(inference_threads)
         return {"phase": self.phase, "done": self.done, **self._progress()}

@@ -4,11 +4,14 @@ A :class:`TrainingSession` lives in the PyTorch driver host between quanta. Each
 runs optimizer steps for about ``seconds``; at the end of a quantum, once
 ``checkpoint_every`` seconds have passed since the last one, it writes a checkpoint (model
 and optimizer tensors as safetensors, step and RNG state as JSON/tensors, never pickle)
-into the job's folder, replacing the previous one atomically. A session rebuilt from that
-folder (after a host or kernel restart) continues at the same step with the same data
-order, so a resumed job trains on exactly the batches it has not seen yet. Dropout is keyed
-(:mod:`llmos.drivers.dropout`): a step's masks depend on the seed, the step and each row's
-place in the batch, so a resumed job, and a data-parallel one, draw the same masks.
+into the job's folder, replacing the previous one atomically (it is written as
+``checkpoint.tmp`` and renamed; a write that fails, e.g. on a full disk, removes the
+``.tmp`` and fails the task with an error naming it, and the previous checkpoint stays).
+A session rebuilt from that folder (after a host or kernel restart) continues at the same
+step with the same data order, so a resumed job trains on exactly the batches it has not
+seen yet. Dropout is keyed (:mod:`llmos.drivers.dropout`): a step's masks depend on the
+seed, the step and each row's place in the batch, so a resumed job, and a data-parallel
+one, draw the same masks.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from llmos.kernel import datasets
 from llmos.kernel.monitor import CONFIDENCE_EDGES, LENGTH_EDGES, histogram, words
 from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.registry import writing
 
 from .dropout import DropoutKey, keyed_dropout
 
@@ -207,26 +211,30 @@ class TrainingSession:
             "confidence": metrics["test"]["confidence_histogram"]}
         output = Path(self.spec.output)
         shutil.rmtree(output, ignore_errors=True)
-        self.model.save_pretrained(output, safe_serialization=True)
-        self.tokenizer.save_pretrained(output)
+        with writing("the trained model", output, partial=output):
+            self.model.save_pretrained(output, safe_serialization=True)
+            self.tokenizer.save_pretrained(output)
         return metrics
 
     # --- checkpoints ------------------------------------------------------------------
 
     def _checkpoint(self) -> None:
+        """Write the checkpoint into ``checkpoint.tmp`` and swap it in; KernelError naming
+        it (the ``.tmp`` removed, the previous checkpoint intact) if a write fails."""
         folder = Path(self.spec.checkpoint)
         staging = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
-                  str(staging / "model.safetensors"))
-        tensors = {"rng": torch.get_rng_state()}
-        names = {p: n for n, p in self.model.named_parameters()}
-        for param, state in self.optimizer.state.items():
-            for key, value in state.items():
-                tensors[f"{names[param]}::{key}"] = value.detach().clone()
-        save_file(tensors, str(staging / "optimizer.safetensors"))
-        (staging / "state.json").write_text(json.dumps({"step": self.step, "loss": self.loss}))
+        with writing(f"the checkpoint at step {self.step}", staging, partial=staging):
+            staging.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
+                      str(staging / "model.safetensors"))
+            tensors = {"rng": torch.get_rng_state()}
+            names = {p: n for n, p in self.model.named_parameters()}
+            for param, state in self.optimizer.state.items():
+                for key, value in state.items():
+                    tensors[f"{names[param]}::{key}"] = value.detach().clone()
+            save_file(tensors, str(staging / "optimizer.safetensors"))
+            (staging / "state.json").write_text(json.dumps({"step": self.step, "loss": self.loss}))
         self.checkpointed_at = time.monotonic()
         old = folder.with_name(folder.name + ".old")
         if folder.exists():

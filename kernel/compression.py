@@ -124,8 +124,12 @@ class CompressionSyscalls(CoreServices):
         for job in jobs:
             if self._next_quantum(job, progress, ("report", "outputs")):
                 continue
-            self._finish(job, self._register_results(job, progress["report"],
-                                                     progress["outputs"]))
+            try:
+                result = self._register_results(job, progress["report"], progress["outputs"])
+            except KernelError as exc:  # e.g. a full disk; the job's folder goes as it ends
+                self._fail(job, JobState.FAILED, exc.code, exc.message)
+                continue
+            self._finish(job, result)
             shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
 
     def _register_results(self, job: Job, report: dict[str, Any],
@@ -200,9 +204,14 @@ class CompressionSyscalls(CoreServices):
             self.registry.set_serving(version.model, version.version)
 
     def _promoted(self, job: Job) -> None:
-        """The new version is loaded: switch serving to it, retire the old one."""
+        """The new version is loaded: switch serving to it, retire the old one. If the
+        switch cannot be written (a full disk), the job fails and the old version serves on."""
         name, _, number = job.args["handle"].rpartition(":")
-        self._serve(self.registry.resolve(name, int(number)), job.args["rollback"])
+        try:
+            self._serve(self.registry.resolve(name, int(number)), job.args["rollback"])
+        except KernelError as exc:
+            self._fail(job, JobState.FAILED, exc.code, exc.message)
+            return
         self._retiring.add(job.args["previous"])
         hosts = self._hosts()
         self._finish(job, {**self._placements(job.args["handle"],

@@ -20,6 +20,7 @@ from .protocol import ErrorCode, KernelError
 if TYPE_CHECKING:
     from .core import Counters, Request
     from .scheduler import BatchingConfig
+    from .security import AuditLog
 
 
 class ControlSyscalls(CoreServices):
@@ -30,6 +31,7 @@ class ControlSyscalls(CoreServices):
     _model_stats: Callable[[str, int | None], dict[str, Any]]
 
     batching: BatchingConfig
+    audit: AuditLog
     counters: Counters
     history: JobHistory
     per_owner: Counter[str]
@@ -115,6 +117,7 @@ class ControlSyscalls(CoreServices):
             "rss": psutil.Process().memory_info().rss,
             "received": self.counters.received, "rejected": self.counters.rejected,
             "replies": self.counters.replies, "dropped_replies": self.counters.dropped_replies,
+            "audit_failures": self.audit.failures,
             "queued": len(self.scheduler), "active": dict(states),
             "finished": dict(self.finished_by_state), "clients": dict(self.per_owner),
             "devices": {h.name: {"state": str(h.state), "inflight": len(h.inflight),

@@ -4,7 +4,8 @@ One SQLite file, ``$LLMOS_HOME/feedback.db``, separate from the registry (it gro
 traffic; the registry does not). WAL journal with ``synchronous=FULL``: a batch of
 examples is on disk, in one transaction, before ``learn`` answers, so an acknowledged
 example survives a crash of the kernel or of the machine. A batch is stored whole or not
-at all.
+at all: a batch that cannot be written (a full disk) is rolled back and ``learn`` fails
+with KernelError(INTERNAL) naming the file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .registry import writing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -47,7 +50,8 @@ class FeedbackStore:
 
     def __init__(self, home: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(Path(home) / "feedback.db", check_same_thread=False)
+        self.path = Path(home) / "feedback.db"
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -58,9 +62,11 @@ class FeedbackStore:
             self._db.close()
 
     def add(self, model: str, version: int, owner: str, pairs: list[tuple[str, str]]) -> list[int]:
-        """Store ``(text, label)`` pairs in one transaction; their ids, once on disk."""
+        """Store ``(text, label)`` pairs in one transaction; their ids, once on disk.
+        KernelError(INTERNAL) naming the file, and nothing stored, if it cannot be written."""
         now = time.time()
-        with self._lock, self._db:
+        what = f"{len(pairs)} feedback example(s) for {model}"
+        with self._lock, writing(what, self.path), self._db:
             ids = [self._db.execute(
                 "INSERT INTO feedback (model, version, text, label, owner, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)", (model, version, text, label, owner, now)).lastrowid

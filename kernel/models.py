@@ -11,6 +11,7 @@ never imports a framework.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from .registry import ModelVersion, check_name
 if TYPE_CHECKING:
     from .core import Request
     from .scheduler import BatchingConfig
+
+log = logging.getLogger(__name__)
 
 #: Share of a hardware's memory that loaded models may use (CPU: of RAM).
 MEMORY_FRACTION = 0.8
@@ -97,7 +100,7 @@ class ModelSyscalls(CoreServices):
                               timeout=args["timeout"] or 3600)
         lines = done.stdout.strip().splitlines()
         if done.returncode == 2:
-            raise KernelError(ErrorCode.BAD_REQUEST, (done.stderr.strip() or "export failed")[-500:])
+            raise _export_error(done.stderr)
         if done.returncode != 0 or not lines:
             raise KernelError(ErrorCode.INTERNAL, f"export exited with {done.returncode}: "
                               f"{done.stderr.strip()[-500:]}")
@@ -257,11 +260,7 @@ class ModelSyscalls(CoreServices):
                                                if k != "tune"}}
             if timings:
                 self.costs.record(handle, host.name, timings)
-                name, _, number = handle.rpartition(":")
-                self.registry.save_tuning(self.registry.resolve(name, int(number)), host.name,
-                                          machine_id(payload["options"]["precision"],
-                                                     host.threads, host.streams),
-                                          timings)
+                self._save_tuning(host, handle, payload["options"]["precision"], timings)
         else:
             host.loaded.pop(handle, None)
             host.wanted.pop(handle, None)
@@ -281,6 +280,18 @@ class ModelSyscalls(CoreServices):
                                                             for n in job.args["done"]]))
             else:
                 self._finish(job, {"model": handle, "devices": job.args["done"]})
+
+    def _save_tuning(self, host: DeviceHost, handle: str, precision: str,
+                     timings: dict[str, float]) -> None:
+        """Keep a load's measured timings for the next kernel. They are a cache: if they
+        cannot be written (a full disk), the load still succeeds and the next one measures
+        again."""
+        name, _, number = handle.rpartition(":")
+        try:
+            self.registry.save_tuning(self.registry.resolve(name, int(number)), host.name,
+                                      machine_id(precision, host.threads, host.streams), timings)
+        except KernelError as exc:
+            log.warning("timings of %s on %s not kept: %s", handle, host.name, exc.message)
 
     def _placements(self, handle: str, hosts: list[DeviceHost]) -> dict[str, Any]:
         loaded = [h for h in hosts if handle in h.loaded]
@@ -321,3 +332,14 @@ class ModelSyscalls(CoreServices):
                                if handle == version.ref},
             })
         return {"models": rows}
+
+
+def _export_error(stderr: str) -> KernelError:
+    """The KernelError an export subprocess reported (exit 2) on its last line of stderr,
+    ``error: CODE: message`` (e.g. INTERNAL "the disk is full: ..."); BAD_REQUEST with
+    that line if it names no code."""
+    last = (stderr.strip().splitlines() or ["export failed"])[-1].removeprefix("error: ")
+    code, sep, message = last.partition(": ")
+    if sep and code in ErrorCode.__members__:
+        return KernelError(code, message[-500:])
+    return KernelError(ErrorCode.BAD_REQUEST, last[-500:])

@@ -16,11 +16,13 @@ the local user who can reach the 0700 socket folder is trusted with every capabi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,9 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from .protocol import ErrorCode, KernelError
+from .registry import write_error, writing
+
+log = logging.getLogger(__name__)
 
 CAPABILITIES = ("infer", "train", "admin")
 #: The capability each syscall needs. Syscalls not listed here need none beyond a key.
@@ -146,9 +151,11 @@ def check_key_name(name: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` atomically; KernelError(INTERNAL) and no ``.tmp`` left if it fails."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    with writing(path.name, path, partial=tmp):
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        os.replace(tmp, path)
 
 
 class _NamedKeyAuthenticator(ThreadAuthenticator):
@@ -195,22 +202,87 @@ class CurveServer:
 
 
 class AuditLog:
-    """Append-only JSON lines under ``home/audit.log``: who, what, when, result."""
+    """Append-only JSON lines under ``home/audit.log``: who, what, when, result.
+
+    :meth:`record` never raises: the log is written after the syscall has run (it records
+    the outcome), so a log that cannot be written (a full disk) must not take down the
+    thread that answers. A failed entry is counted in :attr:`failures` (``stats`` shows it
+    as ``audit_failures``), logged once per run of failures, and leaves no half line; the
+    next entry that can be written is preceded by a ``LOST`` entry saying how many went
+    missing, so a gap in the log is itself on the record (docs/security.md).
+    """
 
     def __init__(self, home: Path) -> None:
         self.path = Path(home) / "audit.log"
         self._lock = threading.Lock()
+        #: Entries that could not be written since the log was opened.
+        self.failures = 0
+        #: Entries lost since the last one written, and when the first of them failed.
+        self._lost = 0
+        self._lost_since = 0.0
+        self._last_error = ""
 
-    def record(self, who: str, syscall: str, args: dict[str, Any], result: str) -> None:
-        entry = {"time": time.time(), "who": who, "syscall": syscall,
+    def record(self, who: str, syscall: str, args: dict[str, Any], result: str) -> bool:
+        """Append one entry; True once written, False (counted, logged) if it could not be."""
+        now = time.time()
+        with self._lock:
+            try:
+                lines = [self._line(now, who, syscall, args, result)]
+                if self._lost:
+                    lines.insert(0, self._line(now, "kernel", "audit", {
+                        "entries": self._lost, "since": self._lost_since,
+                        "error": self._last_error}, "LOST"))
+                _append(self.path, "".join(lines))
+            except Exception as exc:  # never into the caller: see the class docstring
+                self.failures += 1
+                self._last_error = write_error("the audit log", self.path, exc).message
+                if not self._lost:
+                    self._lost_since = now
+                    log.error("audit entries are being lost (%s %s by %s): %s",
+                              syscall, result, who, self._last_error)
+                self._lost += 1
+                return False
+            if self._lost:
+                log.warning("the audit log is written again; %d entries were lost", self._lost)
+                self._lost = 0
+            return True
+
+    @staticmethod
+    def _line(now: float, who: str, syscall: str, args: dict[str, Any], result: str) -> str:
+        entry = {"time": now, "who": who, "syscall": syscall,
                  "args": {k: v for k, v in args.items()
                           if v is not None and k not in ("inputs", "examples")},
                  "result": result}
-        line = json.dumps(entry, default=str) + "\n"
-        with self._lock, open(self.path, "a") as log:
-            log.write(line)
+        return json.dumps(entry, default=str) + "\n"
 
     def read(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The last ``limit`` entries (a line that is not JSON, e.g. from an older kernel
+        that died mid-write, is skipped)."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines()[-limit:]]
+        entries = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries[-limit:]
+
+
+def _append(path: Path, text: str) -> None:
+    """Append ``text`` whole or not at all: after a failed or short write the file is cut
+    back to its size before, so no half line is left (one writer: the caller's lock)."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except BaseException:
+            with suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)

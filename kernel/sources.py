@@ -11,6 +11,7 @@ from pathlib import Path
 from . import hookimpl
 from .protocol import ErrorCode, KernelError
 from .registries import ModelSource, SourceRegistry
+from .registry import says_disk_full
 
 
 def _minilm_path() -> Path:
@@ -41,6 +42,9 @@ def _convert_gguf(gguf_file: Path, out: Path) -> None:
     """Run the GGUF converter in a subprocess (the kernel never imports a framework)."""
     done = subprocess.run([sys.executable, "-m", "llmos.drivers.gguf", str(gguf_file), str(out)],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
+    if done.returncode != 0 and says_disk_full(done.stderr):
+        raise KernelError(ErrorCode.INTERNAL, f"the disk is full: could not write the model "
+                          f"converted from {gguf_file.name} ({out})")
     if done.returncode != 0:
         code = ErrorCode.BAD_REQUEST if done.returncode == 2 else ErrorCode.INTERNAL
         raise KernelError(code, f"converting {gguf_file.name} failed: {done.stderr.strip()[-500:]}")

@@ -9,6 +9,12 @@ and ``renice`` changes the job's share. The job sticks to the host that holds it
 When the last quantum is done, the saved model becomes a new registry version with its
 parent, recipe, data and metrics. Train jobs are journalled in SQLite: a kernel started
 after a crash re-queues them, and the host resumes from the last checkpoint.
+
+A write that fails (a full disk) fails only its job, with the error naming what could not
+be written: the journal row of a new job (the job is withdrawn before it runs), a
+checkpoint or the trained model (in the host, which removes the partial files), the new
+version. A job whose final state cannot be journalled ends all the same; the row waits in
+memory and is written with the next journal write (:meth:`Registry.journal_put`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import datasets
 from .devices import DeviceHost, HostState, Task
@@ -87,7 +93,7 @@ class TrainingSyscalls(CoreServices):
                           output_name=name, ddp=plan.ddp())
         folder = self.config.home / "jobs" / str(job.id)
         job.args.update(checkpoint=str(folder / "checkpoint"), output=str(folder / "output"))
-        self._journal(job)
+        self._journal_new(job)
         return job
 
     def _resume(self, request: Request, ddp: dict[str, Any] | None) -> Job:
@@ -106,8 +112,16 @@ class TrainingSyscalls(CoreServices):
         self._trainers()
         keep = {k: old[k] for k in _RESUMED if k in old}
         job = self._admit(request, **keep, ddp=ddp, resumed_from=old_id)
-        self._journal(job)
+        self._journal_new(job)
         return job
+
+    def _withdraw(self, job: Job, error: KernelError) -> NoReturn:
+        """Undo the admission of ``job``, whose preparation failed (its journal row or its
+        files could not be written): it ends FAILED without a reply of its own, and
+        ``error`` is raised for the handler to answer with."""
+        job.reply_route = None
+        self._fail(job, JobState.FAILED, error.code, error.message)
+        raise error
 
     def _evaluate(self, request: Request) -> Job:
         version = self.registry.resolve(request.args["model"], request.args["version"])
@@ -146,21 +160,30 @@ class TrainingSyscalls(CoreServices):
                 name, _, number = job.args["handle"].rpartition(":")
                 key = f"{job.args['dataset'].get('name') or job.args['dataset']['path']}:" \
                       f"{job.args['split']}"
-                self.registry.add_metrics(self.registry.resolve(name, int(number)), key,
-                                          body["metrics"])
+                try:
+                    self.registry.add_metrics(self.registry.resolve(name, int(number)), key,
+                                              body["metrics"])
+                except KernelError as exc:
+                    self._fail(job, JobState.FAILED, exc.code, exc.message)
+                    continue
                 self._finish(job, {"model": job.args["handle"], **body["metrics"]})
             return
         progress = body["progress"]
         for job in jobs:
             if self._next_quantum(job, progress, ("metrics", "output")):
                 continue
-            version, _ = self.registry.import_folder(
-                job.args["output_name"], Path(progress["output"]),
-                recipe={"op": "train", "data": job.args["dataset"], "epochs": job.args["epochs"],
-                        "batch_size": job.args["batch_size"],
-                        "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
-                        "max_tokens": job.args["max_tokens"], "limit": job.args["limit"]},
-                parent=job.args["parent"], metrics=progress["metrics"], move=True)
+            try:
+                version, _ = self.registry.import_folder(
+                    job.args["output_name"], Path(progress["output"]),
+                    recipe={"op": "train", "data": job.args["dataset"],
+                            "epochs": job.args["epochs"], "batch_size": job.args["batch_size"],
+                            "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
+                            "max_tokens": job.args["max_tokens"], "limit": job.args["limit"]},
+                    parent=job.args["parent"], metrics=progress["metrics"], move=True)
+            except KernelError as exc:  # e.g. a full disk: the checkpoint stays for a resume
+                shutil.rmtree(progress["output"], ignore_errors=True)
+                self._fail(job, JobState.FAILED, exc.code, exc.message)
+                continue
             shutil.rmtree(Path(job.args["checkpoint"]).parent, ignore_errors=True)
             self._finish(job, {"model": version.ref, "parent": job.args["parent"],
                                "metrics": progress["metrics"], "labels": progress["labels"],
@@ -183,9 +206,24 @@ class TrainingSyscalls(CoreServices):
 
     # --- the journal ------------------------------------------------------------------
 
-    def _journal(self, job: Job, state: JobState | None = None) -> None:
-        self.registry.journal_put(job.id, job.syscall, job.owner, job.priority, job.args,
-                                  str(state or job.state))
+    def _journal_new(self, job: Job) -> None:
+        """Journal a job just admitted; if that cannot be written, withdraw it (a train job
+        that would not survive a restart is refused, not run)."""
+        try:
+            self.registry.journal_put(job.id, job.syscall, job.owner, job.priority, job.args,
+                                      str(job.state))
+        except KernelError as exc:
+            self._withdraw(job, exc)
+
+    def _journal(self, job: Job, state: JobState) -> None:
+        """Journal the state a job ended in. If it cannot be written now, the job ends all
+        the same: the row waits in the registry's backlog for the next journal write."""
+        try:
+            self.registry.journal_put(job.id, job.syscall, job.owner, job.priority, job.args,
+                                      str(state))
+        except KernelError as exc:
+            log.warning("job %d ended %s; the journal will record it later: %s",
+                        job.id, state, exc.message)
 
     def _resume_journalled(self) -> None:
         """Queue again the train jobs a previous kernel left unfinished."""

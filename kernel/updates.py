@@ -26,15 +26,15 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .devices import DeviceHost, Task
 from .feedback import Example, FeedbackStore
-from .jobs import Job
+from .jobs import Job, JobState
 from .learning import classifier_labels
 from .mixin import CoreServices
 from .protocol import ErrorCode, KernelError
-from .registry import ModelVersion
+from .registry import ModelVersion, writing
 
 if TYPE_CHECKING:
     from .core import Request
@@ -57,10 +57,13 @@ def split_examples(examples: list[Example], holdout: float, seed: int
 
 
 def write_examples(path: Path, examples: list[Example]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for example in examples:
-            fh.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
+    """Write ``examples`` as JSON lines; KernelError(INTERNAL) naming ``path`` (and no
+    partial file) if that fails."""
+    with writing(f"{len(examples)} feedback examples for the update", path, partial=path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as fh:
+            for example in examples:
+                fh.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
 
 
 class UpdateSyscalls(CoreServices):
@@ -73,6 +76,8 @@ class UpdateSyscalls(CoreServices):
     _promote: Callable[[Request], Job | dict[str, Any]]
     _swap: Callable[..., Job | dict[str, Any]]
     _next_quantum: Callable[[Job, dict[str, Any], tuple[str, ...]], bool]
+    #: Undo an admission whose preparation failed (in TrainingSyscalls).
+    _withdraw: Callable[[Job, KernelError], NoReturn]
     #: A request made by the kernel itself for ``owner`` (no client waits for its reply).
     _internal_request: Callable[[str, str, dict[str, Any]], Request]
 
@@ -101,11 +106,14 @@ class UpdateSyscalls(CoreServices):
                                     "examples": len(examples), "train": len(train),
                                     "held_out": len(held)})
         folder = self.config.home / "jobs" / str(job.id)
-        write_examples(folder / "train.jsonl", train)
-        write_examples(folder / "holdout.jsonl", held)
         job.args.update(train_file=str(folder / "train.jsonl"),
                         holdout_file=str(folder / "holdout.jsonl"),
                         output=str(folder / "output"))
+        try:  # a failure withdraws the job, and its folder goes (_work_folder_ended)
+            write_examples(folder / "train.jsonl", train)
+            write_examples(folder / "holdout.jsonl", held)
+        except KernelError as exc:
+            self._withdraw(job, exc)
         return job
 
     def _update_task(self, job: Job, host: DeviceHost) -> Task:
@@ -124,7 +132,12 @@ class UpdateSyscalls(CoreServices):
         for job in jobs:
             if self._next_quantum(job, progress, ("report",)):
                 continue
-            self._finish(job, self._register_candidate(job, progress["report"]))
+            try:
+                result = self._register_candidate(job, progress["report"])
+            except KernelError as exc:  # e.g. a full disk; the job's folder goes as it ends
+                self._fail(job, JobState.FAILED, exc.code, exc.message)
+                continue
+            self._finish(job, result)
             shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
 
     def _register_candidate(self, job: Job, report: dict[str, Any]) -> dict[str, Any]:

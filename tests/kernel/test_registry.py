@@ -1,4 +1,5 @@
 import json
+import sqlite3
 
 import numpy as np
 import pytest
@@ -102,3 +103,76 @@ def test_an_adapter_folder_is_kept_beside_the_weights(tmp_path):
     version, _ = Registry(tmp_path / "home").import_folder("m", source, {"op": "learn"})
     assert sorted(p.name for p in (version.path / "adapter").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors"]
+
+
+class _FullOnce:
+    """A registry connection whose next commit fails as SQLite does on a full disk."""
+
+    def __init__(self, db):
+        self.db, self.failures = db, 1
+
+    def commit(self):
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        self.db.commit()
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_an_import_whose_index_write_fails_leaves_nothing(tmp_path):
+    home = tmp_path / "home"
+    registry = Registry(home)
+    registry._db = _FullOnce(registry._db)
+    with pytest.raises(KernelError) as info:
+        registry.import_folder("m", hf_folder(tmp_path / "src"), {"op": "import"})
+    assert info.value.code is ErrorCode.INTERNAL
+    assert info.value.message.startswith("the disk is full: could not write") and "m:1" in info.value.message
+    assert registry.versions() == [] and not (home / "models" / "m").exists()
+    version, created = registry.import_folder("m", tmp_path / "src", {"op": "import"})
+    assert created and version.version == 1 and Registry(home).resolve("m").version == 1
+
+
+def test_a_journal_row_that_cannot_be_written_goes_in_with_the_next_write(tmp_path):
+    home = tmp_path / "home"
+    registry = Registry(home)
+    registry._db = _FullOnce(registry._db)
+    with pytest.raises(KernelError) as info:
+        registry.journal_put(3, "train", "alice", 10, {"epochs": 1}, "FAILED")
+    assert info.value.code is ErrorCode.INTERNAL
+    assert "job journal (job 3)" in info.value.message and "registry.db" in info.value.message
+    assert registry.journal_get(3) == ("train", "FAILED", {"epochs": 1})  # what it waits to write
+    assert registry.journal_last_id() == 3
+    registry.journal_put(4, "train", "bob", 10, {}, "QUEUED")
+    reopened = Registry(home)
+    assert reopened.journal_get(3) == ("train", "FAILED", {"epochs": 1})
+    assert [row[0] for row in reopened.journal_unfinished()] == [4]
+
+
+def test_opening_sweeps_partials_and_keeps_what_a_resume_needs(tmp_path):
+    home = tmp_path / "home"
+    registry = Registry(home)
+    version, _ = registry.import_folder("m", hf_folder(tmp_path / "src"), {"op": "import"})
+    for job, state in ((5, "FAILED"), (6, "DONE"), (7, "RUNNING")):
+        registry.journal_put(job, "train", "alice", 10, {}, state)
+    jobs = home / "jobs"
+    planted = {
+        "resumable checkpoint": jobs / "5" / "checkpoint" / "state.json",
+        "partial checkpoint": jobs / "5" / "checkpoint.tmp" / "model.safetensors",
+        "stale checkpoint": jobs / "5" / "checkpoint.old" / "state.json",
+        "partial output": jobs / "5" / "output" / "config.json",
+        "done job": jobs / "6" / "checkpoint" / "state.json",
+        "no checkpoint yet": jobs / "7" / "checkpoint.tmp" / "model.safetensors",
+        "unjournalled job": jobs / "8" / "work" / "step.bin",
+        "half an export": version.path / "artifacts" / ".onnx-new-x" / "model.onnx",
+        "an export": version.path / "artifacts" / "onnx" / "model.onnx",
+    }
+    for path in planted.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    Registry(home)
+    kept = sorted(what for what, path in planted.items() if path.exists())
+    assert kept == ["an export", "resumable checkpoint"]
+    assert sorted(p.name for p in jobs.iterdir()) == ["5"]
+    assert sorted(p.name for p in (jobs / "5").iterdir()) == ["checkpoint"]
