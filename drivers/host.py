@@ -38,6 +38,7 @@ import msgpack
 import psutil
 import zmq
 
+from llmos.kernel.output import keep_output_from_failing
 from llmos.kernel.protocol import ErrorCode, KernelError, tensor_from_ref, tensor_ref
 
 from .base import Driver, granted_streams
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identity", required=True)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--streams", type=int, default=1)
+    keep_output_from_failing()  # its log is a file under LLMOS_HOME: a full disk fails no task
     logging.basicConfig(level=logging.INFO, format="%(asctime)s host %(levelname)s %(message)s")
     return serve(parser.parse_args(argv))
 

@@ -28,6 +28,7 @@ import llmos
 
 from .config import KernelConfig
 from .core import DOORBELL, OUTBOX, Counters, KernelCore, Request
+from .output import keep_output_from_failing
 from .plugins import collect, disabled_from_env, get_plugin_manager, plugin_names
 from .protocol import (
     PROTOCOL_VERSION,
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmos.kernel")
     add_kernel_options(parser)
     args = parser.parse_args(argv)
+    keep_output_from_failing()  # its log is a file under LLMOS_HOME: a full disk fails nothing
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = KernelServer(config_from_args(args))

@@ -211,6 +211,7 @@ def test_audited_calls_go_on_when_the_audit_log_cannot_be_written(disk):
             loaded = client.load("tiny")
             predictions = client.classify("tiny", ["a fine film"])
             unloaded = client.unload("tiny")
+            failures = client.stats()["audit_failures"]
         with pytest.raises(KernelError):
             client.cancel(1_000_000)  # room again: written after a LOST entry
     entries = [json.loads(line) for line in log.read_text().splitlines()]  # whole lines only
@@ -220,6 +221,7 @@ def test_audited_calls_go_on_when_the_audit_log_cannot_be_written(disk):
     assert ping_failures == [] and kernel.process.poll() is None
     assert lost["who"] == "kernel" and lost["syscall"] == "audit"
     assert lost["args"]["entries"] >= 50 and "the disk is full" in lost["args"]["error"]
+    assert failures == lost["args"]["entries"]  # stats counts what the LOST entry reports
     assert entries[-1]["args"] == {"id": 1_000_000} and entries[-2] is lost
 
 
