@@ -94,7 +94,7 @@ def test_an_update_learns_the_new_domain_is_gated_and_promoted(kernel):
     with kernel.client() as client:
         client.learn("films", examples("medicine", 120, 1))
         result = client.update("films", method="lora",
-                               params={"learning_rate": 2e-2, "epochs": 8.0, "rank": 8})
+                               params={"learning_rate": 5e-3, "epochs": 16.0, "rank": 8})
         report = result["report"]
         assert result["passed"] and result["promoted"], result["reason"]
         assert report["candidate"]["new"] > report["current"]["new"]
