@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 
 import numpy as np
 import openai
@@ -27,19 +26,6 @@ QUESTION = [{"role": "user", "content": "My order arrived damaged. What should I
 def start(gateway: Gateway) -> Gateway:
     threading.Thread(target=gateway.serve_forever, daemon=True).start()
     return gateway
-
-
-@pytest.fixture(scope="module")
-def gateway(chat_kernel) -> Iterator[Gateway]:
-    server = start(Gateway("127.0.0.1", 0, chat_kernel.address))
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def api(gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
 
 
 def test_models_lists_loaded_versions(api):

@@ -7,35 +7,20 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import openai
 import pytest
 
+from llmos.kernel.testing import wait_for
 from llmos.plugins.gateway.http import Gateway
 
 QUESTION = [{"role": "user", "content": "My order arrived damaged. What should I do?"}]
 #: A JSON text nested 100,000 levels deep.
 DEEP = "[" * 100_000 + "]" * 100_000
-
-
-@pytest.fixture(scope="module")
-def gateway(chat_kernel) -> Iterator[Gateway]:
-    server = Gateway("127.0.0.1", 0, chat_kernel.address)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def api(gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
 
 
 def post_raw(gateway: Gateway, route: str, body: str) -> tuple[int, dict[str, Any]]:
@@ -150,17 +135,6 @@ def generate_jobs(kernel, after: int) -> list[dict[str, Any]]:
     return [j for j in kernel.jobs() if j["syscall"] == "generate" and j["id"] > after]
 
 
-def wait_until(what: Callable[[], Any], seconds: float) -> Any:
-    """``what()`` once it is truthy, polled every 50 ms; AssertionError after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {seconds} s")
-
-
 @pytest.mark.timeout(300)
 def test_a_non_streamed_completion_whose_client_disconnects_is_cancelled(gateway, chat_kernel):
     max_tokens = 2000
@@ -172,13 +146,15 @@ def test_a_non_streamed_completion_whose_client_disconnects_is_cancelled(gateway
         connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
                            b"Content-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        job = wait_until(lambda: [j for j in generate_jobs(kernel, before)
-                                  if j["state"] == "RUNNING" and j["tokens"] > 0], 120)[0]
+        job = wait_for(lambda: [j for j in generate_jobs(kernel, before)
+                                if j["state"] == "RUNNING" and j["tokens"] > 0],
+                       "the generation to stream tokens")[0]
         connection.close()  # the HTTP client goes away, its answer not yet written
-        ended = wait_until(lambda: [j for j in generate_jobs(kernel, before)
-                                    if j["id"] == job["id"] and j["finished_at"]], 120)[0]
+        ended = wait_for(lambda: [j for j in generate_jobs(kernel, before)
+                                  if j["id"] == job["id"] and j["finished_at"]],
+                         "the job of the vanished HTTP client to end")[0]
         assert ended["state"] == "CANCELLED", ended
         assert ended["tokens"] < max_tokens
-        wait_until(lambda: all(d["inflight"] == 0 for d in kernel.devices()), 60)
+        wait_for(lambda: all(d["inflight"] == 0 for d in kernel.devices()), "idle hosts", 60)
     metrics = urllib.request.urlopen(f"{gateway.url}/metrics").read().decode()
     assert 'llmos_gateway_requests_total{route="/v1/chat/completions",status="499"} 1' in metrics

@@ -3,11 +3,10 @@ batching, preemption with resume, cancellation, clients that disappear, bad requ
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.kernel.testing import wait_for
 
 QUESTIONS = ["My parcel has not arrived yet. What should I do?",
              "How do I reset my password?",
@@ -22,16 +21,6 @@ def chat(question: str) -> list[dict[str, str]]:
 def greedy(client, question: str, max_tokens: int = 24, **options):
     return client.generate("smollm2", messages=chat(question), max_tokens=max_tokens,
                            temperature=0.0, **options)
-
-
-def wait_for(condition, what: str, limit: float = 120.0):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def host_idle(client) -> bool:

@@ -171,15 +171,24 @@ def test_huge_names_and_a_thousand_big_jobs_leave_kernel_memory_bounded(minilm_k
 
 
 @pytest.mark.timeout(300)
-def test_a_clean_stop_removes_the_socket_file(home):
+def test_a_clean_stop_removes_the_socket_files(home):
+    """The kernel's socket and its backend socket go with a clean stop; a backend socket
+    that a killed kernel left (its pid no longer runs) is swept at start."""
+    run = home / "run"
+    run.mkdir(parents=True)
+    stale = run / "backend-4194304.sock"  # above any pid_max: no such process
+    stale.touch()
     with running_kernel(home, "--devices", "onnxruntime:cpu") as kernel:
-        socket_file = home / "run" / "kernel.sock"
+        socket_file = run / "kernel.sock"
         assert kernel.address == f"ipc://{socket_file}"
         assert socket_file.is_socket()
+        assert not stale.exists()
+        assert (run / f"backend-{kernel.process.pid}.sock").is_socket()
         process = kernel.process
     assert process.returncode == 0
     assert not socket_file.exists()
-    assert not (home / "run" / "kernel.json").exists()
+    assert not (run / "kernel.json").exists()
+    assert not list(run.glob("backend-*.sock"))
 
 
 @pytest.mark.timeout(600)

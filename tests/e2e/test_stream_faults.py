@@ -19,13 +19,11 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import openai
 import pytest
 
-from llmos.kernel.testing import running_kernel
-from llmos.plugins.gateway.http import Gateway
+from llmos.kernel.testing import running_kernel, wait_for
 
 QUESTIONS = [
     "My parcel is late. What can I do?",
@@ -45,15 +43,6 @@ def chat(question: str) -> list[dict[str, str]]:
 
 def torch_host(devices: list[dict]) -> dict:
     return next(d for d in devices if d["driver"] == "torch" and not d["role"])
-
-
-@pytest.fixture(scope="module")
-def gateway(chat_kernel) -> Iterator[Gateway]:
-    server = Gateway("127.0.0.1", 0, chat_kernel.address)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 async def one_round(base_url: str, rng: random.Random) -> tuple[list[str], int]:
@@ -102,16 +91,6 @@ def test_streams_closed_at_random_points_never_end_the_others(chat_kernel, gatew
     assert after["restarts"] == before["restarts"] and after["pid"] == before["pid"], (
         "the generation host restarted")
     assert answer["usage"]["completion_tokens"] >= 1
-
-
-def wait_for(condition, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(900)
