@@ -420,10 +420,19 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
             self._on_task_done(host, event.task, event.body, event.buffers)
 
     def _on_tasks_lost(self, host: DeviceHost, how: str, reason: str, lost: list[Task]) -> None:
-        """Requeue the jobs of tasks a host lost (it ``died``) or gave back (it ``stalled``);
-        a job on its second attempt, or on a host given up for good, fails instead. A
-        generation resumes after what it has streamed (kernel/generation.py)."""
+        """Requeue the jobs of tasks a host lost (it ``died``), or of those a ``stalled``
+        host offers when another host can run them (else they wait for it to wake or die;
+        a stall is not a failed attempt); a job on its second attempt, or on a host given up
+        for good, fails instead. A generation resumes after what it has streamed
+        (kernel/generation.py)."""
+        assert self.devices is not None
         for task in lost:
+            if how == "stalled":
+                if not self._runs_elsewhere(task, host):
+                    continue
+                self.devices.take_back(host, task)
+                for job in task.jobs:
+                    job.attempts -= 1
             for job in task.jobs:
                 if job.state not in (JobState.RUNNING, JobState.PREEMPTED):
                     continue
@@ -442,6 +451,13 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         if host.state is HostState.FAILED:
             host.wanted.clear()
             self._fail_orphans()
+
+    def _runs_elsewhere(self, task: Task, stalled: DeviceHost) -> bool:
+        """Whether a ready host other than ``stalled`` has ``task``'s model loaded."""
+        assert self.devices is not None
+        handle = task.payload.get("handle")
+        return any(h is not stalled and h.state is HostState.READY and handle in h.loaded
+                   for h in self.devices.hosts.values())
 
     def _on_task_done(self, host: DeviceHost, task: Task, body: dict[str, Any],
                       buffers: list[bytes]) -> None:

@@ -10,9 +10,10 @@ Two timeouts watch a host (docs/architecture.md, "Faults"). A host sends a heart
 ``HEARTBEAT_INTERVAL`` (0.25 s) from its IO thread, even while it computes. Silent for
 ``stall_timeout`` (0.75 s by default), it is STALLED: it takes no new work, its hardware
 counts as free again (so the other hosts on that CPU keep serving), and its ``run``,
-``stage`` and ``generate`` tasks are handed back to the caller to run elsewhere (the first
-result wins; a late one from the stalled host is ignored). A heartbeat makes it READY
-again. Silent for ``heartbeat_timeout`` (10 s), it is killed and restarted as a dead one.
+``stage`` and ``generate`` tasks are offered to the caller, which may :meth:`take_back`
+those that another host can run (the first result wins; a late one from the stalled host
+is ignored). A heartbeat makes it READY again. Silent for ``heartbeat_timeout`` (10 s), it
+is killed and restarted as a dead one.
 """
 
 from __future__ import annotations
@@ -155,15 +156,15 @@ class DeviceHost:
 @dataclass(slots=True)
 class HostEvent:
     """What happened to a host: ``ready``, ``done`` (a task finished), ``stream`` (events of
-    streaming tasks: ``body["events"]``), ``stalled`` (``lost``: the tasks it gave back) or
-    ``died``."""
+    streaming tasks: ``body["events"]``), ``stalled`` (``lost``: the tasks it may give back,
+    still in flight) or ``died``."""
 
     kind: str
     host: DeviceHost
     task: Task | None = None
     body: dict[str, Any] = field(default_factory=dict)
     buffers: list[bytes] = field(default_factory=list)
-    #: For ``died``: every task that was in flight; for ``stalled``: those given back.
+    #: For ``died``: every task that was in flight; for ``stalled``: those it may give back.
     lost: list[Task] = field(default_factory=list)
 
 
@@ -336,15 +337,17 @@ class DeviceManager:
         return events
 
     def _stall(self, host: DeviceHost, silent: float) -> HostEvent:
-        """Mark ``host`` STALLED and take back its reassignable tasks."""
+        """Mark ``host`` STALLED; the event offers its reassignable tasks."""
         host.state = HostState.STALLED
-        given_back = [task for task in host.inflight.values() if task.op in REASSIGNABLE_OPS]
-        for task in given_back:
-            del host.inflight[task.id]
-        log.warning("%s silent for %.1f s: stalled; %d tasks go elsewhere", host.name, silent,
-                    len(given_back))
+        log.warning("%s silent for %.1f s: stalled", host.name, silent)
+        offered = [task for task in host.inflight.values() if task.op in REASSIGNABLE_OPS]
         return HostEvent("stalled", host, body={"reason": f"silent for {silent:.1f} s"},
-                         lost=given_back)
+                         lost=offered)
+
+    @staticmethod
+    def take_back(host: DeviceHost, task: Task) -> None:
+        """Stop waiting for ``task`` on ``host`` (it runs elsewhere; a late DONE is ignored)."""
+        host.inflight.pop(task.id, None)
 
     def _kill(self, host: DeviceHost, reason: str, give_up: bool = False) -> list[HostEvent]:
         if host.process and host.process.poll() is None:

@@ -96,9 +96,9 @@ def test_streams_closed_at_random_points_never_end_the_others(chat_kernel, gatew
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("fault", ["kill", "stall"])
 def test_generations_survive_their_host_with_every_token_once(chat_kernel, fault):
-    """kill: the host dies and restarts; stall: SIGSTOP for 2 s (past the stall timeout),
-    then SIGCONT: the jobs go back to the queue and return to the same host, which still
-    runs the first dispatch's sequences until it reads the kernel's cancel."""
+    """kill: the host dies and restarts, the jobs resume on the new one; stall: SIGSTOP for
+    2 s (past the stall timeout), then SIGCONT: no other host serves the model, so the jobs
+    stay and finish where they were."""
     args = [{"model": "smollm2", "messages": chat(q), "max_tokens": 40, "temperature": 0.0,
              "ignore_eos": True} for q in QUESTIONS]
     with chat_kernel.client() as client:
