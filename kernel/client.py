@@ -145,10 +145,7 @@ class _Syscalls:
         return self._call("train", {"model": model, "data": data, "path": path, **options})
 
     def evaluate(self, model: str, *, data: str | None = None, path: str | None = None,
-                 split: str | None = None, **options: Any) -> Any:
-        """Accuracy, macro-F1, balanced accuracy and the majority-class baseline of a
-        classifier: on a bundled dataset's ``test`` split, or on every row of a file at
-        ``path``, unless ``split`` names one (train, validation, test, all)."""
+                 split: str = "test", **options: Any) -> Any:
         return self._call("evaluate", {"model": model, "data": data, "path": path,
                                        "split": split, **options})
 

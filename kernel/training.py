@@ -124,14 +124,10 @@ class TrainingSyscalls(CoreServices):
         raise error
 
     def _evaluate(self, request: Request) -> Job:
-        """Score a classifier: a file's every row unless a split is named; a bundled
-        dataset's test split by default."""
         version = self.registry.resolve(request.args["model"], request.args["version"])
         data = self._data_spec(request.args)
-        split = request.args["split"] or (datasets.ALL if "path" in data else "test")
         self._trainers()
-        return self._admit(request, path=str(version.path), handle=version.ref, dataset=data,
-                           split=split)
+        return self._admit(request, path=str(version.path), handle=version.ref, dataset=data)
 
     # --- scheduling and results -------------------------------------------------------
 
@@ -176,27 +172,22 @@ class TrainingSyscalls(CoreServices):
         for job in jobs:
             if self._next_quantum(job, progress, ("metrics", "output")):
                 continue
-            metrics = dict(progress["metrics"])
-            training, warning = metrics.pop("training"), metrics.pop("warning")
             try:
                 version, _ = self.registry.import_folder(
                     job.args["output_name"], Path(progress["output"]),
                     recipe={"op": "train", "data": job.args["dataset"],
-                            "epochs": training["epochs"], "batch_size": training["batch_size"],
-                            "learning_rate": training["learning_rate"], "seed": job.args["seed"],
+                            "epochs": job.args["epochs"], "batch_size": job.args["batch_size"],
+                            "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
                             "max_tokens": job.args["max_tokens"], "limit": job.args["limit"]},
-                    parent=job.args["parent"], metrics=metrics, move=True)
+                    parent=job.args["parent"], metrics=progress["metrics"], move=True)
             except KernelError as exc:  # e.g. a full disk: the checkpoint stays for a resume
                 shutil.rmtree(progress["output"], ignore_errors=True)
                 self._fail(job, JobState.FAILED, exc.code, exc.message)
                 continue
             shutil.rmtree(Path(job.args["checkpoint"]).parent, ignore_errors=True)
-            if warning:
-                log.warning("train job %d: %s", job.id, warning)
             self._finish(job, {"model": version.ref, "parent": job.args["parent"],
-                               "metrics": metrics, "labels": progress["labels"],
-                               "steps": progress["step"], "training": training,
-                               "warning": warning})
+                               "metrics": progress["metrics"], "labels": progress["labels"],
+                               "steps": progress["step"]})
 
     def _next_quantum(self, job: Job, progress: dict[str, Any], results: tuple[str, ...]) -> bool:
         """A time-sliced job (train, compress, update) finished a quantum: record and
