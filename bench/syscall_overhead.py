@@ -1,6 +1,6 @@
 """Syscall overhead: round-trip latency of the kernel's ``ping`` against a raw ZeroMQ echo.
 
-Both contenders get the same frames, ``llmos.kernel.protocol.encode_request("ping", {})``,
+Both contenders get the same frames, ``llmos.contract.protocol.encode_request("ping", {})``,
 over the same transport (tcp loopback by default, or ipc), one request in flight at a time:
 
 * raw echo: a spawned process with a bare pyzmq ROUTER that msgpack-unpacks the header and
@@ -39,8 +39,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from llmos.contract.protocol import MAGIC, decode_reply, encode_request
 from llmos.kernel.client import Client
-from llmos.kernel.protocol import MAGIC, decode_reply, encode_request
 
 TARGET = 1.3
 SETTLED = {"READY", "FAILED", "STOPPED"}

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import glob
 import importlib.util
 from collections.abc import Callable
 
-from llmos.kernel import hookimpl
+from llmos.contract.hookspecs import hookimpl
 from llmos.kernel.registries import DriverRegistry, DriverSpec
 
 

@@ -34,7 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.registry import digest_files, writing
 
 #: Artifact file name per format.

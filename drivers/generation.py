@@ -55,7 +55,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.states import FinishReason
 
 from .kvcache import KV, RowCache
 from .prefixes import DEFAULT_MAX_BYTES, PrefixCache, PrefixHit
@@ -215,13 +216,13 @@ class GenerationEngine:
     def cancel(self, ids: set[int]) -> list[dict[str, Any]]:
         """Drop these sequences wherever they are; their ``cancelled`` finish events. Never
         raises: if the batch cannot be cut, its other rows end with an error event."""
-        events = [self._finish(s, "cancelled") for s in self.waiting if s.id in ids]
+        events = [self._finish(s, FinishReason.CANCELLED) for s in self.waiting if s.id in ids]
         self.waiting = [s for s in self.waiting if s.id not in ids]
         if self.chunking is not None and self.chunking.id in ids:
-            events.append(self._finish(self.chunking, "cancelled"))
+            events.append(self._finish(self.chunking, FinishReason.CANCELLED))
             self.chunking = None
         rows = [i for i, s in enumerate(self.batch.seqs) if s.id in ids]
-        events += [self._finish(self.batch.seqs[i], "cancelled") for i in rows]
+        events += [self._finish(self.batch.seqs[i], FinishReason.CANCELLED) for i in rows]
         try:
             with torch.inference_mode():
                 self._drop_rows(set(rows))
@@ -476,17 +477,17 @@ class GenerationEngine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         if token in self.eos and not seq.sampling.ignore_eos:
-            events.append(self._finish(seq, "stop"))
+            events.append(self._finish(seq, FinishReason.STOP))
             return True
         seq.generated.append(token)
         text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
         for stop in seq.sampling.stop:
             at = text.find(stop, max(0, seq.sent - len(stop)))
             if at >= 0:
-                events.append(self._finish(seq, "stop", text[:at]))
+                events.append(self._finish(seq, FinishReason.STOP, text[:at]))
                 return True
         if len(seq.generated) >= seq.sampling.max_tokens:
-            events.append(self._finish(seq, "length", text))
+            events.append(self._finish(seq, FinishReason.LENGTH, text))
             return True
         ready = len(text) - _held_back(text, seq.sampling.stop)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character

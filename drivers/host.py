@@ -16,8 +16,7 @@ A ``generate`` task stays in flight until each of its requests has finished: eve
 sends one STREAM message with the events of all requests, and a request's task gets its
 DONE when the last of its requests finishes.
 
-Host wire (internal, msgpack, no pickle): ``[kind, body, *buffers]`` with kinds below.
-The first message is READY with the secret token the kernel passed in ``LLMOS_HOST_TOKEN``.
+The host wire (message kinds, task ops, bodies) is in :mod:`llmos.contract.hostwire`.
 """
 
 from __future__ import annotations
@@ -34,45 +33,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-import msgpack
 import psutil
 import zmq
 
+from llmos.contract.hostwire import (
+    HEARTBEAT_INTERVAL,
+    HOST_PROTOCOL_VERSION,
+    STREAMING_TASK_OPS,
+    TOKEN_ENV,
+    HostMessage,
+    pack,
+    unpack,
+)
+from llmos.contract.protocol import ErrorCode, KernelError, tensor_from_ref, tensor_ref
 from llmos.kernel.output import keep_output_from_failing
-from llmos.kernel.protocol import ErrorCode, KernelError, tensor_from_ref, tensor_ref
 
 from .base import Driver, granted_streams
 from .tuning import time_shapes
 
-# host -> kernel
-READY = b"READY"
-HEARTBEAT = b"HB"
-DONE = b"DONE"
-STREAM = b"STREAM"
-START_FAILED = b"START_FAILED"
-# kernel -> host
-TASK = b"TASK"
-STOP = b"STOP"
-
-#: Ops handled without blocking the compute thread: they start or steer generations.
-STREAMING_TASK_OPS = frozenset({"generate", "cancel", "renice"})
-
 #: Where stream threads send their DONE messages (the IO thread forwards them).
 STREAM_DONE_ADDRESS = "inproc://stream-done"
 
-HOST_PROTOCOL_VERSION = 1
-HEARTBEAT_INTERVAL = 0.25
-TOKEN_ENV = "LLMOS_HOST_TOKEN"
-
 log = logging.getLogger("llmos.host")
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def unpack(raw: bytes) -> Any:
-    return msgpack.unpackb(raw, raw=False)
 
 
 def import_driver(qualname: str) -> type[Driver]:
@@ -132,7 +114,7 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process,
         buffers = []
     body["cpu_seconds"] = (sum(process.cpu_times()[:2]) - cpu_before) / share
     body["rss"] = process.memory_info().rss
-    return [DONE, pack(body), *buffers]
+    return [HostMessage.DONE, pack(body), *buffers]
 
 
 class _IOThread(threading.Thread):
@@ -165,13 +147,13 @@ class _IOThread(threading.Thread):
             if now >= next_beat:
                 if os.getppid() != self.parent_pid:  # the kernel died: nothing to serve
                     os._exit(3)
-                dealer.send_multipart([HEARTBEAT, pack({"rss": process.memory_info().rss})])
+                dealer.send_multipart([HostMessage.HEARTBEAT, pack({"rss": process.memory_info().rss})])
                 next_beat = now + HEARTBEAT_INTERVAL
             events = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
             if dealer in events:
                 frames = dealer.recv_multipart(copy=True)
                 pair.send_multipart(frames)
-                if frames[0] == STOP:
+                if frames[0] == HostMessage.STOP:
                     break
             if pair in events:
                 dealer.send_multipart(pair.recv_multipart(copy=True))
@@ -289,12 +271,12 @@ def _stream_messages(events: list[dict[str, Any]], generations: _Generations,
                      process: psutil.Process) -> list[list[bytes]]:
     if not events:
         return []
-    return [[STREAM, pack({"events": events})],
+    return [[HostMessage.STREAM, pack({"events": events})],
             *(_done(task_id, process) for task_id in generations.finished(events))]
 
 
 def _done(task_id: int, process: psutil.Process) -> list[bytes]:
-    return [DONE, pack({"task": task_id, "ok": True, "cpu_seconds": 0.0,
+    return [HostMessage.DONE, pack({"task": task_id, "ok": True, "cpu_seconds": 0.0,
                         "rss": process.memory_info().rss})]
 
 
@@ -312,10 +294,10 @@ def serve(args: argparse.Namespace) -> int:
         streams = granted_streams(driver, args.streams)
         hello["info"] = {**driver.describe(), "streams": streams}
     except Exception as exc:
-        pair.send_multipart([START_FAILED, pack({**hello, "message": f"{exc}"})])
+        pair.send_multipart([HostMessage.START_FAILED, pack({**hello, "message": f"{exc}"})])
         time.sleep(0.5)  # let the IO thread deliver it
         return 1
-    pair.send_multipart([READY, pack(hello)])
+    pair.send_multipart([HostMessage.READY, pack(hello)])
     process = psutil.Process()
     pool = _StreamPool(ctx, driver, streams, process) if streams > 1 else None
     generations = _Generations()
@@ -325,9 +307,9 @@ def serve(args: argparse.Namespace) -> int:
                 pair.send_multipart(message)
             continue
         frames = pair.recv_multipart(copy=True)
-        if frames[0] == STOP:
+        if frames[0] == HostMessage.STOP:
             break
-        if frames[0] != TASK:
+        if frames[0] != HostMessage.TASK:
             continue
         task = unpack(frames[1])
         if task.get("op") in STREAMING_TASK_OPS:

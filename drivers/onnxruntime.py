@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime
 import psutil
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 from .common import ExportedGraphDriver, Graph
 

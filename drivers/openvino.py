@@ -26,7 +26,7 @@ import numpy as np
 import openvino
 import psutil
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 from .common import ExportedGraphDriver, Graph
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from llmos.kernel.protocol import KernelError
+from llmos.contract.protocol import KernelError
 from llmos.kernel.registry import is_disk_full, write_error
 
 

@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel import datasets
 from llmos.kernel.monitor import CONFIDENCE_EDGES, LENGTH_EDGES, histogram, words
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.registry import writing
 
 from .dropout import DropoutKey, keyed_dropout

@@ -3,7 +3,7 @@
 Both speak the wire protocol over one DEALER socket and expose one method per syscall
 (the same methods, shared through :class:`_Syscalls`). Many requests may be in flight on
 one client; replies are matched to requests by id. Errors are raised as
-:class:`~llmos.kernel.protocol.KernelError` with the kernel's code; a kernel that does not
+:class:`~llmos.contract.protocol.KernelError` with the kernel's code; a kernel that does not
 answer in time raises KernelError(TIMEOUT).
 """
 
@@ -22,8 +22,7 @@ import zmq
 import zmq.asyncio
 import zmq.auth
 
-from .config import default_address
-from .protocol import (
+from llmos.contract.protocol import (
     ErrorCode,
     KernelError,
     Message,
@@ -32,6 +31,8 @@ from .protocol import (
     new_id,
     tensor_from_ref,
 )
+
+from .config import default_address
 
 DEFAULT_TIMEOUT = 300.0
 

@@ -23,10 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmos.contract.protocol import ErrorCode, KernelError
+
 from .devices import DeviceHost, Task
 from .jobs import Job, JobState
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion, check_name
 
 if TYPE_CHECKING:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .protocol import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode, KernelError
+from llmos.contract.protocol import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode, KernelError
+
 from .scheduler import BatchingConfig
 
 #: Longest path a Unix socket name may have on Linux (sun_path is 108 bytes with the NUL).

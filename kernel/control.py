@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from llmos.contract.protocol import ErrorCode, KernelError
+
 from .jobs import Job, JobHistory, JobState
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError
 
 if TYPE_CHECKING:
     from .core import Counters, Request

@@ -24,20 +24,8 @@ import numpy as np
 import pluggy
 import zmq
 
-from .compression import CompressionSyscalls
-from .config import KernelConfig
-from .control import ControlSyscalls
-from .devices import STREAMING_OPS, DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
-from .feedback import FeedbackStore
-from .generation import GenerationSyscalls, Streamed
-from .jobs import Job, JobHistory, JobState
-from .learning import LearningSyscalls
-from .models import ModelSyscalls
-from .monitor import ModelMonitor
-from .parallel import ParallelPlacement
-from .placement import CostModel
-from .plugins import Extensions
-from .protocol import (
+from llmos.contract.hostwire import BACKGROUND_TASK_OPS
+from llmos.contract.protocol import (
     ErrorCode,
     KernelError,
     Message,
@@ -48,10 +36,24 @@ from .protocol import (
     tensor_from_ref,
     tensor_ref,
 )
+from llmos.contract.syscalls import SYSCALLS, Syscall, check_inputs
+
+from .compression import CompressionSyscalls
+from .config import KernelConfig
+from .control import ControlSyscalls
+from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
+from .feedback import FeedbackStore
+from .generation import GenerationSyscalls, Streamed
+from .jobs import Job, JobHistory, JobState
+from .learning import LearningSyscalls
+from .models import ModelSyscalls
+from .monitor import ModelMonitor
+from .parallel import ParallelPlacement
+from .placement import CostModel
+from .plugins import Extensions
 from .registry import ModelVersion, Registry
 from .scheduler import Batch, Scheduler
 from .security import LOCAL_PRINCIPAL, PRIVILEGED, AuditLog, Principal
-from .syscalls import SYSCALLS, Syscall, check_inputs
 from .training import TrainingSyscalls
 from .updates import UpdateSyscalls
 
@@ -351,9 +353,8 @@ class KernelCore(ControlSyscalls, ModelSyscalls, TrainingSyscalls, GenerationSys
         """
         assert self.devices is not None
         hosts = self.devices.hosts.values()
-        background = {"train", "update", *STREAMING_OPS}
         busy = {host.hardware: host.name for host in hosts if host.state is HostState.READY
-                and any(task.op not in background for task in host.inflight.values())}
+                and any(task.op not in BACKGROUND_TASK_OPS for task in host.inflight.values())}
         free = {host.name: slots for host in hosts if (slots := host.free_slots)}
         if self._kernel_task is None:
             free[KERNEL_DEVICE] = 1

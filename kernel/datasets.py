@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 SPLITS = ("train", "validation", "test")
 #: A source's row: text, label, and optionally whether the source marks it as a test row.

@@ -35,7 +35,8 @@ import msgpack
 import psutil
 import zmq
 
-from llmos.drivers import host as hostwire
+from llmos.contract import hostwire
+from llmos.contract.hostwire import REASSIGNABLE_TASK_OPS, STREAMING_TASK_OPS, HostMessage, TaskOp
 
 from .jobs import Job
 from .registries import DriverSpec
@@ -44,13 +45,6 @@ log = logging.getLogger(__name__)
 
 _task_ids = itertools.count(1)
 
-#: Host ops that stay in flight while the host serves other tasks between their steps
-#: (generation); they report progress as STREAM messages and end with DONE.
-STREAMING_OPS = frozenset({"generate"})
-#: Tasks a stalled host gives back at once to run elsewhere: inference, which is safe to
-#: run twice (the first result wins). Training and the others wait for the host to wake
-#: or die.
-REASSIGNABLE_OPS = frozenset({"run", "stage", "generate"})
 #: Seconds without a message after which a host is STALLED (three missed heartbeats).
 DEFAULT_STALL_TIMEOUT = 3 * hostwire.HEARTBEAT_INTERVAL
 
@@ -131,8 +125,8 @@ class DeviceHost:
         interleaves) take no slot, ``run`` batches one stream each, any other task all."""
         if self.state is not HostState.READY:
             return 0
-        running = [task.op for task in self.inflight.values() if task.op not in STREAMING_OPS]
-        if any(op != "run" for op in running):
+        running = [task.op for task in self.inflight.values() if task.op not in STREAMING_TASK_OPS]
+        if any(op != TaskOp.RUN for op in running):
             return 0
         return max(0, self.streams - len(running))
 
@@ -214,7 +208,7 @@ class DeviceManager:
         self._by_identity = {h.identity: h for h in self.hosts.values()}
         host.state = HostState.STOPPED
         if host.process is not None and host.process.poll() is None:
-            self._send(host, [hostwire.STOP])
+            self._send(host, [HostMessage.STOP])
             try:
                 host.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -244,7 +238,7 @@ class DeviceManager:
     def stop_all(self, timeout: float = 5.0) -> None:
         for host in self.hosts.values():
             if host.process and host.process.poll() is None:
-                self._send(host, [hostwire.STOP])
+                self._send(host, [HostMessage.STOP])
             host.state = HostState.STOPPED
         deadline = time.monotonic() + timeout
         for host in self.hosts.values():
@@ -264,7 +258,7 @@ class DeviceManager:
         """Send ``task`` to ``host`` and track it until DONE or the host dies."""
         host.inflight[task.id] = task
         host.submitted += 1
-        self._send(host, [hostwire.TASK, hostwire.pack({"task": task.id, "op": task.op,
+        self._send(host, [HostMessage.TASK, hostwire.pack({"task": task.id, "op": task.op,
                                                         **task.payload}), *task.buffers])
 
     def _send(self, host: DeviceHost, frames: list[bytes]) -> None:
@@ -295,21 +289,21 @@ class DeviceManager:
             if host.state is HostState.STALLED:
                 host.state = HostState.READY
                 log.warning("%s answers again", host.name)
-            if kind == hostwire.HEARTBEAT:
+            if kind == HostMessage.HEARTBEAT:
                 host.rss = int(body.get("rss", 0))
-            elif kind == hostwire.READY and host.state is HostState.STARTING:
+            elif kind == HostMessage.READY and host.state is HostState.STARTING:
                 if body.get("token") != host.token or body.get("v") != hostwire.HOST_PROTOCOL_VERSION:
                     log.error("host %s sent a bad READY; ignoring it", host.name)
                     continue
                 host.state = HostState.READY
                 host.info = body.get("info", {})
                 events.append(HostEvent("ready", host))
-            elif kind == hostwire.START_FAILED:
+            elif kind == HostMessage.START_FAILED:
                 host.last_error = str(body.get("message", "driver failed to start"))
                 events.extend(self._kill(host, host.last_error, give_up=True))
-            elif kind == hostwire.STREAM and isinstance(body.get("events"), list):
+            elif kind == HostMessage.STREAM and isinstance(body.get("events"), list):
                 events.append(HostEvent("stream", host, body=body))
-            elif kind == hostwire.DONE:
+            elif kind == HostMessage.DONE:
                 task = host.inflight.pop(body.get("task", -1), None)
                 if task is not None:
                     host.crashes_in_a_row = 0
@@ -340,7 +334,7 @@ class DeviceManager:
         """Mark ``host`` STALLED; the event offers its reassignable tasks."""
         host.state = HostState.STALLED
         log.warning("%s silent for %.1f s: stalled", host.name, silent)
-        offered = [task for task in host.inflight.values() if task.op in REASSIGNABLE_OPS]
+        offered = [task for task in host.inflight.values() if task.op in REASSIGNABLE_TASK_OPS]
         return HostEvent("stalled", host, body={"reason": f"silent for {silent:.1f} s"},
                          lost=offered)
 

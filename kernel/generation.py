@@ -27,12 +27,14 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from llmos.contract.protocol import ErrorCode, encode_event
+from llmos.contract.states import FinishReason
+from llmos.contract.syscalls import check_generation
+
 from .devices import HostState, Task
 from .jobs import Job, JobState
 from .mixin import CoreServices
-from .protocol import ErrorCode, encode_event
 from .scheduler import BatchingConfig
-from .syscalls import check_generation
 
 if TYPE_CHECKING:
     from .core import Request
@@ -128,7 +130,7 @@ class GenerationSyscalls(CoreServices):
             self._fail(job, JobState.FAILED, str(event.get("code", ErrorCode.INTERNAL)),
                        str(event.get("message", "generation failed")))
             return
-        if reason == "cancelled":  # cancelled on the host (the model was unloaded)
+        if reason == FinishReason.CANCELLED:  # cancelled on the host (the model was unloaded)
             self._fail(job, JobState.CANCELLED, ErrorCode.CANCELLED,
                        str(event.get("message", "the generation was cancelled")))
             return

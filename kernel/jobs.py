@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import itertools
 import time
 from collections import OrderedDict
@@ -11,24 +10,8 @@ from typing import Any
 
 import msgpack
 
-from .protocol import ErrorCode, KernelError
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    PREEMPTED = "PREEMPTED"
-    DONE = "DONE"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMED_OUT = "TIMED_OUT"
-
-    @property
-    def finished(self) -> bool:
-        return self in _FINISHED
-
-
-_FINISHED = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.TIMED_OUT})
+from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.states import JobState
 
 #: Every transition a job may make. RUNNING -> QUEUED is the requeue after a driver host died.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -48,9 +31,6 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset(),
     JobState.TIMED_OUT: frozenset(),
 }
-
-#: Nice values, as in Unix: lower runs first.
-MIN_PRIORITY, MAX_PRIORITY = -20, 19
 
 _job_ids = itertools.count(1)
 

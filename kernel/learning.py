@@ -15,13 +15,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.syscalls import MAX_TEXT_CHARS
+
 from .feedback import FeedbackStore
 from .jobs import Job
 from .mixin import CoreServices
 from .monitor import ModelMonitor
-from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion
-from .syscalls import MAX_TEXT_CHARS
 
 if TYPE_CHECKING:
     from .core import Request

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from llmos.contract.protocol import ErrorCode
+
     from .config import KernelConfig
     from .core import Request
     from .devices import DeviceHost, DeviceManager
     from .jobs import Job, JobState
     from .plugins import Extensions
-    from .protocol import ErrorCode
     from .registry import Registry
     from .scheduler import Scheduler
 

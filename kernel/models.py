@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from llmos.contract.protocol import ErrorCode, KernelError
+
 from . import datasets
 from .compression import serving_hosts
 from .devices import DeviceHost, HostState, hardware_of
@@ -28,7 +30,6 @@ from .generation import GENERATE_BATCHING
 from .jobs import Job, JobState
 from .mixin import CoreServices
 from .placement import TUNE_SHAPES, CostModel, batch_shape, is_generative, machine_id, memory_need
-from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion, check_name
 
 if TYPE_CHECKING:

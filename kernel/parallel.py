@@ -22,20 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.syscalls import MAX_REPLICAS, MAX_STAGES, MAX_WORLD_SIZE
+
 from .devices import DeviceHost, HostState, Task, hardware_of
 from .jobs import Job, JobState
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError
 
 if TYPE_CHECKING:
     import pluggy
 
     from .registry import ModelVersion
 
-#: Most replicas or stages one load may ask for, and most ranks in one DDP job.
-MAX_REPLICAS = 16
-MAX_STAGES = 8
-MAX_WORLD_SIZE = 64
 #: The driver that serves pipeline stages (registered by the parallel plugin).
 PIPELINE_DRIVER = "pipeline"
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import pluggy
 
-from . import hookspecs
+from llmos.contract import hookspecs
+
 from .recipes import StepRegistry, UpdateMethodRegistry
 from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.syscalls import Arg
+
 from .registries import NamedRegistry
-from .syscalls import Arg
 
 #: Most steps in one recipe.
 MAX_STEPS = 16

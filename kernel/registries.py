@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from .protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
+
 from .scheduler import BatchingConfig
 
 T = TypeVar("T")

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 log = logging.getLogger(__name__)
 

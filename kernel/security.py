@@ -32,7 +32,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from .protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
+
 from .registry import write_error, writing
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,7 @@ from typing import Any
 import zmq
 
 import llmos
-
-from .config import KernelConfig
-from .core import DOORBELL, OUTBOX, Counters, KernelCore, Request
-from .output import keep_output_from_failing
-from .plugins import collect, disabled_from_env, get_plugin_manager, plugin_names
-from .protocol import (
+from llmos.contract.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     KernelError,
@@ -38,9 +33,14 @@ from .protocol import (
     encode_error,
     encode_reply,
 )
+from llmos.contract.syscalls import SYSCALLS
+
+from .config import KernelConfig
+from .core import DOORBELL, OUTBOX, Counters, KernelCore, Request
+from .output import keep_output_from_failing
+from .plugins import collect, disabled_from_env, get_plugin_manager, plugin_names
 from .registry import Registry
 from .security import LOCAL_PRINCIPAL, AuditLog, CurveServer, KeyStore, Principal
-from .syscalls import SYSCALLS
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import hookimpl
-from .protocol import ErrorCode, KernelError
+from llmos.contract.hookspecs import hookimpl
+from llmos.contract.protocol import ErrorCode, KernelError
+
 from .registries import ModelSource, SourceRegistry
 from .registry import says_disk_full
 

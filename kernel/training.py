@@ -25,11 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from llmos.contract.protocol import ErrorCode, KernelError, encode_event
+
 from . import datasets
 from .devices import DeviceHost, HostState, Task
 from .jobs import Job, JobState, continue_ids_after
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError, encode_event
 from .registry import check_name
 
 if TYPE_CHECKING:

@@ -28,12 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from llmos.contract.protocol import ErrorCode, KernelError
+
 from .devices import DeviceHost, Task
 from .feedback import Example, FeedbackStore
 from .jobs import Job, JobState
 from .learning import classifier_labels
 from .mixin import CoreServices
-from .protocol import ErrorCode, KernelError
 from .registry import ModelVersion, writing
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ The public facade: ``Client`` (sync), ``AsyncClient`` (asyncio), ``KernelError``
 
 __version__ = "0.1.0"
 
-from llmos.kernel import hookimpl  # noqa: E402
+from llmos.contract.hookspecs import hookimpl  # noqa: E402
+from llmos.contract.protocol import ErrorCode, KernelError  # noqa: E402
 from llmos.kernel.client import AsyncClient, Client  # noqa: E402
-from llmos.kernel.protocol import ErrorCode, KernelError  # noqa: E402
 
 __all__ = ["AsyncClient", "Client", "ErrorCode", "KernelError", "__version__", "hookimpl"]

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.states import JobState
 from llmos.kernel.client import Client, Pending
-from llmos.kernel.jobs import JobState
 from llmos.kernel.plugins import disabled_from_env, get_plugin_manager
-from llmos.kernel.protocol import ErrorCode, KernelError
 
 from . import render, views
 from .cli import resolve_address, resolve_home, start_detached

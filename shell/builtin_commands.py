@@ -8,7 +8,7 @@ first time a shell runs one.
 
 from __future__ import annotations
 
-from llmos.kernel import hookimpl
+from llmos.contract.hookspecs import hookimpl
 
 from .commands import JOB_OPTIONS, Command, CommandRegistry, Param
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import psutil
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.client import Client, CurveKeys
 from llmos.kernel.config import default_address, default_home, is_local
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.security import AuditLog, KeyStore
 from llmos.kernel.server import (
     KernelServer,

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel import datasets
 from llmos.kernel.client import Client
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.plugins.learning.shell import updated
 
 from . import render, views

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.syscalls import MAX_FEEDBACK
 from llmos.kernel.datasets import parse_rows
-from llmos.kernel.protocol import ErrorCode, KernelError
-from llmos.kernel.syscalls import MAX_FEEDBACK
 
 from . import render, views
 from .commands import Command, JobRequest, Output, ShellContext

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.monitor import DRIFT_ALERT
-from llmos.kernel.protocol import ErrorCode, KernelError
 
 
 def draw(snapshot: dict[str, Any], path: Path) -> int:

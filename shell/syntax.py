@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Container
 from dataclasses import dataclass
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 OPERATORS = frozenset(";&\n")
 

@@ -7,9 +7,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-from llmos.kernel import hookspecs
+from llmos.contract import hookspecs
+from llmos.contract.syscalls import SYSCALLS
 from llmos.kernel.core import KernelCore
-from llmos.kernel.syscalls import SYSCALLS
 
 ROOT = Path(__file__).resolve().parent.parent
 IO_THREAD_SYSCALLS = {"ping", "info"}

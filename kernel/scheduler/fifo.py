@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .. import hookimpl
+from llmos.contract.hookspecs import hookimpl
+
 from ..jobs import Job
 from ..registries import PolicyRegistry
 

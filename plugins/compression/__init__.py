@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmos.kernel import hookimpl
+from llmos.contract.hookspecs import hookimpl
+from llmos.contract.syscalls import Arg
 from llmos.kernel.recipes import StepRegistry, StepSpec
-from llmos.kernel.syscalls import Arg
 from llmos.shell.commands import (
     JOB_OPTIONS,
     MEASURING_JOB_OPTIONS,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 from .structure import needs_rebuild, quantize_dynamic, structure_of
 

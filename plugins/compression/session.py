@@ -30,9 +30,9 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.drivers.sessions import PhasedSession
 from llmos.kernel import datasets
-from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .candidate import GRAPH_FILES, Candidate, Predict, StepContext
 from .structure import load_compressed, needs_rebuild

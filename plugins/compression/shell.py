@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.shell.commands import JobRequest, Output, ShellContext, Table
 from llmos.shell.handlers import split_handle
 

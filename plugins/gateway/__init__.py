@@ -7,7 +7,7 @@ nothing heavy: the server lives in :mod:`llmos.plugins.gateway.http`.
 
 from __future__ import annotations
 
-from llmos.kernel import hookimpl
+from llmos.contract.hookspecs import hookimpl
 from llmos.shell.commands import Command, CommandRegistry, Param
 
 SERVE = Command(

@@ -36,9 +36,9 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from llmos.contract.protocol import ErrorCode, KernelError, Message
 from llmos.kernel.client import Client, Pending, unpack_result
 from llmos.kernel.config import is_loopback_host
-from llmos.kernel.protocol import ErrorCode, KernelError, Message
 
 from . import openai_api as api
 from .metrics import Metrics

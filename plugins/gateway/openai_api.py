@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 
 #: Kernel error code -> (HTTP status, OpenAI error type).
 STATUS = {

@@ -8,9 +8,9 @@ learns.
 
 from __future__ import annotations
 
-from llmos.kernel import hookimpl
+from llmos.contract.hookspecs import hookimpl
+from llmos.contract.syscalls import Arg
 from llmos.kernel.recipes import StepSpec, UpdateMethodRegistry
-from llmos.kernel.syscalls import Arg
 from llmos.shell.commands import (
     JOB_OPTIONS,
     MEASURING_JOB_OPTIONS,

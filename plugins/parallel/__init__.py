@@ -18,9 +18,9 @@ import os
 import socket
 from typing import Any
 
-from llmos.kernel import hookimpl
+from llmos.contract.hookspecs import hookimpl
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.parallel import PIPELINE_DRIVER, Plan
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.registries import DriverRegistry, DriverSpec
 
 

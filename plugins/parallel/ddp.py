@@ -41,9 +41,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.drivers.dropout import DropoutKey, keyed_dropout
 from llmos.drivers.training import TrainingSession, TrainSpec
-from llmos.kernel.protocol import ErrorCode, KernelError
 
 from .launch import DdpSpec, rank_environment, start_ranks
 

@@ -27,10 +27,10 @@ import psutil
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.drivers.base import Driver, LoadedModel, TaskOutput, check_task
 from llmos.drivers.common import max_tokens
 from llmos.drivers.pytorch import is_classifier, load_hf
-from llmos.kernel.protocol import ErrorCode, KernelError
 
 
 class PassThrough(torch.nn.Module):

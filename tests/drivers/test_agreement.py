@@ -11,8 +11,9 @@ import psutil
 import pytest
 
 from llmos import ErrorCode, KernelError
+from llmos.contract.hostwire import HostMessage, unpack
 from llmos.drivers.base import Driver, LoadedModel
-from llmos.drivers.host import DONE, run_task, unpack
+from llmos.drivers.host import run_task
 from llmos.drivers.onnxruntime import OnnxRuntimeDriver
 from llmos.drivers.openvino import OpenVinoDriver
 from llmos.drivers.pytorch import TorchDriver
@@ -110,7 +111,7 @@ def test_openvino_bf16_is_close_to_f32(minilm_dir, embedders):
     load = {"task": 1, "op": "load", "handle": "bf16:1", "path": str(minilm_dir),
             "options": {"precision": "bf16"}}
     kind, body = run_task(driver, load, psutil.Process())  # as the driver host loads it
-    assert kind == DONE and unpack(body)["info"]["precision"] == "bf16"
+    assert kind == HostMessage.DONE and unpack(body)["info"]["precision"] == "bf16"
     fast = driver.run("bf16:1", "embed", SENTENCES, {}).arrays["embeddings"]
     exact = embedders[0]["openvino"].run(HANDLE, "embed", SENTENCES, {}).arrays["embeddings"]
     assert fast.dtype == np.float32

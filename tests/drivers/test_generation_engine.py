@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.drivers.generation import GenerationEngine, _held_back
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.sources import _minilm_path
 
 TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -51,8 +51,8 @@ def test_kernel_start_detach_status_stop(home):
 
 
 def test_a_second_kernel_on_the_same_home_is_refused(minilm_kernel):
+    from llmos.contract.protocol import ErrorCode, KernelError
     from llmos.kernel.config import KernelConfig
-    from llmos.kernel.protocol import ErrorCode, KernelError
     from llmos.kernel.server import KernelServer
 
     with pytest.raises(KernelError) as info:

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import zmq
 
-from llmos.kernel.protocol import MAGIC, PROTOCOL_VERSION, decode_reply, encode_request
+from llmos.contract.protocol import MAGIC, PROTOCOL_VERSION, decode_reply, encode_request
 from llmos.kernel.testing import running_kernel
 
 

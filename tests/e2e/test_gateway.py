@@ -17,7 +17,7 @@ import numpy as np
 import openai
 import pytest
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.plugins.gateway.http import Gateway
 
 QUESTION = [{"role": "user", "content": "My order arrived damaged. What should I do?"}]

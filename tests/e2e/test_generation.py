@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmos.kernel.protocol import ErrorCode, KernelError
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.testing import wait_for
 
 QUESTIONS = ["My parcel has not arrived yet. What should I do?",

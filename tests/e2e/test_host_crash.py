@@ -7,7 +7,7 @@ from collections import Counter
 
 import zmq
 
-from llmos.kernel.protocol import decode_reply, encode_request
+from llmos.contract.protocol import decode_reply, encode_request
 from llmos.kernel.testing import running_kernel
 
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel import datasets
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.sources import _minilm_path
 from llmos.kernel.testing import build_tiny_classifier, running_kernel
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.client import Client, CurveKeys
 from llmos.kernel.config import KernelConfig
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.security import KeyStore
 from llmos.kernel.server import read_pid_file
 

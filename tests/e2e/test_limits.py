@@ -20,8 +20,7 @@ import pytest
 import zmq
 
 from llmos import Client, ErrorCode, KernelError
-from llmos.kernel.jobs import MAX_ERROR_CHARS
-from llmos.kernel.protocol import (
+from llmos.contract.protocol import (
     MAGIC,
     MAX_CLIENT_CHARS,
     MAX_DEPTH,
@@ -29,7 +28,8 @@ from llmos.kernel.protocol import (
     Message,
     decode_reply,
 )
-from llmos.kernel.syscalls import MAX_TEXT_CHARS
+from llmos.contract.syscalls import MAX_TEXT_CHARS
+from llmos.kernel.jobs import MAX_ERROR_CHARS
 from llmos.kernel.testing import running_kernel
 
 MB = 1024 * 1024

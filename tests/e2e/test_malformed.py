@@ -6,7 +6,7 @@ import msgpack
 import psutil
 import zmq
 
-from llmos.kernel.protocol import MAGIC, PROTOCOL_VERSION, decode_reply
+from llmos.contract.protocol import MAGIC, PROTOCOL_VERSION, decode_reply
 
 
 def header(**fields):

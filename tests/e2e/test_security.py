@@ -7,8 +7,8 @@ import pytest
 import zmq
 
 from llmos import ErrorCode, KernelError
+from llmos.contract.protocol import encode_request
 from llmos.kernel.client import Client, CurveKeys
-from llmos.kernel.protocol import encode_request
 from llmos.kernel.security import KeyStore
 from llmos.kernel.testing import running_kernel
 

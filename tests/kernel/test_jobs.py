@@ -1,7 +1,7 @@
 import pytest
 
+from llmos.contract.protocol import KernelError
 from llmos.kernel.jobs import ALLOWED_TRANSITIONS, MAX_ERROR_CHARS, Job, JobHistory, JobState
-from llmos.kernel.protocol import KernelError
 
 
 def test_every_state_has_a_row_and_final_states_are_final():

@@ -2,7 +2,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from llmos.kernel.protocol import (
+from llmos.contract.protocol import (
     MAGIC,
     MAX_CLIENT_CHARS,
     MAX_DEPTH,
@@ -19,7 +19,7 @@ from llmos.kernel.protocol import (
     tensor_from_ref,
     tensor_ref,
 )
-from llmos.kernel.syscalls import (
+from llmos.contract.syscalls import (
     INT64_MAX,
     INT64_MIN,
     MAX_OWNER_CHARS,

@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.config import KernelConfig, is_local
-from llmos.kernel.protocol import ErrorCode, KernelError
 from llmos.kernel.server import KernelServer, add_kernel_options, config_from_args, kernel_argv
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from llmos import ErrorCode, KernelError, hookimpl
+from llmos.contract.syscalls import Arg
 from llmos.drivers.pytorch import load_hf
 from llmos.drivers.training import evaluate_folder
 from llmos.kernel.plugins import collect, get_plugin_manager
 from llmos.kernel.recipes import StepSpec
 from llmos.kernel.sources import _minilm_path
-from llmos.kernel.syscalls import Arg
 from llmos.plugins.compression.candidate import Candidate
 from llmos.plugins.compression.session import CompressionSession, CompressSpec, pareto_front
 from llmos.plugins.compression.shell import compressed, parse_recipe

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmos import ErrorCode, KernelError, hookimpl
+from llmos.contract.syscalls import SYSCALLS
 from llmos.kernel.plugins import get_plugin_manager
-from llmos.kernel.syscalls import SYSCALLS
 from llmos.shell import handlers, views
 from llmos.shell.app import load_commands
 from llmos.shell.commands import Command, CommandRegistry, JobRequest, Output, Param

@@ -16,8 +16,8 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.drivers.base import Driver, LoadedModel, TaskOutput, check_task
-from llmos.kernel.protocol import ErrorCode, KernelError
 
 
 def _erf(x: np.ndarray) -> np.ndarray:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
 
 hookspec = pluggy.HookspecMarker("llmos")
+#: Marker for hook implementations (also exported as ``llmos.hookimpl``).
+hookimpl = pluggy.HookimplMarker("llmos")
 
 
 # --- registration: called once per kernel, at start-up -----------------------------------

@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .jobs import MAX_PRIORITY, MIN_PRIORITY
-from .parallel import MAX_REPLICAS, MAX_STAGES, MAX_WORLD_SIZE
 from .protocol import ErrorCode, KernelError, quote
 
 _MISSING = object()
@@ -28,6 +26,10 @@ MAX_VERSION = 2**31 - 1
 MAX_JOB_ID = INT64_MAX
 #: Longest owner name: a header ``client`` (256) or a routing id in hex (up to 510).
 MAX_OWNER_CHARS = 512
+#: Nice values, as in Unix: lower runs first.
+MIN_PRIORITY, MAX_PRIORITY = -20, 19
+#: Most data-parallel replicas, pipeline stages and DDP ranks one job may ask for.
+MAX_REPLICAS, MAX_STAGES, MAX_WORLD_SIZE = 16, 8, 64
 
 
 class Kind(enum.StrEnum):
