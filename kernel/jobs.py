@@ -6,12 +6,15 @@ import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.contract.states import JobState
+
+if TYPE_CHECKING:
+    from .kinds import JobKind
 
 #: Every transition a job may make. RUNNING -> QUEUED is the requeue after a driver host died.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -75,6 +78,8 @@ class Job:
     reply_route: tuple[bytes, str] | None = None
     #: Bytes of the request that made it, held by the kernel until the job ends.
     request_bytes: int = 0
+    #: What kind of work it is, decided at admission (kernel/kinds.py).
+    kind: JobKind | None = None
 
     def transition(self, new: JobState) -> None:
         """Move to ``new``; raises KernelError(INTERNAL) for a transition the table forbids."""
@@ -98,7 +103,6 @@ class Job:
             "cpu_seconds": round(self.cpu_seconds, 4), "peak_memory": self.peak_memory,
             "tokens": self.tokens, "error": self.error, "progress": self.progress,
         }
-
 
 
 #: The finished-job history keeps at most this many bytes of packed summaries, besides

@@ -1,6 +1,6 @@
 """Learning and monitoring: ``learn`` (durable feedback) and per-model ``stats``.
 
-A mixin of :class:`~llmos.kernel.core.KernelCore`. ``learn`` checks each example against
+``learn`` checks each example against
 the model's own labels before anything is written; a batch with one bad example is refused
 whole. The examples go to the :class:`~llmos.kernel.feedback.FeedbackStore`, on disk
 before the reply; the buffer is the input of ``update`` (see :mod:`~llmos.kernel.updates`).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from llmos.contract.protocol import ErrorCode, KernelError
@@ -20,12 +19,12 @@ from llmos.contract.syscalls import MAX_TEXT_CHARS
 
 from .feedback import FeedbackStore
 from .jobs import Job
-from .mixin import CoreServices
+from .kinds import Core, Handler, JobKind, Request
 from .monitor import ModelMonitor
 from .registry import ModelVersion
 
 if TYPE_CHECKING:
-    from .core import Request
+    from .updates import Update
 
 
 def classifier_labels(version: ModelVersion) -> list[str]:
@@ -66,45 +65,50 @@ def check_examples(examples: list[dict[str, Any]], labels: list[str]) -> list[tu
     return pairs
 
 
-class LearningSyscalls(CoreServices):
-    """The ``learn`` handler, and the monitors of the versions that serve."""
+class Learning(JobKind):
+    """The ``learn`` handler, per-model ``stats``, and the monitors of the versions that
+    serve (no jobs of its own)."""
 
-    feedback: FeedbackStore
-    monitors: dict[str, ModelMonitor]
-    _maybe_update: Callable[..., None]
+    def __init__(self, core: Core, update: Update, feedback: FeedbackStore) -> None:
+        super().__init__(core)
+        self.update, self.feedback = update, feedback
+        self.monitors: dict[str, ModelMonitor] = {}
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"learn": self._learn}
 
     def _learn(self, request: Request) -> dict[str, Any]:
-        version = self.registry.resolve(request.args["model"], request.args["version"])
+        version = self.core.registry.resolve(request.args["model"], request.args["version"])
         pairs = check_examples(request.args["examples"], classifier_labels(version))
         ids = self.feedback.add(version.model, version.version, request.owner, pairs)
-        self._monitor(version.ref).record_feedback(pairs)
-        self._maybe_update(version, request.owner)
+        self.monitor(version.ref).record_feedback(pairs)
+        self.update.maybe_update(version, request.owner)
         return {"model": version.ref, "accepted": len(ids), "first_id": ids[0],
                 "last_id": ids[-1], "buffered": self.feedback.count(version.model)}
 
-    def _monitor(self, handle: str) -> ModelMonitor:
+    def monitor(self, handle: str) -> ModelMonitor:
         """The monitor of a version, made on first use with the references its training
         recorded (none for imported versions: no drift score then)."""
         monitor = self.monitors.get(handle)
         if monitor is None:
             name, _, number = handle.rpartition(":")
-            reference = self.registry.resolve(name, int(number)).metrics.get("reference") or {}
+            reference = self.core.registry.resolve(name, int(number)).metrics.get("reference") or {}
             monitor = self.monitors[handle] = ModelMonitor(
                 handle, reference.get("input_words"), reference.get("confidence"))
         return monitor
 
-    def _observe(self, job: Job, predictions: list[tuple[str, float]]) -> None:
+    def observe(self, job: Job, predictions: list[tuple[str, float]]) -> None:
         """A finished infer job: its texts, latency and predictions go to its monitor; a
         drift alert it raises may start an update (``--update-after``)."""
-        monitor = self._monitor(job.args["handle"])
+        monitor = self.monitor(job.args["handle"])
         raised = monitor.raised
         monitor.record(job.args["inputs"], time.time() - job.created_at, predictions)
-        if monitor.raised > raised and self.config.update_after:
+        if monitor.raised > raised and self.core.config.update_after:
             name, _, number = job.args["handle"].rpartition(":")
-            self._maybe_update(self.registry.resolve(name, int(number)), job.owner,
+            self.update.maybe_update(self.core.registry.resolve(name, int(number)), job.owner,
                                on_alert=True)
 
-    def _model_stats(self, model: str, version: int | None) -> dict[str, Any]:
-        found = self.registry.resolve(model, version)
-        return {**self._monitor(found.ref).snapshot(),
+    def model_stats(self, model: str, version: int | None) -> dict[str, Any]:
+        found = self.core.registry.resolve(model, version)
+        return {**self.monitor(found.ref).snapshot(),
                 "buffered_feedback": self.feedback.count(found.model)}

@@ -13,8 +13,8 @@ built-in one is in :mod:`llmos.plugins.parallel`). The kernel carries it out her
 * **ddp**: nothing here beyond the plan; the driver host that trains launches the ranks
   (see :mod:`llmos.plugins.parallel.ddp`).
 
-A mixin of :class:`~llmos.kernel.core.KernelCore` (no framework import: the kernel process
-stays light).
+:class:`Parallel` is a service of the core that the model operations, inference and
+training use (no framework import: the kernel process stays light).
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from llmos.contract.hostwire import TaskOp
 from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.contract.syscalls import MAX_REPLICAS, MAX_STAGES, MAX_WORLD_SIZE
 
 from .devices import DeviceHost, HostState, Task, hardware_of
 from .jobs import Job, JobState
-from .mixin import CoreServices
+from .placement import check_memory
 
 if TYPE_CHECKING:
     import pluggy
 
+    from .kinds import Core
     from .registry import ModelVersion
 
 #: The driver that serves pipeline stages (registered by the parallel plugin).
@@ -94,37 +96,37 @@ def plan_for(pm: pluggy.PluginManager, syscall: str, args: dict[str, Any],
     return plan
 
 
-class ParallelPlacement(CoreServices):
+class Parallel:
     """Replica and stage hosts, and forwarding activations from one stage to the next."""
 
-    pm: pluggy.PluginManager
-    _check_memory: Any
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
-    def _plan(self, syscall: str, args: dict[str, Any]) -> Plan:
-        devices = [host.describe() for host in self._hosts().values()]
-        return plan_for(self.pm, syscall, args, devices)
+    def plan(self, syscall: str, args: dict[str, Any]) -> Plan:
+        devices = [host.describe() for host in self.core.hosts().values()]
+        return plan_for(self.core.pm, syscall, args, devices)
 
-    def _parallel_hosts(self, version: ModelVersion, plan: Plan, device: str | None,
+    def hosts_for(self, version: ModelVersion, plan: Plan, device: str | None,
                         driver: str | None) -> list[DeviceHost]:
         """The replica or stage hosts for ``version``, started now if they do not exist."""
-        assert self.devices is not None
-        hosts = self._hosts()
+        hosts = self.core.hosts()
         if device is not None and device not in hosts:
             raise KernelError(ErrorCode.NOT_FOUND,
                               f"unknown device {device!r} (devices: {', '.join(sorted(hosts))})")
         where = hosts[device].device if device is not None else "cpu"
         if plan.stages > 1:
-            spec, count, tag = self.ext.drivers.get(PIPELINE_DRIVER), plan.stages, "s"
+            spec, count, tag = self.core.ext.drivers.get(PIPELINE_DRIVER), plan.stages, "s"
         else:
             name = driver or (hosts[device].spec.name if device is not None else "torch")
-            spec, count, tag = self.ext.drivers.get(name), plan.replicas, "r"
+            spec, count, tag = self.core.ext.drivers.get(name), plan.replicas, "r"
         names = [f"{spec.name}:{where}.{tag}{k}" for k in range(1, count + 1)]
         fresh = [n for n in names if n not in hosts or hosts[n].state is HostState.FAILED]
         if fresh:
             template = DeviceHost("template", spec, where, 1)
-            self._check_memory(version, [template] * len(fresh))
-        threads = max(1, self.config.threads // count) if hardware_of(where) == "cpu" \
-            else self.config.threads
+            check_memory(version, [template] * len(fresh), hosts.values(),
+                         self.core.config.memory_budget)
+        threads = max(1, self.core.config.threads // count) if hardware_of(where) == "cpu" \
+            else self.core.config.threads
         chosen = []
         for k, name in enumerate(names, 1):
             role: dict[str, Any] = {"model": version.ref}
@@ -133,16 +135,16 @@ class ParallelPlacement(CoreServices):
             else:
                 role.update(replica=k, replicas=count)
             if name in fresh:
-                self.devices.add(spec, where, threads, name=name, lane=f"{tag}{k}", role=role)
-            chosen.append(self._hosts()[name])
+                self.core.devices.add(spec, where, threads, name=name, lane=f"{tag}{k}", role=role)
+            chosen.append(self.core.hosts()[name])
         return chosen
 
-    def _pipeline_loaded(self, host: DeviceHost, handle: str) -> bool:
+    def pipeline_loaded(self, host: DeviceHost, handle: str) -> bool:
         """Whether every stage after ``host`` holds ``handle`` (always, for a plain host):
         while a stage restarts and reloads, batches wait in the queue instead of failing.
         A stage that is gone or failed for good counts as ready, so that its batches fail
         at once (DEVICE_FAILED) rather than wait forever."""
-        hosts = self._hosts()
+        hosts = self.core.hosts()
         following = host.role.get("next")
         while following:
             stage = hosts.get(following)
@@ -153,31 +155,29 @@ class ParallelPlacement(CoreServices):
             following = stage.role.get("next")
         return True
 
-    def _forward_stage(self, host: DeviceHost, task: Task, body: dict[str, Any],
+    def forward_stage(self, host: DeviceHost, task: Task, body: dict[str, Any],
                        buffers: list[bytes], jobs: list[Job]) -> None:
         """Send a stage's activations (raw tensor frames) on to the next stage's host. If
         that stage is restarting (it died after the batch entered the pipeline), the jobs
         go back to the queue and run again from the first stage once it has reloaded; if it
         is gone or failed for good, they fail."""
-        assert self.devices is not None
-        following = self._hosts().get(host.role["next"])
+        following = self.core.hosts().get(host.role["next"])
         if following is None or following.state is HostState.FAILED:
             for job in jobs:
-                self._fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
+                self.core.fail(job, JobState.FAILED, ErrorCode.DEVICE_FAILED,
                            f"pipeline stage {host.role['next']} has failed")
             return
         if following.state is not HostState.READY or task.payload["handle"] not in following.loaded:
             for job in jobs:
                 job.transition(JobState.QUEUED)
                 job.device = None
-                self.scheduler.push(job)
+                self.core.scheduler.push(job)
             return
         payload = {"handle": task.payload["handle"], "kind": task.payload["kind"],
                    "arrays": body["arrays"]}
-        self.devices.submit(following, Task("stage", payload, task.jobs, buffers=buffers))
+        self.core.devices.submit(following, Task(TaskOp.STAGE, payload, task.jobs, buffers=buffers))
 
-    def _retire_host(self, host: DeviceHost, handle: str) -> None:
+    def retire_host(self, host: DeviceHost, handle: str) -> None:
         """Stop a replica or stage host once the model it was started for is unloaded."""
         if host.role.get("model") == handle and not host.wanted:
-            assert self.devices is not None
-            self.devices.remove(host.name)
+                self.core.devices.remove(host.name)

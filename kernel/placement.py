@@ -12,10 +12,21 @@ import bisect
 import json
 import os
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import psutil
+
+from llmos.contract.protocol import ErrorCode, KernelError
+
+from .devices import hardware_of
 from .jobs import Job
+
+if TYPE_CHECKING:
+    from .devices import DeviceHost
+    from .registry import ModelVersion
 
 BATCH_BUCKETS = (1, 8, 32)
 TOKEN_BUCKETS = (16, 64, 128)
@@ -23,6 +34,8 @@ TOKEN_BUCKETS = (16, 64, 128)
 TUNE_SHAPES = tuple((b, t) for b in BATCH_BUCKETS for t in TOKEN_BUCKETS)
 #: Resident memory per byte of weights on disk (weights, activations, framework overhead).
 MEMORY_PER_WEIGHT_BYTE = 1.5
+#: Share of a hardware's memory that loaded models may use (CPU: of RAM).
+MEMORY_FRACTION = 0.8
 
 
 def shape_key(batch: int, tokens: int) -> str:
@@ -95,3 +108,32 @@ def is_generative(model_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def check_memory(version: ModelVersion, targets: list[DeviceHost], hosts: Iterable[DeviceHost],
+                 budget: int | None) -> int:
+    """Bytes a load of ``version`` onto ``targets`` needs per host; KernelError(BUSY) if a
+    hardware would overflow its budget (``budget`` bytes when set, else
+    :data:`MEMORY_FRACTION` of its memory) counting what ``hosts`` already hold."""
+    hosts = list(hosts)
+    need = memory_need(version.path)  # lanes (replicas) share their hardware's memory
+    for hardware in {hardware_of(h.device) for h in targets}:
+        adding = need * sum(1 for h in targets if hardware_of(h.device) == hardware)
+        used = sum(p.get("memory", 0) for h in hosts
+                   if hardware_of(h.device) == hardware for p in h.wanted.values())
+        limit = budget if budget is not None else _memory_budget(hardware, hosts)
+        if used + adding > limit:
+            raise KernelError(
+                ErrorCode.BUSY,
+                f"loading {version.ref} needs ~{adding / 2**20:.0f} MiB on {hardware}, "
+                f"{used / 2**20:.0f} MiB of its {limit / 2**20:.0f} MiB budget are in use; "
+                "unload a model or load onto fewer drivers (--driver)")
+    return need
+
+
+def _memory_budget(hardware: str, hosts: list[DeviceHost]) -> int:
+    if hardware == "cpu":
+        return int(psutil.virtual_memory().total * MEMORY_FRACTION)
+    memory = max(int(h.info.get("memory_bytes", 0)) for h in hosts
+                 if hardware_of(h.device) == hardware)
+    return int(memory * MEMORY_FRACTION)

@@ -36,7 +36,8 @@ from llmos.contract.protocol import (
 from llmos.contract.syscalls import SYSCALLS
 
 from .config import KernelConfig
-from .core import DOORBELL, OUTBOX, Counters, KernelCore, Request
+from .core import DOORBELL, OUTBOX, KernelCore
+from .kinds import Counters, Request
 from .output import keep_output_from_failing
 from .plugins import collect, disabled_from_env, get_plugin_manager, plugin_names
 from .registry import Registry

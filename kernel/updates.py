@@ -1,6 +1,6 @@
 """Incremental learning syscalls: ``update`` (learn from the feedback buffer) and ``rollback``.
 
-A mixin of :class:`~llmos.kernel.core.KernelCore`. ``update`` turns a classifier's feedback
+``update`` turns a classifier's feedback
 buffer into a **candidate version**: the examples are split once, in the kernel, into a
 training part and a held-out part (files in the job's folder); an update method registered
 by a plugin (``llmos_register_update_methods``: lora, online, finetune) trains in the
@@ -13,7 +13,7 @@ when the new-domain accuracy improves and the old-domain accuracy falls by at mo
 ``max_drop`` points; otherwise it stays in the registry as rejected, with the reason.
 
 ``rollback MODEL`` serves again the version that served before the current one, through
-the same swap. A kernel started with ``--update-after N`` also starts an update on its own
+the same swap (kernel/swap.py). A kernel started with ``--update-after N`` also starts an update on its own
 once N examples arrived since the last update of the model, or when a drift alert is
 raised on a version whose model has at least :data:`MIN_EXAMPLES` new examples.
 """
@@ -24,21 +24,23 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
+from llmos.contract.hostwire import TaskOp
 from llmos.contract.protocol import ErrorCode, KernelError
 
 from .devices import DeviceHost, Task
 from .feedback import Example, FeedbackStore
 from .jobs import Job, JobState
+from .kinds import Core, Handler, JobKind, Request, internal_request
 from .learning import classifier_labels
-from .mixin import CoreServices
 from .registry import ModelVersion, writing
 
 if TYPE_CHECKING:
-    from .core import Request
+    from .scheduler import Batch
+    from .swap import VersionSwap
+    from .training import Training
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +69,35 @@ def write_examples(path: Path, examples: list[Example]) -> None:
                 fh.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
 
 
-class UpdateSyscalls(CoreServices):
-    """Handlers and completion logic for update and rollback jobs."""
+class Update(JobKind):
+    """``update`` jobs: a candidate version from the feedback buffer, gated, promoted."""
 
-    feedback: FeedbackStore
-    per_owner: Any
-    _trainers: Callable[[], list[str]]
-    _evaluation_data: Callable[[ModelVersion, dict[str, Any], str], dict[str, str]]
-    _promote: Callable[[Request], Job | dict[str, Any]]
-    _swap: Callable[..., Job | dict[str, Any]]
-    _next_quantum: Callable[[Job, dict[str, Any], tuple[str, ...]], bool]
-    #: Undo an admission whose preparation failed (in TrainingSyscalls).
-    _withdraw: Callable[[Job, KernelError], NoReturn]
-    #: A request made by the kernel itself for ``owner`` (no client waits for its reply).
-    _internal_request: Callable[[str, str, dict[str, Any]], Request]
+    def __init__(self, core: Core, training: Training, swap: VersionSwap,
+                 feedback: FeedbackStore) -> None:
+        super().__init__(core)
+        self.training, self.swap, self.feedback = training, swap, feedback
 
-    # --- update -----------------------------------------------------------------------
+    def handlers(self) -> dict[str, Handler]:
+        return {"update": self._update}
+
+    def background(self, job: Job) -> bool:
+        return True
+
+    def candidates(self, job: Job) -> list[str]:
+        return self.training.candidates(job)
+
+    def on_end(self, job: Job, state: JobState) -> None:
+        """A job that did not finish leaves nothing: its folder goes."""
+        if state is not JobState.DONE and job.args.get("output"):
+            shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
+        self.training.end_session(job, state)
 
     def _update(self, request: Request) -> Job:
         args = request.args
-        version = self.registry.resolve(args["model"], args["version"])
+        version = self.core.registry.resolve(args["model"], args["version"])
         labels = classifier_labels(version)
-        method = self.ext.update_methods.resolve(args["method"], args["params"] or {})
-        old_data = self._evaluation_data(version, args, "update")
+        method = self.core.ext.update_methods.resolve(args["method"], args["params"] or {})
+        old_data = self.training.evaluation_data(version, args, "update")
         examples = self.feedback.examples(version.model, limit=MAX_EXAMPLES)
         if args["limit"]:
             examples = examples[-args["limit"]:]  # the most recent
@@ -99,25 +107,26 @@ class UpdateSyscalls(CoreServices):
                               f"update: {version.model} has {len(examples)} usable feedback "
                               f"examples; it needs at least {MIN_EXAMPLES} (send them with "
                               f"llmos learn {version.model} --feedback FILE)")
-        self._trainers()
+        self.training.trainers()
         train, held = split_examples(examples, args["holdout"], args["seed"])
-        job = self._admit(request, base=str(version.path), parent=version.ref, method=method,
+        job = self.core.admit(request, base=str(version.path), parent=version.ref, method=method,
                           old_data=old_data, old_limit=int(version.recipe.get("limit") or 0),
                           feedback={"first_id": examples[0].id, "last_id": examples[-1].id,
                                     "examples": len(examples), "train": len(train),
                                     "held_out": len(held)})
-        folder = self.config.home / "jobs" / str(job.id)
+        folder = self.core.config.home / "jobs" / str(job.id)
         job.args.update(train_file=str(folder / "train.jsonl"),
                         holdout_file=str(folder / "holdout.jsonl"),
                         output=str(folder / "output"))
-        try:  # a failure withdraws the job, and its folder goes (_work_folder_ended)
+        try:  # a failure withdraws the job, and its folder goes (on_end)
             write_examples(folder / "train.jsonl", train)
             write_examples(folder / "holdout.jsonl", held)
         except KernelError as exc:
-            self._withdraw(job, exc)
+            self.training.withdraw(job, exc)
         return job
 
-    def _update_task(self, job: Job, host: DeviceHost) -> Task:
+    def task(self, batch: Batch, host: DeviceHost) -> Task:
+        job = batch.jobs[0]
         job.args["host"] = host.name
         a = job.args
         spec = {"base": a["base"], "method": a["method"], "train_file": a["train_file"],
@@ -125,28 +134,29 @@ class UpdateSyscalls(CoreServices):
                 "old_limit": a["old_limit"], "replay": a["replay"], "distill": a["distill"],
                 "max_drop": a["max_drop"], "seed": a["seed"], "max_tokens": a["max_tokens"],
                 "eval_limit": a["eval_limit"], "output": a["output"]}
-        return Task("update", {"job": str(job.id), "spec": spec, "seconds": a["quantum"]}, [job])
+        return Task(TaskOp.UPDATE, {"job": str(job.id), "spec": spec, "seconds": a["quantum"]}, [job])
 
-    def _on_updated(self, task: Task, body: dict[str, Any], jobs: list[Job]) -> None:
+    def on_done(self, host: DeviceHost, task: Task, body: dict[str, Any],
+                buffers: list[bytes], live: list[Job]) -> None:
         """A quantum finished: publish progress, requeue, or register the candidate."""
         progress = body["progress"]
-        for job in jobs:
-            if self._next_quantum(job, progress, ("report",)):
+        for job in live:
+            if self.training.next_quantum(job, progress, ("report",)):
                 continue
             try:
                 result = self._register_candidate(job, progress["report"])
             except KernelError as exc:  # e.g. a full disk; the job's folder goes as it ends
-                self._fail(job, JobState.FAILED, exc.code, exc.message)
+                self.core.fail(job, JobState.FAILED, exc.code, exc.message)
                 continue
-            self._finish(job, result)
+            self.core.finish(job, result)
             shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
 
     def _register_candidate(self, job: Job, report: dict[str, Any]) -> dict[str, Any]:
         a = job.args
         name, _, number = a["parent"].rpartition(":")
-        parent = self.registry.resolve(name, int(number))
+        parent = self.core.registry.resolve(name, int(number))
         reference = parent.metrics.get("reference")
-        version, _ = self.registry.import_folder(
+        version, _ = self.core.registry.import_folder(
             name, Path(a["output"]),
             recipe={"op": "learn", "method": a["method"]["method"],
                     "params": a["method"]["params"], "replay": a["replay"],
@@ -166,42 +176,30 @@ class UpdateSyscalls(CoreServices):
 
     def _swap_internally(self, owner: str, version: ModelVersion) -> Job | dict[str, Any]:
         """Promote ``version`` on behalf of ``owner`` with no client waiting for the reply."""
-        outcome = self._promote(self._internal_request(
+        outcome = self.swap.promote(internal_request(
             "promote", owner, {"model": version.model, "version": version.version}))
         if isinstance(outcome, Job):
             outcome.reply_route = None
         return outcome
 
-    def _maybe_update(self, version: ModelVersion, owner: str, on_alert: bool = False) -> None:
+    def maybe_update(self, version: ModelVersion, owner: str, on_alert: bool = False) -> None:
         """With ``--update-after N``: start an update of ``version``'s model once N examples
         arrived after the last update's, or on a drift alert once :data:`MIN_EXAMPLES` did
         (never while one is unfinished)."""
-        every = MIN_EXAMPLES if on_alert else self.config.update_after
-        if not self.config.update_after or any(
-                j.syscall == "update" and j.args["parent"].startswith(f"{version.model}:")
-                for j in self.active.values()):
+        every = MIN_EXAMPLES if on_alert else self.core.config.update_after
+        if not self.core.config.update_after or any(
+                j.kind is self and j.args["parent"].startswith(f"{version.model}:")
+                for j in self.core.active.values()):
             return
         seen = max((int(v.recipe.get("feedback", {}).get("last_id", 0))
-                    for v in self.registry.versions(version.model)), default=0)
+                    for v in self.core.registry.versions(version.model)), default=0)
         if len(self.feedback.examples(version.model, after=seen, limit=every)) < every:
             return
         try:
-            job = self._update(self._internal_request("update", owner, {"model": version.model}))
+            job = self._update(internal_request("update", owner, {"model": version.model}))
         except KernelError as exc:  # e.g. no old data recorded: nothing to gate on
             log.warning("no automatic update of %s: %s", version.model, exc.message)
             return
         job.reply_route = None
         log.info("automatic update of %s: job %d (%s)", version.model, job.id,
                  "drift alert" if on_alert else f"{every} new examples")
-
-    # --- rollback ---------------------------------------------------------------------
-
-    def _rollback(self, request: Request) -> Job | dict[str, Any]:
-        model = request.args["model"]
-        current = self.registry.resolve(model)
-        previous = self.registry.previous_serving(model)
-        if previous is None:
-            raise KernelError(ErrorCode.BAD_REQUEST,
-                              f"rollback: {current.ref} is the first version {model} served; "
-                              "there is nothing to roll back to")
-        return self._swap(request, self.registry.resolve(model, previous), rollback=True)

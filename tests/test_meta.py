@@ -9,7 +9,8 @@ from pathlib import Path
 
 from llmos.contract import hookspecs
 from llmos.contract.syscalls import SYSCALLS
-from llmos.kernel.core import KernelCore
+from llmos.kernel import core as core_module
+from llmos.kernel.kinds import JobKind
 
 ROOT = Path(__file__).resolve().parent.parent
 IO_THREAD_SYSCALLS = {"ping", "info"}
@@ -30,10 +31,12 @@ def test_every_hook_is_documented():
 
 
 def test_every_syscall_has_exactly_one_handler():
-    source = inspect.getsource(KernelCore.__init__)
-    core = set(re.findall(r'"(\w+)": self\._\w+', source))
-    assert core | IO_THREAD_SYSCALLS == set(SYSCALLS)
-    assert not core & IO_THREAD_SYSCALLS
+    kinds = [cls for cls in vars(core_module).values()
+             if isinstance(cls, type) and issubclass(cls, JobKind) and cls is not JobKind]
+    names = [name for cls in kinds for name in cls.handlers(object.__new__(cls))]
+    assert len(names) == len(set(names)), "a syscall has two handlers"
+    assert set(names) | IO_THREAD_SYSCALLS == set(SYSCALLS)
+    assert not set(names) & IO_THREAD_SYSCALLS
 
 
 FORBIDDEN = re.compile(r"(import pickle|from pickle|pickle\.loads?\(|recv_pyobj|send_pyobj|"
@@ -85,15 +88,3 @@ def test_a_wheel_contains_every_package(tmp_path):
     for module in ("llmos/__init__.py", "llmos/kernel/core.py", "llmos/kernel/scheduler/fifo.py",
                    "llmos/drivers/pytorch.py", "llmos/shell/cli.py", "llmos/plugins/__init__.py"):
         assert module in names, module
-
-
-def test_no_mixin_stub_shadows_a_real_method():
-    """The core's mixins declare what they use from each other; a declaration written as a
-    stub method would win over the real one when its mixin comes first in the MRO."""
-    import inspect
-
-    from llmos.kernel.core import KernelCore
-
-    stubs = [name for name, member in inspect.getmembers(KernelCore, inspect.isfunction)
-             if inspect.getsource(member).rstrip().endswith("raise NotImplementedError")]
-    assert stubs == []

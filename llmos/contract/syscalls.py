@@ -185,6 +185,8 @@ _VERSION = Arg("version", "int", minimum=1, maximum=MAX_VERSION)
 
 SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     Syscall("ping", (), "Liveness check; answered on the IO thread."),
+    Syscall("noop", (), "Does nothing, answered by the scheduling loop: measures a "
+            "syscall's round trip through the kernel core."),
     Syscall("info", (), "Kernel version, protocol, address, policy, plugins, uptime."),
     Syscall("drivers", (), "Registered drivers, their devices, and why any is unavailable."),
     Syscall("devices", (), "Driver hosts: state, pid, memory, loaded models, restarts."),
