@@ -99,9 +99,9 @@ class KernelCore:
                                    lambda job: job.kind.candidates(job),
                                    lambda job: job.kind.batching(job),
                                    cost=lambda jobs, device: jobs[0].kind.cost(jobs, device),
-                                   hardware=self._hardware,
+                                   hardware=lambda device: _hardware(self.hosts(), device),
                                    background=lambda job: job.kind.background(job),
-                                   load=self._outstanding)
+                                   load=lambda device: _outstanding(self.hosts(), device))
         self._devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         # The job kinds, given each other where one's work ends in another's.
@@ -289,38 +289,8 @@ class KernelCore:
 
     # --- scheduling ---------------------------------------------------------------------
 
-    def _hardware(self, device: str) -> str:
-        """What a device (a host name, or the kernel) runs on: the scheduler runs one
-        foreground batch at a time per hardware."""
-        host = self.hosts().get(device)
-        return host.hardware if host is not None else hardware_of(device)
-
-    def _outstanding(self, device: str) -> tuple[float, ...]:
-        """Inputs in flight on a host, then tasks ever sent (round robin among equals)."""
-        host = self.hosts().get(device)
-        if host is None:
-            return (0.0, 0.0)
-        inflight = sum(len(task.payload.get("inputs") or [None]) for task in host.inflight.values())
-        return (float(inflight), float(host.submitted))
-
-    def _free_devices(self) -> tuple[dict[str, int], dict[str, str]]:
-        """How many more batches each device takes now, and the hardware busy with
-        foreground work (mapped to the host running it: its other streams may join).
-
-        Session quanta and generation run in the background (hostwire.BACKGROUND_TASK_OPS):
-        they neither wait for nor block their hardware, so inference keeps flowing to the
-        other hosts on it.
-        """
-        hosts = self.hosts().values()
-        busy = {host.hardware: host.name for host in hosts if host.state is HostState.READY
-                and any(task.op not in BACKGROUND_TASK_OPS for task in host.inflight.values())}
-        free = {host.name: slots for host in hosts if (slots := host.free_slots)}
-        if self._kernel_task is None:
-            free[KERNEL_DEVICE] = 1
-        return free, busy
-
     def _dispatch(self, now: float) -> float | None:
-        free, busy = self._free_devices()
+        free, busy = _free_devices(self.hosts(), kernel_free=self._kernel_task is None)
         batches, wake_at = self.scheduler.schedule(free, now, busy)
         for batch in batches:
             for job in batch.jobs:
@@ -490,3 +460,37 @@ def _account(body: dict[str, Any], jobs: list[Job]) -> None:
         job.cpu_seconds += float(body.get("cpu_seconds", 0.0)) * size / total
         job.tokens += int(body.get("tokens", 0)) * size // total
         job.peak_memory = max(job.peak_memory, int(body.get("rss", 0)))
+
+
+def _hardware(hosts: dict[str, DeviceHost], device: str) -> str:
+    """What a device (a host name, or the kernel) runs on: the scheduler runs one
+    foreground batch at a time per hardware."""
+    host = hosts.get(device)
+    return host.hardware if host is not None else hardware_of(device)
+
+
+def _outstanding(hosts: dict[str, DeviceHost], device: str) -> tuple[float, ...]:
+    """Inputs in flight on a host, then tasks ever sent (round robin among equals)."""
+    host = hosts.get(device)
+    if host is None:
+        return (0.0, 0.0)
+    inflight = sum(len(task.payload.get("inputs") or [None]) for task in host.inflight.values())
+    return (float(inflight), float(host.submitted))
+
+
+def _free_devices(hosts: dict[str, DeviceHost], kernel_free: bool
+                  ) -> tuple[dict[str, int], dict[str, str]]:
+    """How many more batches each device takes now (the kernel pseudo-device one when
+    ``kernel_free``), and the hardware busy with foreground work (mapped to the host
+    running it: its other streams may join).
+
+    Session quanta and generation run in the background (hostwire.BACKGROUND_TASK_OPS):
+    they neither wait for nor block their hardware, so inference keeps flowing to the
+    other hosts on it.
+    """
+    busy = {host.hardware: host.name for host in hosts.values() if host.state is HostState.READY
+            and any(task.op not in BACKGROUND_TASK_OPS for task in host.inflight.values())}
+    free = {host.name: slots for host in hosts.values() if (slots := host.free_slots)}
+    if kernel_free:
+        free[KERNEL_DEVICE] = 1
+    return free, busy
