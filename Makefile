@@ -25,7 +25,7 @@ test: $(STAMP)
 IMPORTS := build/imports
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	rm -rf $(IMPORTS) && mkdir -p $(IMPORTS)/llmos && cp llmos/__init__.py $(IMPORTS)/llmos/
+	rm -rf $(IMPORTS) && mkdir -p $(IMPORTS)/llmos && cp llmos/*.py $(IMPORTS)/llmos/
 	ln -s ../../../llmos/contract $(IMPORTS)/llmos/contract
 	for p in kernel drivers plugins shell; do ln -s ../../../$$p $(IMPORTS)/llmos/$$p; done
 	cd $(IMPORTS) && PYTHONPATH=. ../../$(BIN)/lint-imports --config ../../pyproject.toml --no-cache

@@ -9,6 +9,7 @@ batch with INTERNAL and the host keeps running.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,20 +85,19 @@ class Driver(ABC):
         when the job is done also ``metrics`` and the saved model's ``output`` folder."""
         raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot train")
 
-    def compress(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
-        """Run about ``seconds`` of compress job ``job`` (see
-        :mod:`llmos.plugins.compression.session`); returns progress, and when the job is
-        done also the ``report`` and the saved ``output`` folder (None if the gate failed)."""
-        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot compress")
-
-    def update(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
-        """Run about ``seconds`` of update job ``job`` (see
-        :mod:`llmos.plugins.learning.session`); returns progress, and when the job is done
-        also the ``report`` (with the gate's verdict); the candidate is in ``spec["output"]``."""
-        raise KernelError(ErrorCode.BAD_REQUEST, f"the {type(self).__name__} driver cannot learn")
+    def run_session(self, job: str, session: str, spec: dict[str, Any],
+                    seconds: float) -> dict[str, Any]:
+        """Run about ``seconds`` of job ``job`` as a plugin's session: an instance of the
+        class named ``session`` (``"package.module:Class"``, a
+        :class:`~llmos.drivers.sessions.Session`), started from ``spec`` on the first
+        quantum and kept between quanta until it is done, fails or is forgotten. Returns its
+        progress (with its results once done). The kernel sends compress and update jobs,
+        and data-parallel training, this way; the driver knows none of them."""
+        raise KernelError(ErrorCode.BAD_REQUEST,
+                          f"the {type(self).__name__} driver cannot run sessions ({session})")
 
     def forget(self, job: str) -> None:  # noqa: B027 (optional: only trainers keep state)
-        """Drop the in-memory state of training, compress or update job ``job``."""
+        """Drop the in-memory state of job ``job`` (a training or a session)."""
 
     def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
         """Accuracy, macro-F1 and confusion matrix of the classifier in ``path``."""
@@ -126,6 +126,14 @@ class Driver(ABC):
 
     def reprioritize(self, seq_id: int, priority: int) -> None:  # noqa: B027 (optional)
         """A running generation's new nice value."""
+
+
+def import_qualname(qualname: str) -> Any:
+    """The object named ``"package.module:name"``: what plugins name for the driver host to
+    import (a driver class, a session class, a model loader), so that the kernel never
+    imports it and drivers never import plugins."""
+    module_name, _, name = qualname.partition(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 def granted_streams(driver: Driver, asked: int) -> int:

@@ -22,7 +22,6 @@ The host wire (message kinds, task ops, bodies) is in :mod:`llmos.contract.hostw
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -39,6 +38,7 @@ import zmq
 from llmos.contract.hostwire import (
     HEARTBEAT_INTERVAL,
     HOST_PROTOCOL_VERSION,
+    SESSION_TASK_OPS,
     STREAMING_TASK_OPS,
     TOKEN_ENV,
     HostMessage,
@@ -48,7 +48,7 @@ from llmos.contract.hostwire import (
 from llmos.contract.protocol import ErrorCode, KernelError, tensor_from_ref, tensor_ref
 from llmos.kernel.output import keep_output_from_failing
 
-from .base import Driver, granted_streams
+from .base import Driver, granted_streams, import_qualname
 from .tuning import time_shapes
 
 #: Where stream threads send their DONE messages (the IO thread forwards them).
@@ -59,8 +59,7 @@ log = logging.getLogger("llmos.host")
 
 def import_driver(qualname: str) -> type[Driver]:
     """The class named ``"package.module:Class"``; it must subclass Driver."""
-    module_name, _, class_name = qualname.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = import_qualname(qualname)
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
         raise TypeError(f"{qualname} is not a llmos Driver subclass")
     return cls
@@ -83,12 +82,11 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process,
                 body["info"]["timings"] = time_shapes(driver, task["handle"], options["tune"])
         elif op == "unload":
             driver.unload(task["handle"])
+        elif op in SESSION_TASK_OPS and "session" in task:  # a plugin's session, by qualname
+            body["progress"] = driver.run_session(task["job"], task["session"], task["spec"],
+                                                  task["seconds"])
         elif op == "train":
             body["progress"] = driver.train(task["job"], task["spec"], task["seconds"])
-        elif op == "compress":
-            body["progress"] = driver.compress(task["job"], task["spec"], task["seconds"])
-        elif op == "update":
-            body["progress"] = driver.update(task["job"], task["spec"], task["seconds"])
         elif op == "forget":
             driver.forget(task["job"])
         elif op == "evaluate":
@@ -98,11 +96,21 @@ def run_task(driver: Driver, task: dict[str, Any], process: psutil.Process,
                                 task.get("options", {}))
             body["arrays"] = {name: tensor_ref(a, buffers) for name, a in output.arrays.items()}
             body["tokens"] = output.tokens
+            if task["kind"] == "classify" and "probs" in output.arrays:  # not a first stage's
+                # each input's top class, so that the kernel only slices lists
+                probs = output.arrays["probs"]
+                body["top"] = {"index": probs.argmax(axis=1).tolist(),
+                               "score": probs.max(axis=1).tolist()}
         elif op == "stage":  # a pipeline stage: the previous stage's activations come in
             arrays = {name: tensor_from_ref(ref, inbound or []) for name, ref in task["arrays"].items()}
             output = driver.run_stage(task["handle"], task["kind"], arrays, task.get("options", {}))
             body["arrays"] = {name: tensor_ref(a, buffers) for name, a in output.arrays.items()}
             body["tokens"] = output.tokens
+            if task["kind"] == "classify" and "probs" in output.arrays:  # the last stage's
+                # each input's top class, so that the kernel only slices lists
+                probs = output.arrays["probs"]
+                body["top"] = {"index": probs.argmax(axis=1).tolist(),
+                               "score": probs.max(axis=1).tolist()}
         else:
             raise KernelError(ErrorCode.INTERNAL, f"unknown host op {op!r}")
     except KernelError as exc:

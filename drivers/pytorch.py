@@ -4,7 +4,9 @@ Tasks: ``embed`` (mean-pooled over the attention mask, L2-normalised) and ``clas
 (softmax over the labels of a ``*ForSequenceClassification`` model) for encoders; inputs
 are padded to the longest in the batch and truncated to the model's limit. ``generate``
 for causal language models, through one continuous-batching engine per loaded model
-(drivers/generation.py). Weights load from safetensors only; remote code is never trusted.
+(drivers/generation.py). Training (drivers/training.py) and the sessions plugins name by
+qualname (compress, update, DDP: drivers/sessions.py) run in quanta, one session per job.
+Weights load from safetensors only; remote code is never trusted.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ from transformers import (
 
 from llmos.contract.protocol import ErrorCode, KernelError
 
-from .base import Driver, LoadedModel, TaskOutput, check_task
+from .base import Driver, LoadedModel, TaskOutput, check_task, import_qualname
 from .common import max_tokens
 from .generation import GenerationEngine
-from .training import TrainingSession, TrainSpec, evaluate_folder
+from .sessions import Session, import_session
+from .training import TrainingSession, evaluate_folder
 
 #: Sequences a generative model runs at once unless the load says otherwise (max_seqs).
 DEFAULT_MAX_SEQS = 16
+#: The config.json key naming, as ``"package.module:function"``, the ``function(path) ->
+#: PreTrainedModel`` that builds a model transformers cannot rebuild from its config alone
+#: (written by the plugin that changed the model's structure; see :func:`load_hf`).
+LOADER_KEY = "llmos_loader"
 
 
 @dataclass(slots=True)
@@ -55,13 +62,13 @@ def is_causal_lm(config: Any) -> bool:
 
 
 def load_hf(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer from a local folder: safetensors only, no remote code, offline."""
+    """Model and tokenizer from a local folder: safetensors only, no remote code, offline.
+    A config that names a loader (:data:`LOADER_KEY`) is built by that function."""
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     config = AutoConfig.from_pretrained(path, **common)
-    if getattr(config, "llmos_compression", None):  # layers reshaped by llmos compress
-        from llmos.plugins.compression.structure import load_compressed
-
-        model = load_compressed(path)
+    loader = getattr(config, LOADER_KEY, None)
+    if loader:  # e.g. layers reshaped by llmos compress: its plugin builds the model
+        model = import_qualname(loader)(path)
     else:
         auto = (AutoModelForCausalLM if is_causal_lm(config)
                 else AutoModelForSequenceClassification if is_classifier(config) else AutoModel)
@@ -80,11 +87,10 @@ class TorchDriver(Driver):
         torch.set_num_threads(threads)
         self._torch_device = torch.device(device)
         self._models: dict[str, _Entry] = {}
-        self._sessions: dict[str, TrainingSession] = {}
+        #: Sessions of training and plugin jobs (compress, update, DDP) between quanta.
+        self._sessions: dict[str, Session] = {}
         #: Finish events of generations whose model was unloaded, sent with the next step.
         self._orphaned: list[dict[str, Any]] = []
-        #: Sessions of plugin jobs (compress, update) between quanta, by job id.
-        self._job_sessions: dict[str, Any] = {}
 
     def describe(self) -> dict[str, Any]:
         if self._torch_device.type == "cuda":
@@ -165,42 +171,18 @@ class TorchDriver(Driver):
             engine.reprioritize(seq_id, priority)
 
     def train(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+        return self._quantum(job, lambda: TrainingSession.start(spec, self.threads), seconds)
+
+    def run_session(self, job: str, session: str, spec: dict[str, Any],
+                    seconds: float) -> dict[str, Any]:
+        return self._quantum(job, lambda: import_session(session)(spec, self.threads), seconds)
+
+    def _quantum(self, job: str, start: Callable[[], Session], seconds: float) -> dict[str, Any]:
+        """One quantum of job ``job``'s session (started on the first); forgotten when done
+        or failed."""
         session = self._sessions.get(job)
         if session is None:
-            ddp = spec.pop("ddp", None)
-            if ddp:  # data-parallel: this host is rank 0 (llmos.plugins.parallel)
-                from llmos.plugins.parallel.ddp import DistributedSession
-
-                session = DistributedSession.launch(TrainSpec(**spec), self.threads, ddp)
-            else:
-                session = TrainingSession(TrainSpec(**spec), self.threads)
-            self._sessions[job] = session
-        progress = session.run(seconds)
-        if session.done:
-            progress["metrics"] = session.finish()
-            progress["output"] = session.spec.output
-            progress["labels"] = session.dataset.labels
-            self.forget(job)
-        return progress
-
-    def compress(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
-        from llmos.plugins.compression.session import CompressionSession, CompressSpec
-
-        return self._run_session(job, lambda: CompressionSession(CompressSpec(**spec),
-                                                                 self.threads), seconds)
-
-    def update(self, job: str, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
-        from llmos.plugins.learning.session import UpdateSession, UpdateSpec
-
-        return self._run_session(job, lambda: UpdateSession(UpdateSpec(**spec), self.threads),
-                                 seconds)
-
-    def _run_session(self, job: str, make: Callable[[], Any], seconds: float) -> dict[str, Any]:
-        """One quantum of a plugin's job session (made on the first); forgotten when done
-        or failed."""
-        session = self._job_sessions.get(job)
-        if session is None:
-            session = self._job_sessions[job] = make()
+            session = self._sessions[job] = start()
         try:
             progress = session.run(seconds)
         except BaseException:
@@ -214,7 +196,6 @@ class TorchDriver(Driver):
         session = self._sessions.pop(job, None)
         if session is not None:
             session.close()
-        self._job_sessions.pop(job, None)
 
     def evaluate(self, path: str, data: dict[str, str], split: str, seed: int) -> dict[str, Any]:
         return evaluate_folder(path, data, split, seed)

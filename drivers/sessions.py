@@ -1,4 +1,10 @@
-"""Plugin jobs in the driver host, run in quanta: the shared part of their sessions.
+"""Long-running jobs in the driver host, run in quanta: the session contract, and the
+shared part of the phased sessions of plugin jobs.
+
+A **session** is a job's state between quanta (:class:`Session`). A plugin's session class
+(compress, update, data-parallel training) is named by qualname in the task
+(``"package.module:Class"``, registered by the plugin through ``llmos_register_sessions``)
+and imported here, in the driver host, by :func:`import_session`: drivers name no plugin.
 
 A compress or update job is a sequence of **phases**: a generator (:meth:`PhasedSession._work`)
 that yields the name of the next phase each time one ends. Each task from the kernel runs
@@ -12,13 +18,50 @@ ends: the kernel removes its folder.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 
 from llmos.contract.protocol import KernelError
 from llmos.kernel.registry import is_disk_full, write_error
+
+from .base import import_qualname
+
+
+class Session(Protocol):
+    """One job's state in the driver host between its quanta.
+
+    Its class has ``start(spec, threads) -> Session`` (a classmethod): ``spec`` is the
+    task's ``spec``, ``threads`` the host's. The driver calls :meth:`run` once per task and
+    :meth:`close` when it forgets the job (done, failed or ended by the kernel).
+    """
+
+    @property
+    def done(self) -> bool:
+        """Whether the job's work is finished (the driver then forgets it)."""
+        ...
+
+    def run(self, seconds: float) -> dict[str, Any]:
+        """Work for about ``seconds``; the progress, with the job's results once done."""
+        ...
+
+    def close(self) -> None:
+        """Release what the session holds beyond memory (processes, sockets)."""
+        ...
+
+
+#: ``start(spec, threads)`` of a session class.
+SessionStart = Callable[[dict[str, Any], int], Session]
+
+
+def import_session(qualname: str) -> SessionStart:
+    """``start`` of the session class named ``"package.module:Class"``."""
+    cls = import_qualname(qualname)
+    start = getattr(cls, "start", None)
+    if not (isinstance(cls, type) and callable(start)):
+        raise TypeError(f"{qualname} is not a llmos session class (it has no start)")
+    return start
 
 
 class PhasedSession:
@@ -51,6 +94,9 @@ class PhasedSession:
         finally:
             torch.set_num_threads(inference_threads)
         return {"phase": self.phase, "done": self.done, **self._progress()}
+
+    def close(self) -> None:
+        """Nothing beyond memory to release."""
 
     def _work(self) -> Iterator[str]:
         """Each ``yield`` ends a phase and names the next one."""

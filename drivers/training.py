@@ -149,14 +149,25 @@ class TrainingSession:
         picked = order[index * self.spec.batch_size:(index + 1) * self.spec.batch_size]
         return [self.texts[i] for i in picked], torch.tensor([self.targets[i] for i in picked])
 
+    @classmethod
+    def start(cls, spec: dict[str, Any], threads: int) -> TrainingSession:
+        """The session of a ``train`` task's ``spec`` (a :class:`~llmos.drivers.sessions.Session`)."""
+        return cls(TrainSpec(**spec), threads)
+
     def run(self, seconds: float) -> dict[str, Any]:
-        """Train for about ``seconds`` (at least one step), checkpoint, report progress."""
+        """Train for about ``seconds`` (at least one step), checkpoint, report progress; on
+        the last quantum also the ``metrics`` (:meth:`finish`), the saved model's
+        ``output`` folder and the ``labels``."""
         inference_threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self._run(seconds)
+            progress = self._run(seconds)
         finally:
             torch.set_num_threads(inference_threads)
+        if self.done:
+            progress.update(metrics=self.finish(), output=self.spec.output,
+                            labels=self.dataset.labels)
+        return progress
 
     def _run(self, seconds: float) -> dict[str, Any]:
         self.model.train()

@@ -56,7 +56,14 @@ def _identity(result: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Syscalls:
-    """One method per syscall; ``_call`` is the transport (blocking or awaitable)."""
+    """One method per syscall; ``_call`` is the transport (blocking or awaitable).
+
+    Each method's parameters are its syscall's arguments (:data:`~llmos.contract.syscalls.
+    SYSCALLS`), with the same names: required ones first, positionally; the others keyword
+    (a few also positional) and ``None`` by default, which the kernel replaces with the
+    argument's default. tests/test_syscall_agreement.py holds the table to this, with its
+    few exceptions (``import_model``, ``job_id``, ``ping``'s client-side ``timeout``).
+    """
 
     def _call(self, syscall: str, args: dict[str, Any],
               shape: Callable[[dict[str, Any]], Any] = _identity,
@@ -64,7 +71,12 @@ class _Syscalls:
         raise NotImplementedError
 
     def ping(self, timeout: float = 5.0) -> Any:
+        """Liveness; ``timeout`` is how long to wait for the answer (client side)."""
         return self._call("ping", {}, timeout=timeout)
+
+    def noop(self) -> Any:
+        """Nothing, answered by the kernel's scheduling loop: a syscall's round trip."""
+        return self._call("noop", {})
 
     def info(self) -> Any:
         return self._call("info", {})
@@ -79,15 +91,18 @@ class _Syscalls:
         return self._call("models", {}, _field("models"))
 
     def import_model(self, source: str | None = None, *, path: str | None = None,
-                     name: str | None = None) -> Any:
+                     name: str | None = None, priority: int | None = None,
+                     timeout: float | None = None) -> Any:
         """Import a model from a named source package or a local Hugging Face folder."""
-        return self._call("import", {"source": source, "path": path, "name": name})
+        return self._call("import", {"source": source, "path": path, "name": name,
+                                     "priority": priority, "timeout": timeout})
 
     def load(self, model: str, *, version: int | None = None, device: str | None = None,
              driver: str | None = None, precision: str | None = None,
              calibrate: str | None = None, max_seqs: int | None = None,
              prefix_cache_mb: int | None = None, replicas: int | None = None,
-             stages: int | None = None) -> Any:
+             stages: int | None = None, priority: int | None = None,
+             timeout: float | None = None) -> Any:
         """Load onto one device, one driver's devices, or (default) every driver, autotuned
         (a generative model: onto the drivers that generate, ``max_seqs`` at once, keeping
         ``prefix_cache_mb`` of shared prompt prefixes).
@@ -98,36 +113,54 @@ class _Syscalls:
                                    "driver": driver, "precision": precision,
                                    "calibrate": calibrate, "max_seqs": max_seqs,
                                    "prefix_cache_mb": prefix_cache_mb,
-                                   "replicas": replicas, "stages": stages})
+                                   "replicas": replicas, "stages": stages,
+                                   "priority": priority, "timeout": timeout})
 
-    def export(self, model: str, to: str, *, version: int | None = None) -> Any:
+    def export(self, model: str, format: str, *, version: int | None = None,
+               priority: int | None = None, timeout: float | None = None) -> Any:
         """Export to ``onnx`` or ``openvino``; the artifact is cached per version."""
-        return self._call("export", {"model": model, "format": to, "version": version})
+        return self._call("export", {"model": model, "version": version, "format": format,
+                                     "priority": priority, "timeout": timeout})
 
-    def unload(self, model: str, *, version: int | None = None, device: str | None = None) -> Any:
-        return self._call("unload", {"model": model, "version": version, "device": device})
+    def unload(self, model: str, *, version: int | None = None, device: str | None = None,
+               priority: int | None = None, timeout: float | None = None) -> Any:
+        return self._call("unload", {"model": model, "version": version, "device": device,
+                                     "priority": priority, "timeout": timeout})
 
-    def infer(self, model: str, task: str, inputs: list[str], **options: Any) -> Any:
+    def infer(self, model: str, task: str, inputs: list[str], *, version: int | None = None,
+              priority: int | None = None, timeout: float | None = None) -> Any:
         """The full result: model, job id, arrays as numpy, predictions for classify."""
-        return self._call("infer", {"model": model, "task": task, "inputs": inputs, **options})
+        return self._call("infer", {"model": model, "version": version, "task": task,
+                                    "inputs": inputs, "priority": priority, "timeout": timeout})
 
-    def embed(self, model: str, texts: list[str], **options: Any) -> Any:
-        """Unit-norm embeddings, shape (len(texts), dim)."""
-        return self._call("infer", {"model": model, "task": "embed", "inputs": texts, **options},
+    def embed(self, model: str, texts: list[str], *, version: int | None = None,
+              priority: int | None = None, timeout: float | None = None) -> Any:
+        """Unit-norm embeddings, shape (len(texts), dim): ``infer`` with task ``embed``."""
+        return self._call("infer", {"model": model, "version": version, "task": "embed",
+                                    "inputs": texts, "priority": priority, "timeout": timeout},
                           _field("embeddings"))
 
-    def classify(self, model: str, texts: list[str], **options: Any) -> Any:
-        """One ``{"label", "score"}`` per text."""
-        return self._call("infer", {"model": model, "task": "classify", "inputs": texts,
-                                    **options}, _field("predictions"))
+    def classify(self, model: str, texts: list[str], *, version: int | None = None,
+                 priority: int | None = None, timeout: float | None = None) -> Any:
+        """One ``{"label", "score"}`` per text: ``infer`` with task ``classify``."""
+        return self._call("infer", {"model": model, "version": version, "task": "classify",
+                                    "inputs": texts, "priority": priority, "timeout": timeout},
+                          _field("predictions"))
 
-    def generate(self, model: str, prompt: str | None = None, *,
-                 messages: list[dict[str, str]] | None = None, **options: Any) -> Any:
-        """The whole generation: ``text``, ``finish_reason``, ``usage`` (options: max_tokens,
-        temperature, top_p, stop, seed, ignore_eos, priority, timeout). To stream the text,
-        use ``submit("generate", ..., events=True)`` and :meth:`Pending.stream`."""
-        return self._call("generate", {"model": model, "prompt": prompt, "messages": messages,
-                                       **options})
+    def generate(self, model: str, prompt: str | None = None, *, version: int | None = None,
+                 messages: list[dict[str, str]] | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None,
+                 stop: list[str] | None = None, seed: int | None = None,
+                 ignore_eos: bool | None = None, priority: int | None = None,
+                 timeout: float | None = None) -> Any:
+        """The whole generation of a ``prompt`` or chat ``messages``: ``text``,
+        ``finish_reason``, ``usage``. To stream the text, use
+        ``submit("generate", ..., events=True)`` and :meth:`Pending.stream`."""
+        return self._call("generate", {
+            "model": model, "version": version, "prompt": prompt, "messages": messages,
+            "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+            "stop": stop, "seed": seed, "ignore_eos": ignore_eos, "priority": priority,
+            "timeout": timeout})
 
     def learn(self, model: str, examples: list[dict[str, str]], *,
               version: int | None = None) -> Any:
@@ -138,39 +171,78 @@ class _Syscalls:
     def datasets(self) -> Any:
         return self._call("datasets", {}, _field("datasets"))
 
-    def train(self, model: str, *, data: str | None = None, path: str | None = None,
-              **options: Any) -> Any:
+    def train(self, model: str, *, version: int | None = None, data: str | None = None,
+              path: str | None = None, name: str | None = None, epochs: float | None = None,
+              batch_size: int | None = None, learning_rate: float | None = None,
+              seed: int | None = None, max_tokens: int | None = None, limit: int | None = None,
+              quantum: float | None = None, checkpoint_every: float | None = None,
+              parallel: str | None = None, world_size: int | None = None,
+              local_ranks: int | None = None, master_addr: str | None = None,
+              master_port: int | None = None, resume: int | None = None,
+              priority: int | None = None, timeout: float | None = None) -> Any:
         """Fine-tune ``model`` on a bundled dataset or a CSV/JSONL file; waits for the new
-        version (options: name, epochs, batch_size, learning_rate, seed, max_tokens, limit,
-        quantum, priority, timeout). Use ``submit("train", ..., events=True)`` for progress."""
-        return self._call("train", {"model": model, "data": data, "path": path, **options})
+        version. Use ``submit("train", ..., events=True)`` for progress."""
+        return self._call("train", {
+            "model": model, "version": version, "data": data, "path": path, "name": name,
+            "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+            "seed": seed, "max_tokens": max_tokens, "limit": limit, "quantum": quantum,
+            "checkpoint_every": checkpoint_every, "parallel": parallel,
+            "world_size": world_size, "local_ranks": local_ranks, "master_addr": master_addr,
+            "master_port": master_port, "resume": resume, "priority": priority,
+            "timeout": timeout})
 
-    def evaluate(self, model: str, *, data: str | None = None, path: str | None = None,
-                 split: str = "test", **options: Any) -> Any:
-        return self._call("evaluate", {"model": model, "data": data, "path": path,
-                                       "split": split, **options})
+    def evaluate(self, model: str, *, version: int | None = None, data: str | None = None,
+                 path: str | None = None, split: str = "test", seed: int | None = None,
+                 priority: int | None = None, timeout: float | None = None) -> Any:
+        """Accuracy, macro-F1 and confusion matrix on a split of a dataset or a file."""
+        return self._call("evaluate", {"model": model, "version": version, "data": data,
+                                       "path": path, "split": split, "seed": seed,
+                                       "priority": priority, "timeout": timeout})
 
-    def compress(self, model: str, recipe: list[dict[str, Any]], **options: Any) -> Any:
-        """Run a compression recipe (``[{"step": "quantize", "method": ...}, ...]``); waits for
-        the result: the new version (None if the gate failed) and the report (options: version,
-        data, path, name, max_drop, seed, max_tokens, eval_limit, quantum, priority, timeout)."""
-        return self._call("compress", {"model": model, "recipe": recipe, **options})
+    def compress(self, model: str, recipe: list[dict[str, Any]] | None = None, *,
+                 version: int | None = None, search: bool | None = None,
+                 data: str | None = None, path: str | None = None, name: str | None = None,
+                 max_drop: float | None = None, seed: int | None = None,
+                 max_tokens: int | None = None, eval_limit: int | None = None,
+                 quantum: float | None = None, priority: int | None = None,
+                 timeout: float | None = None) -> Any:
+        """Run a compression recipe (``[{"step": "quantize", "method": ...}, ...]``), or a
+        grid with ``search``; waits for the result: the new version (None if the gate
+        failed) and the report."""
+        return self._call("compress", {
+            "model": model, "version": version, "recipe": recipe, "search": search,
+            "data": data, "path": path, "name": name, "max_drop": max_drop, "seed": seed,
+            "max_tokens": max_tokens, "eval_limit": eval_limit, "quantum": quantum,
+            "priority": priority, "timeout": timeout})
 
-    def promote(self, model: str, version: int) -> Any:
+    def promote(self, model: str, version: int, *, priority: int | None = None,
+                timeout: float | None = None) -> Any:
         """Make ``model:version`` serve ``model`` (hot swap; no request fails)."""
-        return self._call("promote", {"model": model, "version": version})
+        return self._call("promote", {"model": model, "version": version,
+                                      "priority": priority, "timeout": timeout})
 
-    def update(self, model: str, method: str = "lora", **options: Any) -> Any:
+    def update(self, model: str, method: str = "lora", *, version: int | None = None,
+               params: dict[str, Any] | None = None, replay: int | None = None,
+               distill: float | None = None, max_drop: float | None = None,
+               holdout: float | None = None, limit: int | None = None,
+               eval_limit: int | None = None, promote: bool | None = None,
+               data: str | None = None, path: str | None = None, seed: int | None = None,
+               max_tokens: int | None = None, quantum: float | None = None,
+               priority: int | None = None, timeout: float | None = None) -> Any:
         """Learn from ``model``'s feedback buffer with an update method (lora, online,
         finetune); waits for the gated candidate: ``model``, ``passed``, ``reason``,
-        ``promoted`` and the ``report`` (options: version, params, replay, distill, max_drop,
-        holdout, limit, promote, data, path, seed, max_tokens, eval_limit, quantum,
-        priority, timeout)."""
-        return self._call("update", {"model": model, "method": method, **options})
+        ``promoted`` and the ``report``."""
+        return self._call("update", {
+            "model": model, "version": version, "method": method, "params": params,
+            "replay": replay, "distill": distill, "max_drop": max_drop, "holdout": holdout,
+            "limit": limit, "eval_limit": eval_limit, "promote": promote, "data": data,
+            "path": path, "seed": seed, "max_tokens": max_tokens, "quantum": quantum,
+            "priority": priority, "timeout": timeout})
 
-    def rollback(self, model: str) -> Any:
+    def rollback(self, model: str, *, priority: int | None = None,
+                 timeout: float | None = None) -> Any:
         """Serve again the version that served ``model`` before the current one (hot swap)."""
-        return self._call("rollback", {"model": model})
+        return self._call("rollback", {"model": model, "priority": priority, "timeout": timeout})
 
     def jobs(self, *, owner: str | None = None, finished: bool = True) -> Any:
         return self._call("jobs", {"owner": owner, "finished": finished}, _field("jobs"))
@@ -344,7 +416,9 @@ class Client(_Syscalls):
         deadline = time.monotonic() + limit
         while not done():
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._socket.poll(int(remaining * 1000) + 1):
+            # zmq_poll, not Socket.poll (which builds a Poller per call): the hot path
+            if remaining <= 0 or not zmq.zmq_poll([(self._socket, zmq.POLLIN)],
+                                                  int(remaining * 1000) + 1):
                 if done():
                     return
                 raise KernelError(ErrorCode.TIMEOUT, f"no reply from the kernel at "

@@ -77,9 +77,10 @@ class Compression(JobKind):
         data = self.training.evaluation_data(version, args, "compress")
         name = check_name(args["name"] or version.model)
         self.training.trainers()
+        session = self.core.ext.sessions.get("compress").qualname  # NOT_FOUND without a plugin
         job = self.core.admit(request, base=str(version.path), parent=version.ref, recipes=recipes,
-                          dataset=data, output_name=name,
-                          train_limit=int(version.recipe.get("limit") or 0))
+                              session=session, dataset=data, output_name=name,
+                              train_limit=int(version.recipe.get("limit") or 0))
         if job.args["seed"] is None:  # the parent's split: its validation rows are unseen
             job.args["seed"] = int(version.recipe.get("seed") or 0)
         folder = self.core.config.home / "jobs" / str(job.id)
@@ -94,8 +95,8 @@ class Compression(JobKind):
                 "max_drop": job.args["max_drop"], "seed": job.args["seed"],
                 "max_tokens": job.args["max_tokens"], "eval_limit": job.args["eval_limit"],
                 "train_limit": job.args["train_limit"]}
-        return Task(TaskOp.COMPRESS, {"job": str(job.id), "spec": spec,
-                                      "seconds": job.args["quantum"]}, [job])
+        return Task(TaskOp.COMPRESS, {"job": str(job.id), "session": job.args["session"],
+                                      "spec": spec, "seconds": job.args["quantum"]}, [job])
 
     def on_done(self, host: DeviceHost, task: Task, body: dict[str, Any],
                 buffers: list[bytes], live: list[Job]) -> None:

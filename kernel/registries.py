@@ -73,6 +73,25 @@ class DriverRegistry(NamedRegistry[DriverSpec]):
         super().add(spec.name, spec)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """A long-running job's session, known by name (``compress``, ``update``, ``ddp``); the
+    kernel names it in the job's tasks and only the driver host imports the class."""
+
+    name: str
+    #: ``"package.module:Class"`` of a :class:`llmos.drivers.sessions.Session` class.
+    qualname: str
+    description: str = ""
+
+
+class SessionRegistry(NamedRegistry[SessionSpec]):
+    def __init__(self) -> None:
+        super().__init__("session")
+
+    def add(self, spec: SessionSpec) -> None:  # type: ignore[override]
+        super().add(spec.name, spec)
+
+
 class PolicyRegistry(NamedRegistry[Callable[..., Any]]):
     def __init__(self) -> None:
         super().__init__("scheduling policy")

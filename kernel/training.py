@@ -119,6 +119,8 @@ class Training(JobKind):
 
     def _train(self, request: Request) -> Job:
         plan = self.parallel.plan("train", request.args)
+        if plan.ddp():  # NOT_FOUND now, not at dispatch, when no plugin runs DDP
+            self.core.ext.sessions.get("ddp")
         if request.args["resume"]:
             return self._resume(request, plan.ddp())
         version = self.core.registry.resolve(request.args["model"], request.args["version"])
@@ -180,10 +182,11 @@ class Training(JobKind):
                 "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
                 "max_tokens": job.args["max_tokens"], "limit": job.args["limit"],
                 "checkpoint_every": job.args["checkpoint_every"]}
+        payload = {"job": str(job.id), "spec": spec, "seconds": job.args["quantum"]}
         if job.args.get("ddp"):
             spec["ddp"] = job.args["ddp"]
-        return Task(TaskOp.TRAIN, {"job": str(job.id), "spec": spec,
-                                   "seconds": job.args["quantum"]}, [job])
+            payload["session"] = self.core.ext.sessions.get("ddp").qualname
+        return Task(TaskOp.TRAIN, payload, [job])
 
     def on_done(self, host: DeviceHost, task: Task, body: dict[str, Any],
                 buffers: list[bytes], live: list[Job]) -> None:

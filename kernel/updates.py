@@ -109,11 +109,13 @@ class Update(JobKind):
                               f"llmos learn {version.model} --feedback FILE)")
         self.training.trainers()
         train, held = split_examples(examples, args["holdout"], args["seed"])
+        session = self.core.ext.sessions.get("update").qualname  # NOT_FOUND without a plugin
         job = self.core.admit(request, base=str(version.path), parent=version.ref, method=method,
-                          old_data=old_data, old_limit=int(version.recipe.get("limit") or 0),
-                          feedback={"first_id": examples[0].id, "last_id": examples[-1].id,
-                                    "examples": len(examples), "train": len(train),
-                                    "held_out": len(held)})
+                              session=session, old_data=old_data,
+                              old_limit=int(version.recipe.get("limit") or 0),
+                              feedback={"first_id": examples[0].id, "last_id": examples[-1].id,
+                                        "examples": len(examples), "train": len(train),
+                                        "held_out": len(held)})
         folder = self.core.config.home / "jobs" / str(job.id)
         job.args.update(train_file=str(folder / "train.jsonl"),
                         holdout_file=str(folder / "holdout.jsonl"),
@@ -134,7 +136,8 @@ class Update(JobKind):
                 "old_limit": a["old_limit"], "replay": a["replay"], "distill": a["distill"],
                 "max_drop": a["max_drop"], "seed": a["seed"], "max_tokens": a["max_tokens"],
                 "eval_limit": a["eval_limit"], "output": a["output"]}
-        return Task(TaskOp.UPDATE, {"job": str(job.id), "spec": spec, "seconds": a["quantum"]}, [job])
+        return Task(TaskOp.UPDATE, {"job": str(job.id), "session": a["session"], "spec": spec,
+                                    "seconds": a["quantum"]}, [job])
 
     def on_done(self, host: DeviceHost, task: Task, body: dict[str, Any],
                 buffers: list[bytes], live: list[Job]) -> None:

@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pluggy
+
+from llmos import Client, Pending
+from llmos.admin import disabled_from_env, get_plugin_manager
 from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.contract.states import JobState
-from llmos.kernel.client import Client, Pending
-from llmos.kernel.plugins import disabled_from_env, get_plugin_manager
 
-from . import render, views
+from . import hookspecs, render, views
 from .cli import resolve_address, resolve_home, start_detached
 from .commands import CommandRegistry, JobRequest, Output
 from .syntax import CommandLine, split_commands
@@ -34,10 +36,22 @@ POLL_SECONDS = 0.25
 INTERRUPTED = 130
 
 
+#: The shell's own built-in plugin: its commands, registered through its hook like a plugin's.
+BUILTIN_COMMANDS_PLUGIN = "llmos.shell.builtin_commands"
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The plugins' manager with the shell's hook specification and built-in commands added
+    (LLMOS_DISABLE_PLUGINS applies to them too); a plugin that implements the hook with
+    the wrong parameters, or a misspelled hook, raises PluginValidationError."""
+    return get_plugin_manager(disabled_from_env(), specs=(hookspecs,),
+                              builtins=(BUILTIN_COMMANDS_PLUGIN,))
+
+
 def load_commands() -> CommandRegistry:
     """Every command the plugins register (built-ins included) through the hook."""
     registry = CommandRegistry()
-    get_plugin_manager(disabled_from_env()).hook.llmos_register_shell_commands(commands=registry)
+    plugin_manager().hook.llmos_register_shell_commands(commands=registry)
     return registry
 
 

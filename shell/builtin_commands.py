@@ -1,14 +1,14 @@
 """The built-in shell commands, registered through ``llmos_register_shell_commands`` exactly
-like a plugin's (this module is listed in ``BUILTIN_PLUGINS``).
+like a plugin's (the shell registers this module as a built-in plugin,
+:data:`llmos.shell.app.BUILTIN_COMMANDS_PLUGIN`).
 
-The kernel imports this module too when it builds its plugin manager, so it holds only
-the command table: handlers are named as ``"llmos.shell.handlers:NAME"`` and imported the
-first time a shell runs one.
+It holds only the command table: handlers are named as ``"llmos.shell.handlers:NAME"``
+and imported the first time a shell runs one.
 """
 
 from __future__ import annotations
 
-from llmos.contract.hookspecs import hookimpl
+from llmos import hookimpl
 
 from .commands import JOB_OPTIONS, Command, CommandRegistry, Param
 
@@ -55,7 +55,9 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
              Param("system", option=True, metavar="TEXT"),
              Param("max_tokens", "int", option=True, metavar="N"),
              Param("temperature", "number", option=True, metavar="T"),
-             Param("top_p", "number", option=True, metavar="P"), _SEED, *JOB_OPTIONS),
+             Param("top_p", "number", option=True, metavar="P"),
+             Param("stop", option=True, metavar="TEXT"), _SEED,
+             Param("ignore_eos", "flag", option=True), *JOB_OPTIONS),
             aliases=("generate",)),
     Command("learn", "Send labelled feedback to a classifier: rows of a CSV/JSONL file "
             "(--feedback PATH, - for stdin) with text and label, or one --text with its --label.",

@@ -16,17 +16,18 @@ from typing import Any
 
 import psutil
 
-from llmos.contract.protocol import ErrorCode, KernelError
-from llmos.kernel.client import Client, CurveKeys
-from llmos.kernel.config import default_address, default_home, is_local
-from llmos.kernel.security import AuditLog, KeyStore
-from llmos.kernel.server import (
+from llmos import Client, CurveKeys
+from llmos.addresses import default_address, default_home, is_local
+from llmos.admin import (
+    AuditLog,
     KernelServer,
+    KeyStore,
     add_kernel_options,
     config_from_args,
     kernel_argv,
     read_pid_file,
 )
+from llmos.contract.protocol import ErrorCode, KernelError
 
 from . import render, views
 
@@ -271,10 +272,11 @@ def _show(args: argparse.Namespace, client: Client) -> int:
         return 0
     output = {
         "info": lambda: views.mapping("info", client.info()),
-        "stats": lambda: views.mapping("stats", client.stats()),
+        "stats": lambda: (views.monitor(client.stats(args.model, version=args.version))
+                          if args.model else views.mapping("stats", client.stats())),
         "drivers": lambda: views.drivers(client.drivers()),
         "devices": lambda: views.devices(client.devices()),
-        "jobs": lambda: views.jobs(client.jobs(finished=not args.running)),
+        "jobs": lambda: views.jobs(client.jobs(owner=args.owner, finished=not args.running)),
     }[command]()
     render.show(output, args.json)
     return 0
@@ -284,36 +286,47 @@ def _models(args: argparse.Namespace, client: Client) -> int:
     if args.models_command == "import":
         if not args.source and not args.path:
             raise KernelError(ErrorCode.BAD_REQUEST, "models import: give a source NAME or --path")
-        output = views.imported(client.import_model(args.source, path=args.path, name=args.name))
+        output = views.imported(client.import_model(args.source, path=args.path, name=args.name,
+                                                    **_job_options(args)))
     else:
         output = views.models(client.models())
     render.show(output, args.json)
     return 0
 
 
+def _job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--priority`` and ``--timeout``, which every job command takes."""
+    return {"priority": args.priority, "timeout": args.timeout}
+
+
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--version`` and the job options, which every command on a model version takes."""
+    return {"version": args.version, **_job_options(args)}
+
+
 def _work(args: argparse.Namespace, client: Client) -> int:
     command = args.command
     if command == "load":
-        output = views.loaded(client.load(args.model, version=args.version, device=args.device,
+        output = views.loaded(client.load(args.model, device=args.device,
                                           driver=args.driver, precision=args.precision,
                                           calibrate=args.calibrate, max_seqs=args.max_seqs,
                                           prefix_cache_mb=args.prefix_cache_mb,
-                                          replicas=args.replicas, stages=args.stages))
+                                          replicas=args.replicas, stages=args.stages, **_model_options(args)))
     elif command == "unload":
-        output = views.unloaded(client.unload(args.model, version=args.version, device=args.device))
+        output = views.unloaded(client.unload(args.model, device=args.device, **_model_options(args)))
     elif command == "export":
-        output = views.exported(client.export(args.model, args.to, version=args.version))
+        output = views.exported(client.export(args.model, args.format, **_model_options(args)))
     elif command in ("embed", "classify"):
-        options = {"version": args.version, "priority": args.priority, "timeout": args.timeout}
         if command == "embed":
-            output = views.embedded({"embeddings": client.embed(args.model, args.texts, **options)})
+            output = views.embedded({"embeddings": client.embed(args.model, args.texts,
+                                                                **_model_options(args))})
         else:
             output = views.classified(args.texts, {"predictions": client.classify(
-                args.model, args.texts, **options)})
+                args.model, args.texts, **_model_options(args))})
     elif command == "cancel":
         output = views.cancelled(client.cancel(args.id))
     elif command == "renice":
-        output = views.reniced(client.renice(args.id, args.priority_value))
+        output = views.reniced(client.renice(args.id, args.priority))
     else:  # job
         output = views.job(client.job(args.id))
     render.show(output, args.json)
@@ -345,11 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"the longest wait for the exit (default {STOP_WAIT_SECONDS:g})")
 
     for name, text in (("ping", "check the kernel answers"), ("info", "kernel information"),
-                       ("drivers", "registered drivers"), ("devices", "driver hosts"),
-                       ("stats", "kernel counters")):
+                       ("drivers", "registered drivers"), ("devices", "driver hosts")):
         sub.add_parser(name, help=text)
+    stats = sub.add_parser("stats", help="kernel counters; with a MODEL, its monitoring")
+    stats.add_argument("model", nargs="?", help="a model name: its monitoring instead")
+    stats.add_argument("--version", type=int, help="the model's version (default: the serving one)")
     jobs = sub.add_parser("jobs", help="list jobs (ps)")
     jobs.add_argument("--running", action="store_true", help="only unfinished jobs")
+    jobs.add_argument("--owner", help="only this client's jobs")
 
     models = sub.add_parser("models", help="list or import models")
     msub = models.add_subparsers(dest="models_command")
@@ -358,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("source", nargs="?", help="a named source, e.g. minilm")
     imp.add_argument("--path", help="a local Hugging Face folder (safetensors)")
     imp.add_argument("--name", help="registry name (default: the source or folder name)")
+    _add_job_options(imp)
 
     for name in ("load", "unload"):
         p = sub.add_parser(name, help=f"{name} a model version")
@@ -376,22 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "in the running batch (default 16)")
             p.add_argument("--prefix-cache-mb", type=int, help="generative models: memory for "
                            "shared prompt prefixes (default 64; 0: off)")
+        _add_job_options(p)
     export = sub.add_parser("export", help="export a model version to ONNX or OpenVINO IR")
     export.add_argument("model")
-    export.add_argument("--to", required=True, choices=("onnx", "openvino"))
+    export.add_argument("--to", dest="format", required=True, choices=("onnx", "openvino"))
     export.add_argument("--version", type=int)
+    _add_job_options(export)
     for name in ("embed", "classify"):
         p = sub.add_parser(name, help=f"{name} texts")
         p.add_argument("model")
         p.add_argument("texts", nargs="+")
         p.add_argument("--version", type=int)
-        p.add_argument("--priority", type=int, help="nice value, -20 (first) .. 19")
-        p.add_argument("--timeout", type=float, help="deadline in seconds")
+        _add_job_options(p)
     for name in ("job", "cancel"):
         sub.add_parser(name, help=f"{name} a job").add_argument("id", type=int)
     renice = sub.add_parser("renice", help="change a job's priority")
     renice.add_argument("id", type=int)
-    renice.add_argument("priority_value", type=int, metavar="PRIORITY")
+    renice.add_argument("priority", type=int, help="nice value, -20 (first) .. 19")
     sub.add_parser("demo", help="start a kernel, run the main job, stop it")
     for name, text in DELEGATED_HELP.items():
         # One implementation: these run the shell's command of the same name.
@@ -416,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("--json", action="store_true", help="machine-readable output")
     _keep_global(shell, "address", "home", "json")
     return parser
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command that creates a job."""
+    parser.add_argument("--priority", type=int, help="nice value, -20 (first) .. 19")
+    parser.add_argument("--timeout", type=float, help="deadline in seconds")
 
 
 def _local(args: argparse.Namespace) -> int:

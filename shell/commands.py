@@ -7,8 +7,8 @@ and the machine-readable ``data`` that ``--json`` prints) or a :class:`JobReques
 syscall that creates a job; the shell submits it in the foreground or, with ``&``, in the
 background). Rendering happens in one place, :mod:`llmos.shell.render`.
 
-This module is imported by every process that builds a plugin manager, the kernel
-included, so it must stay light: no prompt_toolkit, no rich.
+Plugins that the kernel also loads import this module, so it must stay light: no
+prompt_toolkit, no rich.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from llmos.contract.protocol import ErrorCode, KernelError
 
 if TYPE_CHECKING:
-    from llmos.kernel.client import Client
+    from llmos import Client
 
 #: Parameter kinds. ``value``, ``int``, ``number`` and ``flag`` say how a word is parsed; the
 #: others are values the completer can offer (``job`` is parsed as an int).

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 
+from llmos import Client
 from llmos.contract.protocol import KernelError
-from llmos.kernel.client import Client
 
 from .commands import Command, CommandRegistry, Param
 from .syntax import current_word

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from llmos import Client
 from llmos.contract.protocol import ErrorCode, KernelError
-from llmos.kernel import datasets
-from llmos.kernel.client import Client
+from llmos.data import load_dataset
 from llmos.plugins.learning.shell import updated
 
 from . import render, views
@@ -120,7 +120,7 @@ def _learn(client: Client) -> None:
     """The last act: drug reviews reach the movie-review classifier. Monitoring flags the
     drift, labelled feedback arrives, an update (LoRA, replay, distillation) is trained,
     gated on both domains and promoted; both versions are measured on the drug test file."""
-    drugs = datasets.load("drugs")
+    drugs = load_dataset("drugs")
     texts, targets = drugs.split("train")
     stream = drugs.split("validation")[0] + texts[FEEDBACK:]
     render.console.print(f"\n[bold]drug reviews arrive:[/bold] classifying {len(stream)} with "

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.contract.syscalls import MAX_FEEDBACK
-from llmos.kernel.datasets import parse_rows
+from llmos.data import parse_rows
 
 from . import render, views
 from .commands import Command, JobRequest, Output, ShellContext
@@ -62,7 +62,9 @@ def chat(context: ShellContext, args: Args) -> Output:
     one (the conversation is kept). Ctrl-C cancels the answer being generated."""
     messages = [{"role": "system", "content": args["system"]}] if args["system"] else []
     options = {**_model(args), "max_tokens": args["max_tokens"],
-               "temperature": args["temperature"], "top_p": args["top_p"], "seed": args["seed"]}
+               "temperature": args["temperature"], "top_p": args["top_p"],
+               "stop": [args["stop"]] if args["stop"] else None, "seed": args["seed"],
+               "ignore_eos": args["ignore_eos"] or None}
     prompt = " ".join(args["prompt"])
     result: dict[str, Any] = {}
     while True:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from llmos.contract.protocol import ErrorCode, KernelError
-from llmos.kernel.monitor import DRIFT_ALERT
+from llmos.data import DRIFT_ALERT
 
 
 def draw(snapshot: dict[str, Any], path: Path) -> int:

@@ -15,8 +15,8 @@ from typing import Any
 
 import psutil
 
+from llmos import Client
 from llmos.contract.protocol import KernelError
-from llmos.kernel.client import Client
 
 from . import render, views
 from .commands import Output, Table

@@ -11,6 +11,7 @@ from llmos.contract import hookspecs
 from llmos.contract.syscalls import SYSCALLS
 from llmos.kernel import core as core_module
 from llmos.kernel.kinds import JobKind
+from llmos.shell import hookspecs as shell_hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 IO_THREAD_SYSCALLS = {"ping", "info"}
@@ -23,11 +24,22 @@ def test_every_syscall_is_documented():
 
 
 def test_every_hook_is_documented():
+    """The contract's hooks and the shell's (its own spec module)."""
     text = (ROOT / "docs" / "hooks.md").read_text()
-    hooks = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("llmos_")]
-    assert hooks
-    missing = [name for name in hooks if f"## `{name}`" not in text]
-    assert not missing, f"docs/hooks.md lacks sections for {missing}"
+    for module in (hookspecs, shell_hookspecs):
+        hooks = [n for n, f in inspect.getmembers(module, inspect.isfunction) if n.startswith("llmos_")]
+        assert hooks, module.__name__
+        missing = [name for name in hooks if f"## `{name}`" not in text]
+        assert not missing, f"docs/hooks.md lacks sections for {missing}"
+
+
+def test_hooks_declared_outside_the_contract_are_named_in_the_hooks_entry_points():
+    """The kernel accepts implementations of the shell's hook only because pyproject.toml
+    names it in the ``llmos.hooks`` group."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    hooks = {n: shell_hookspecs.__name__ for n, f in inspect.getmembers(shell_hookspecs, inspect.isfunction)
+             if n.startswith("llmos_")}
+    assert declared["llmos.hooks"] == hooks
 
 
 def test_every_syscall_has_exactly_one_handler():

@@ -12,12 +12,10 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from llmos.shell.commands import CommandRegistry
-
     from .jobs import Job
     from .parallel import Plan
     from .recipes import StepRegistry, UpdateMethodRegistry
-    from .registries import DriverRegistry, PolicyRegistry, SourceRegistry
+    from .registries import DriverRegistry, PolicyRegistry, SessionRegistry, SourceRegistry
 
 hookspec = pluggy.HookspecMarker("llmos")
 #: Marker for hook implementations (also exported as ``llmos.hookimpl``).
@@ -93,20 +91,18 @@ def llmos_register_update_methods(methods: UpdateMethodRegistry) -> None:
     """
 
 
-# --- registration: called once per shell, at start-up -----------------------------------
-
-
 @hookspec
-def llmos_register_shell_commands(commands: CommandRegistry) -> None:
-    """Add commands to the interactive shell with ``commands.add(Command(...))``.
+def llmos_register_sessions(sessions: SessionRegistry) -> None:
+    """Add the sessions of long-running jobs with ``sessions.add(SessionSpec(...))``.
 
-    Called by ``llmos shell`` (never by the kernel). A
-    :class:`~llmos.shell.commands.Command` has a name, aliases, a help line, its parameters
-    (which drive parsing, usage, ``help`` and completion) and a handler that returns data
-    (an ``Output``, or a ``JobRequest`` the shell submits); the handler may be named as
-    ``"package.module:function"`` so that registering imports nothing heavy.
+    A :class:`~llmos.kernel.registries.SessionSpec` names a session class by qualname
+    (``"package.module:Class"``) under the name the kernel asks for: ``compress``,
+    ``update`` (their jobs) and ``ddp`` (data-parallel ``train``). The kernel names the
+    class in each task of such a job; only the driver host that runs the job imports it,
+    starts it with ``Class.start(spec, threads)`` and runs it in quanta (the contract is
+    :class:`~llmos.drivers.sessions.Session`), so drivers know no plugin.
 
-    :param commands: the shell's command registry; names and aliases must be unique.
+    :param sessions: the kernel's session registry; names must be unique.
     """
 
 

@@ -9,6 +9,12 @@ The kernel sends TASK (``{"task": id, "op": TaskOp, ...payload}``) and STOP; the
 answers each task with one DONE (``{"task", "ok", "cpu_seconds", "rss", ...}`` or
 ``{"ok": False, "code", "message"}``), sends HB every :data:`HEARTBEAT_INTERVAL` while it
 lives, and STREAM (``{"events": [...]}``) for every generation step.
+
+Long-running jobs run as sessions in quanta (:data:`SESSION_TASK_OPS`), each task keyed by
+``job``. A ``compress`` or ``update`` task, and a data-parallel ``train`` task, names the
+session class the host runs in ``session`` (``"package.module:Class"``, registered by the
+plugin that owns the job): the host imports it, drivers name no plugin. A ``train`` task
+without ``session`` is the driver's own training. (Version 2: ``session`` is new.)
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-HOST_PROTOCOL_VERSION = 1
+HOST_PROTOCOL_VERSION = 2
 #: Seconds between two heartbeats of a host, sent even while a task computes.
 HEARTBEAT_INTERVAL = 0.25
 #: The environment variable that carries a host's secret token.
@@ -48,7 +54,8 @@ class TaskOp(enum.StrEnum):
     RUN = "run"
     #: One pipeline stage: the previous stage's activations arrive as buffers.
     STAGE = "stage"
-    #: Quanta of long-running sessions (training, compression, update), keyed by ``job``.
+    #: Quanta of long-running sessions (training, compression, update), keyed by ``job``;
+    #: ``session`` names a plugin's session class (``"package.module:Class"``).
     TRAIN = "train"
     COMPRESS = "compress"
     UPDATE = "update"
@@ -63,9 +70,12 @@ class TaskOp(enum.StrEnum):
 
 #: Ops handled without blocking the compute thread: they start or steer generations.
 STREAMING_TASK_OPS = frozenset({TaskOp.GENERATE, TaskOp.CANCEL, TaskOp.RENICE})
+#: Ops that run one quantum of a job's session (``job``, ``spec``, ``seconds``, and for a
+#: plugin's session ``session``).
+SESSION_TASK_OPS = frozenset({TaskOp.TRAIN, TaskOp.COMPRESS, TaskOp.UPDATE})
 #: Ops that run in the background of their hardware (session quanta, generation): they
 #: neither wait for nor block foreground work on it.
-BACKGROUND_TASK_OPS = STREAMING_TASK_OPS | {TaskOp.TRAIN, TaskOp.COMPRESS, TaskOp.UPDATE}
+BACKGROUND_TASK_OPS = STREAMING_TASK_OPS | SESSION_TASK_OPS
 #: Tasks a stalled host gives back at once to run elsewhere: inference, which is safe to
 #: run twice (the first result wins). Sessions wait for the host to wake or die.
 REASSIGNABLE_TASK_OPS = frozenset({TaskOp.RUN, TaskOp.STAGE, TaskOp.GENERATE})

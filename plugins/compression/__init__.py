@@ -1,8 +1,9 @@
 """Built-in compression steps: prune, quantize, lowrank (registered like a third party's).
 
 The kernel imports this module when it builds its plugin manager, so it holds only the
-step table: the functions (named by qualname) import torch, ONNX Runtime, OpenVINO and
-nncf inside the driver host that compresses.
+step table and the name of the job's session: the functions and the session (named by
+qualname) import torch, ONNX Runtime, OpenVINO and nncf inside the driver host that
+compresses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from llmos.contract.hookspecs import hookimpl
 from llmos.contract.syscalls import Arg
 from llmos.kernel.recipes import StepRegistry, StepSpec
+from llmos.kernel.registries import SessionRegistry, SessionSpec
 from llmos.shell.commands import (
     JOB_OPTIONS,
     MEASURING_JOB_OPTIONS,
@@ -71,6 +73,12 @@ STEPS: tuple[StepSpec, ...] = (
 def llmos_register_compression_steps(steps: StepRegistry) -> None:
     for spec in STEPS:
         steps.add(spec)
+
+
+@hookimpl
+def llmos_register_sessions(sessions: SessionRegistry) -> None:
+    sessions.add(SessionSpec("compress", "llmos.plugins.compression.session:CompressionSession",
+                             "a compress job: recipes run, measured, gated and saved"))
 
 
 _SHELL = "llmos.plugins.compression.shell:"

@@ -122,6 +122,11 @@ class CompressionSession(PhasedSession):
         self.total_phases = 2 + sum(3 + len(recipe) for recipe in spec.recipes)
         super().__init__(threads)
 
+    @classmethod
+    def start(cls, spec: dict[str, Any], threads: int) -> CompressionSession:
+        """The session of a ``compress`` task's ``spec`` (registered as session ``compress``)."""
+        return cls(CompressSpec(**spec), threads)
+
     def _progress(self) -> dict[str, Any]:
         progress: dict[str, Any] = {
             "fraction": 1.0 if self.done else round(self.finished_phases / self.total_phases, 3)}

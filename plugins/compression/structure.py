@@ -9,8 +9,10 @@ model from its config alone, so a compressed version's ``config.json`` carries a
      "lowrank": {"bert.encoder.layer.0.attention.self.query": 96, ...},
      "torch_int8": false}
 
-:func:`load_compressed` builds the model from its config, reshapes those layers, then loads
-the safetensors weights strictly (every tensor must fit), so a version loads exactly.
+and names its loader, :func:`load_compressed`, under ``llmos_loader``
+(:data:`llmos.drivers.pytorch.LOADER_KEY`): the torch driver imports it by that name. It
+builds the model from its config, reshapes those layers, then loads the safetensors weights
+strictly (every tensor must fit), so a version loads exactly.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
+from llmos.drivers.pytorch import LOADER_KEY
+
 #: The config.json key of the structure record.
 KEY = "llmos_compression"
+#: How the torch driver finds :func:`load_compressed` (the config's ``LOADER_KEY``).
+LOADER = "llmos.plugins.compression.structure:load_compressed"
 
 
 class LowRankLinear(nn.Module):
@@ -52,11 +58,13 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
 
 
 def record(model: PreTrainedModel, **changes: Any) -> None:
-    """Merge ``changes`` into the model's structure record (kept in its config)."""
+    """Merge ``changes`` into the model's structure record (kept in its config, with the
+    name of the loader that rebuilds it)."""
     current = structure_of(model)
     for key, value in changes.items():
         current[key] = {**current.get(key, {}), **value} if isinstance(value, dict) else value
     setattr(model.config, KEY, current)
+    setattr(model.config, LOADER_KEY, LOADER)
 
 
 def load_compressed(path: str | Path) -> PreTrainedModel:

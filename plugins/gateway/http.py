@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP gateway: a client of the kernel, not a second engine.
 
 A threaded HTTP/1.1 server (the standard library's): each request borrows a blocking
-:class:`~llmos.kernel.client.Client` from a pool (one request at a time per client), so
+:class:`~llmos.Client` from a pool (one request at a time per client), so
 requests run concurrently and the kernel batches them like any other clients'. Routes:
 
 * ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``;
@@ -36,9 +36,9 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from llmos import Client, Pending, unpack_result
+from llmos.addresses import is_loopback_host
 from llmos.contract.protocol import ErrorCode, KernelError, Message
-from llmos.kernel.client import Client, Pending, unpack_result
-from llmos.kernel.config import is_loopback_host
 
 from . import openai_api as api
 from .metrics import Metrics

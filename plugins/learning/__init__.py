@@ -2,8 +2,8 @@
 shell's ``update`` and ``rollback`` commands, registered like a third party's.
 
 The kernel imports this module when it builds its plugin manager, so it holds only the
-tables: the methods (named by qualname) import torch and peft inside the driver host that
-learns.
+tables: the methods and the update job's session (named by qualname) import torch and peft
+inside the driver host that learns.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from llmos.contract.hookspecs import hookimpl
 from llmos.contract.syscalls import Arg
 from llmos.kernel.recipes import StepSpec, UpdateMethodRegistry
+from llmos.kernel.registries import SessionRegistry, SessionSpec
 from llmos.shell.commands import (
     JOB_OPTIONS,
     MEASURING_JOB_OPTIONS,
@@ -50,6 +51,12 @@ def llmos_register_update_methods(methods: UpdateMethodRegistry) -> None:
         methods.add(spec)
 
 
+@hookimpl
+def llmos_register_sessions(sessions: SessionRegistry) -> None:
+    sessions.add(SessionSpec("update", "llmos.plugins.learning.session:UpdateSession",
+                             "an update job: a candidate learned from feedback, gated and saved"))
+
+
 _SHELL = "llmos.plugins.learning.shell:"
 COMMANDS: tuple[Command, ...] = (
     Command("update", "Learn from MODEL's feedback buffer (llmos learn): --method lora|online|"
@@ -65,6 +72,7 @@ COMMANDS: tuple[Command, ...] = (
              Param("max_drop", "number", option=True, metavar="POINTS"),
              Param("holdout", "number", option=True, metavar="FRACTION"),
              Param("limit", "int", option=True, metavar="EXAMPLES"),
+             Param("max_tokens", "int", option=True, metavar="N"),
              Param("no_promote", "flag", option=True),
              Param("data", "dataset", option=True, metavar="DATASET"),
              Param("path", "path", option=True), *MEASURING_JOB_OPTIONS)),

@@ -90,6 +90,11 @@ class UpdateSession(PhasedSession):
         self.loss = float("nan")
         super().__init__(threads)
 
+    @classmethod
+    def start(cls, spec: dict[str, Any], threads: int) -> UpdateSession:
+        """The session of an ``update`` task's ``spec`` (registered as session ``update``)."""
+        return cls(UpdateSpec(**spec), threads)
+
     def _progress(self) -> dict[str, Any]:
         progress: dict[str, Any] = {"step": self.step, "total_steps": self.total_steps,
                                     "loss": None if math.isnan(self.loss) else round(self.loss, 4)}

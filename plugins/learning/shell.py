@@ -37,8 +37,9 @@ def update(context: ShellContext, args: Args) -> JobRequest:
                "params": parse_params(args["params"]) if args["params"] else None,
                "promote": not args["no_promote"], "data": args["data"],
                "path": str(Path(args["path"]).expanduser().resolve()) if args["path"] else None,
-               **{k: args[k] for k in ("replay", "distill", "max_drop", "holdout", "limit", "seed",
-                                       "eval_limit", "quantum", "priority", "timeout")}}
+               **{k: args[k] for k in ("replay", "distill", "max_drop", "holdout", "limit",
+                                       "max_tokens", "seed", "eval_limit", "quantum", "priority",
+                                       "timeout")}}
     return JobRequest("update", request, updated)
 
 

@@ -1,12 +1,14 @@
-"""Built-in parallelism: the default plan, the pipeline-stage driver (registered like a
-third party's).
+"""Built-in parallelism: the default plan, the pipeline-stage driver and the DDP session
+(registered like a third party's).
 
 * ``llmos_plan_parallelism`` (``trylast``: any plugin may override it) turns a request's
   own arguments into a :class:`~llmos.kernel.parallel.Plan` and checks them against the
   devices: ``load --replicas N`` / ``--stages N``; ``train --parallel ddp --world-size N``
   with at most one local rank per CPU core (gloo, one thread each, as torchrun sets it);
 * driver ``pipeline`` (:mod:`llmos.plugins.parallel.stage`) serves a slice of a model's
-  layers; the kernel starts its hosts on demand for ``load --stages N``.
+  layers; the kernel starts its hosts on demand for ``load --stages N``;
+* session ``ddp`` (:mod:`llmos.plugins.parallel.ddp`): the torch host that runs a DDP
+  ``train`` job runs it as rank 0 of the ranks it starts.
 
 The kernel imports this module when it builds its plugin manager: no torch here (DDP and
 the stage driver import it inside the driver host and the rank processes).
@@ -21,7 +23,7 @@ from typing import Any
 from llmos.contract.hookspecs import hookimpl
 from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.parallel import PIPELINE_DRIVER, Plan
-from llmos.kernel.registries import DriverRegistry, DriverSpec
+from llmos.kernel.registries import DriverRegistry, DriverSpec, SessionRegistry, SessionSpec
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -76,3 +78,9 @@ def llmos_register_drivers(drivers: DriverRegistry) -> None:
         probe=lambda: [],  # never started at boot: `load --stages N` starts its hosts
         description="PyTorch, one slice of a model's layers (pipeline stages, load --stages N)",
         unavailable_reason=lambda: "started on demand by load --stages N"))
+
+
+@hookimpl
+def llmos_register_sessions(sessions: SessionRegistry) -> None:
+    sessions.add(SessionSpec("ddp", "llmos.plugins.parallel.ddp:DistributedSession",
+                             "a data-parallel train job: rank 0 of its DDP ranks"))

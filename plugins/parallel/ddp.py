@@ -1,6 +1,7 @@
 """Data-parallel training: a train job as N ranks of torch DistributedDataParallel.
 
-Launched the torchrun way: the PyTorch driver host that runs the job is **rank 0**; it
+Launched the torchrun way: the PyTorch driver host that runs the job is **rank 0** (the
+job's ``train`` tasks name :class:`DistributedSession`, registered as session ``ddp``); it
 starts the other local ranks as subprocesses (``python -m llmos.plugins.parallel.rank``)
 with ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
 ``OMP_NUM_THREADS=1`` in their environment, and every rank joins the group with
@@ -89,17 +90,19 @@ class DistributedSession(TrainingSession):
         self.wrapped = DistributedDataParallel(self.model)
 
     @classmethod
-    def launch(cls, spec: TrainSpec, threads: int, ddp: dict[str, Any]) -> DistributedSession:
-        """Rank 0 in the driver host: start the local ranks, meet them all, share the spec."""
+    def start(cls, spec: dict[str, Any], threads: int) -> DistributedSession:
+        """Rank 0 in the driver host (the session of a ``train`` task whose ``spec`` has
+        ``ddp``: the plan): start the local ranks, meet them all, share the spec."""
         if dist.is_initialized():
             raise KernelError(ErrorCode.BUSY, "this driver host already runs a DDP job; "
                               "retry when it ends")
-        plan = DdpSpec(**ddp)
+        plan = DdpSpec(**spec["ddp"])
+        train = TrainSpec(**{k: v for k, v in spec.items() if k != "ddp"})
         procs = start_ranks(plan, range(1, plan.local_ranks))
         try:
             join_group(plan, 0)
-            share_spec(spec)
-            return cls(spec, threads, plan, 0, procs)
+            share_spec(train)
+            return cls(train, threads, plan, 0, procs)
         except BaseException as exc:
             leave_group()
             _stop(procs)

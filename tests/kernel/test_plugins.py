@@ -58,6 +58,16 @@ def test_plugins_can_be_blocked_by_name(third_party):
     assert "priority" in ext.policies
 
 
+def test_the_kernel_loads_no_shell_module_and_accepts_the_shells_hook():
+    """Built-in plugins implement the shell's hook (compression's ``compress``): the kernel
+    has no spec for it, accepts them (the ``llmos.hooks`` entry points name it) and never
+    calls it."""
+    assert not any(name.startswith("llmos.shell") for name in BUILTIN_PLUGINS)
+    pm = get_plugin_manager()
+    assert not pm.hook.llmos_register_shell_commands.has_spec()
+    assert pm.hook.llmos_register_shell_commands.get_hookimpls()
+
+
 def test_a_misspelled_hook_is_rejected_by_check_pending(tmp_path, monkeypatch):
     (tmp_path / "llmos_typo.py").write_text(
         "from llmos import hookimpl\n\n@hookimpl\ndef llmos_register_polices(policies):\n    pass\n")

@@ -15,7 +15,7 @@ import torch
 
 from llmos import ErrorCode, KernelError, hookimpl
 from llmos.contract.syscalls import Arg
-from llmos.drivers.pytorch import load_hf
+from llmos.drivers.pytorch import LOADER_KEY, load_hf
 from llmos.drivers.training import evaluate_folder
 from llmos.kernel.plugins import collect, get_plugin_manager
 from llmos.kernel.recipes import StepSpec
@@ -23,6 +23,7 @@ from llmos.kernel.sources import _minilm_path
 from llmos.plugins.compression.candidate import Candidate
 from llmos.plugins.compression.session import CompressionSession, CompressSpec, pareto_front
 from llmos.plugins.compression.shell import compressed, parse_recipe
+from llmos.plugins.compression.structure import LOADER
 
 TEXTS = ["a lovely film", "a dull and boring film with long scenes"]
 
@@ -90,6 +91,8 @@ def test_structured_pruning_shrinks_matrices_and_loads_back(tiny, tmp_path, meth
     entry = progress["report"]["candidates"][0]
     assert entry["steps"][0][f"kept_{method}"] == [kept, kept]
     assert entry["result"]["parameters"] < progress["report"]["parent"]["parameters"]
+    config = json.loads((Path(progress["outputs"]["0"]) / "config.json").read_text())
+    assert config[LOADER_KEY] == LOADER  # load_hf imports the plugin's loader by this name
     model, _ = load_hf(progress["outputs"]["0"])
     layer = model.bert.encoder.layer[1]
     for name, (inputs, outputs) in shrunk.items():

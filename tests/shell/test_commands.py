@@ -5,26 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pluggy
 import pytest
 
 from llmos import ErrorCode, KernelError, hookimpl
-from llmos.contract.syscalls import SYSCALLS
-from llmos.kernel.plugins import get_plugin_manager
+from llmos.kernel.plugins import check_hooks
 from llmos.shell import handlers, views
-from llmos.shell.app import load_commands
+from llmos.shell.app import load_commands, plugin_manager
 from llmos.shell.commands import Command, CommandRegistry, JobRequest, Output, Param
 
 ROOT = Path(__file__).resolve().parents[2]
-
-#: Which shell command reaches each syscall.
-SYSCALL_COMMANDS = {
-    "ping": "ping", "info": "info", "drivers": "drivers", "devices": "devices",
-    "models": "models", "import": "import", "export": "export", "load": "load",
-    "unload": "unload", "infer": "embed", "datasets": "datasets", "train": "train",
-    "evaluate": "evaluate", "jobs": "ps", "job": "job", "cancel": "kill", "renice": "nice",
-    "stats": "stats", "shutdown": "shutdown", "generate": "chat", "learn": "learn",
-    "compress": "compress", "promote": "promote", "update": "update", "rollback": "rollback",
-}
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +30,9 @@ class FakeContext:
         self.interactive = False
 
 
-def test_every_syscall_has_a_command(registry):
-    assert set(SYSCALL_COMMANDS) == set(SYSCALLS)
-    assert all(name in registry for name in SYSCALL_COMMANDS.values())
-    assert {"help", "top", "wait", "quit", "plugins", "classify"} <= set(registry.names())
+def test_the_shell_has_its_own_commands_beside_the_syscalls(registry):
+    """(Each syscall's command: tests/test_syscall_agreement.py.)"""
+    assert {"help", "top", "wait", "quit", "plugins", "monitor", "serve"} <= set(registry.names())
 
 
 def test_aliases_find_their_commands(registry):
@@ -74,7 +63,7 @@ def test_a_plugin_adds_a_command_through_the_hook():
                                  (Param("model", "model", required=True), Param("a", required=True),
                                   Param("b", required=True))))
 
-    pm = get_plugin_manager()
+    pm = plugin_manager()
     pm.register(Plugin(), name="similar")
     commands = CommandRegistry()
     pm.hook.llmos_register_shell_commands(commands=commands)
@@ -161,9 +150,28 @@ def test_docs_list_every_command_with_its_usage(registry):
             assert f"alias `{alias}`" in text, f"docs/shell.md lacks the alias {alias}"
 
 
+def test_shell_hook_implementations_are_checked_against_the_shells_spec():
+    class Misspelled:
+        @hookimpl
+        def llmos_register_shell_command(self, commands):
+            pass
+
+    class WrongParameters:
+        @hookimpl
+        def llmos_register_shell_commands(self, registry):
+            pass
+
+    pm = plugin_manager()
+    with pytest.raises(pluggy.PluginValidationError):
+        pm.register(WrongParameters(), name="wrong")
+    pm.register(Misspelled(), name="misspelled")
+    with pytest.raises(pluggy.PluginValidationError):
+        check_hooks(pm)
+
+
 def test_registering_commands_imports_no_terminal_library():
-    """The kernel imports every built-in plugin: the shell's must not drag prompt_toolkit,
-    rich or the handlers in."""
+    """The kernel imports every built-in plugin, and some register shell commands: that
+    must not drag prompt_toolkit, rich or the handlers in."""
     code = ("import sys; from llmos.kernel.plugins import get_plugin_manager, collect; "
             "collect(get_plugin_manager()); "
             "print(sorted(m for m in ('prompt_toolkit', 'rich', 'llmos.shell.handlers', "

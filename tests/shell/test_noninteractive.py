@@ -73,7 +73,7 @@ def test_a_script_that_works_exits_zero_and_quit_ends_it(minilm_kernel, tmp_path
 def test_commands_come_from_stdin_when_it_is_not_a_terminal(minilm_kernel):
     result = shell(minilm_kernel, stdin="ping\nplugins\n")
     assert result.returncode == 0, result.stderr
-    assert "pong" in result.stdout and "llmos.shell.builtin_commands" in result.stdout
+    assert "pong" in result.stdout and "llmos.plugins.compression" in result.stdout
 
 
 def test_a_missing_script_or_kernel_is_one_line(minilm_kernel, home):
