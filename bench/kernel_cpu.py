@@ -11,9 +11,18 @@ else is what serving through the kernel costs on top. It also groups the finishe
 into batches (by start time) to show the batch sizes the clients settle into and how
 long the host waits between two.
 
+``--kernel-tree DIR`` runs the kernel (and its driver hosts) from another source tree, for
+old against new with the same clients: ``git worktree add --detach /tmp/base 3362c88``,
+then ``--kernel-tree /tmp/base``. The kernel then imports ``llmos`` from a tree of links
+shaped like the installed package (``llmos/{contract,kernel,drivers,plugins,shell}`` ->
+DIR's folders, as ``make lint`` builds for import-linter), put first on its PYTHONPATH;
+it starts in the temporary home so that no checkout's own ``llmos`` folder shadows it.
+Without ``--max-batch-size``/``--max-queue-delay-ms`` the kernel batches adaptively (its
+default); either one fixes both knobs.
+
 Run: ``.venv/bin/python bench/kernel_cpu.py [--precision int8] [--requests 2560]
-[--clients 32] [--device openvino:cpu] [--streams 1] [--max-batch-size 32]
-[--max-queue-delay-ms 2] [--json out.json]``.
+[--clients 32] [--device openvino:cpu] [--streams 1] [--max-batch-size N]
+[--max-queue-delay-ms MS] [--kernel-tree DIR] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import statistics
 import sys
@@ -40,6 +50,17 @@ from serving import CALIBRATION, reviews  # noqa: E402  (a sibling script)
 
 #: Jobs starting within this many seconds of each other were dispatched as one batch.
 SAME_BATCH = 0.0005
+
+
+def import_tree(source: Path, links: Path) -> Path:
+    """A folder to put on PYTHONPATH so that ``llmos`` imports from the checkout ``source``."""
+    package = links / "llmos"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_bytes((source / "llmos" / "__init__.py").read_bytes())
+    (package / "contract").symlink_to(source / "llmos" / "contract")
+    for name in ("kernel", "drivers", "plugins", "shell"):
+        (package / name).symlink_to(source / name)
+    return links
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -95,16 +116,24 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=256)
     parser.add_argument("--chars", type=int, default=300)
     parser.add_argument("--streams", type=int, default=1, help="the kernel's --streams")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--max-batch-size", type=int, help="fixed knobs (default: adaptive)")
+    parser.add_argument("--max-queue-delay-ms", type=float, help="fixed knobs (default: adaptive)")
+    parser.add_argument("--kernel-tree", type=Path, help="run the kernel from this checkout")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     pool = reviews(args.chars)
     rng = random.Random(0)
     texts = [rng.choice(pool) for _ in range(640)]
     home = Path(tempfile.mkdtemp(prefix="llmos-bcpu-"))
-    knobs = ["--streams", str(args.streams), "--max-batch-size", str(args.max_batch_size),
-             "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    knobs = ["--streams", str(args.streams)]
+    for option, value in (("--max-batch-size", args.max_batch_size),
+                          ("--max-queue-delay-ms", args.max_queue_delay_ms)):
+        knobs += [option, str(value)] if value is not None else []
+    if args.kernel_tree is not None:
+        links = import_tree(args.kernel_tree.resolve(), home / "tree")
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(links), os.environ.get("PYTHONPATH")) if p)
+        os.chdir(home)
     with running_kernel(home, "--devices", args.device, "--threads", "2", *knobs) as kernel:
         with kernel.client("bench-admin", timeout=900.0) as admin:
             admin.import_model("minilm")
@@ -134,7 +163,8 @@ def main() -> int:
               "kernel_threads_ms_per_request": [round(t, 4) for t in threads if t > 0.001],
               "serving_host": busiest, "overhead_vs_inference":
               (sum(per_request.values()) - per_request[busiest]) / per_request[busiest], **batching}
-    print(f"{args.clients} clients, {args.requests} requests, {args.device} {args.precision}: "
+    print(f"kernel from {args.kernel_tree or 'this checkout'}; "
+          f"{args.clients} clients, {args.requests} requests, {args.device} {args.precision}: "
           f"{report['requests_per_s']:.1f} req/s")
     for name, value in per_request.items():
         print(f"  {name:8s} {value:7.3f} ms CPU per request")

@@ -11,7 +11,8 @@ characters so lengths vary as in real traffic, sampled with a fixed seed. Conten
 * ``in-process-batched``: one llmos driver (``--driver``; ``auto`` is OpenVINO for bf16 and int8, the
   only driver that computes in it, else the host the kernel's autotune timed fastest at
   32x64 per stream) on a private copy of the model folder, fed by the kernel's own
-  ``Scheduler`` (FifoPolicy, the kernel's batching knobs) from one thread, its batches run
+  ``Scheduler`` (FifoPolicy, the kernel's batching: adaptive, or the same fixed knobs) from
+  one thread, told when each batch is done as the kernel's is, its batches run
   on as many worker threads as the driver granted streams: the kernel's batching with no
   sockets and no processes;
 * ``llmos-kernel``: a real kernel (``running_kernel``: every driver, automatic placement),
@@ -29,15 +30,15 @@ warmed up first, so drift on a shared machine hits all alike. ``--precision bf16
 compared with fp32 ones by cosine similarity (printed in every mode). Numbers on a small
 shared box are noisy.
 
-``--streams``, ``--max-batch-size`` and ``--max-queue-delay-ms`` (defaults: the kernel's, 1,
-32, 2 ms) apply to (b) and (c) alike: the throughput setting on 2 cores is ``--streams 2
---max-batch-size 11 --max-queue-delay-ms 8`` (two OpenVINO streams, and batches small
-enough that 32 clients form three groups, so a stream that finishes finds the next batch
-waiting while its own clients' replies travel).
+``--streams`` (default 1) applies to (b) and (c) alike, and so do ``--max-batch-size`` and
+``--max-queue-delay-ms``: by default neither is given and both sides batch adaptively (the
+kernel's default, kernel/scheduler/adaptive.py); either one fixes the knobs on both sides,
+as the kernel's options of the same names do (the hand-set throughput setting on 2 cores
+was ``--streams 2 --max-batch-size 11 --max-queue-delay-ms 8``).
 
 Run: ``.venv/bin/python bench/serving.py [--precision f32|bf16|int8] [--clients 32]
 [--requests 640] [--rounds 3] [--driver auto|torch|onnxruntime|openvino] [--streams 1]
-[--max-batch-size 32] [--max-queue-delay-ms 2] [--json out.json]``.
+[--max-batch-size N] [--max-queue-delay-ms MS] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from llmos.drivers.common import max_tokens
 from llmos.kernel.jobs import Job
 from llmos.kernel.scheduler import BatchingConfig, Scheduler
 from llmos.kernel.scheduler.fifo import FifoPolicy
+from llmos.kernel.server import batching_from_args
 from llmos.kernel.sources import _minilm_path
 from llmos.kernel.testing import running_kernel
 
@@ -92,8 +94,9 @@ MODEL_FILES = ("config.json", "*.safetensors", "tokenizer*.json", "vocab.txt",
 HANDLE = "minilm:1"
 NAMES = ("hf-eager-1by1", "in-process-batched", "llmos-kernel")
 Embed = Callable[[str], np.ndarray]
-Request = tuple[str, Future[np.ndarray]]
-#: What a (b) worker thread puts in the inbox when its batch is done (a stream is free).
+Request = tuple[str, Any]
+#: What a (b) worker thread puts in the inbox, with the batch's jobs, when the batch is
+#: done (a stream is free).
 _BATCH_DONE = "\0batch done"
 
 
@@ -207,6 +210,7 @@ class Batched(Server):
                     return
                 if item[0] is _BATCH_DONE:
                     running -= 1
+                    scheduler.finished(item[1], time.monotonic())
                     continue
                 job = Job("infer", "bench", {"handle": HANDLE, "task": "embed", "inputs": [item[0]]})
                 waiting[job.id] = item[1]
@@ -218,10 +222,10 @@ class Batched(Server):
                 futures = [waiting.pop(job.id) for job in batch.jobs]
                 self.sizes.append(len(futures))
                 running += 1
-                self.workers.submit(self._run, [job.args["inputs"][0] for job in batch.jobs],
-                                    futures)
+                self.workers.submit(self._run, batch.jobs, futures)
 
-    def _run(self, texts: list[str], futures: list[Future[np.ndarray]]) -> None:
+    def _run(self, jobs: list[Job], futures: list[Future[np.ndarray]]) -> None:
+        texts = [job.args["inputs"][0] for job in jobs]
         try:
             rows = self.driver.run(HANDLE, "embed", texts, {}).arrays["embeddings"]
         except Exception as exc:
@@ -230,7 +234,7 @@ class Batched(Server):
         else:
             for row, future in zip(rows, futures, strict=True):
                 future.set_result(row)
-        self.inbox.put((_BATCH_DONE, Future()))
+        self.inbox.put((_BATCH_DONE, jobs))
 
 
 def closed_loop(callers: list[Embed], texts: list[str]) -> tuple[float, list[float], list[Any]]:
@@ -313,9 +317,13 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     model_dir = private_minilm(tmp)
     res: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v
                                         for k, v in vars(args).items()}}
-    knobs = ["--threads", str(args.threads), "--streams", str(args.streams),
-             "--max-batch-size", str(args.max_batch_size),
-             "--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+    batching = batching_from_args(args)
+    res["batching"] = "adaptive" if batching.adaptive else \
+        f"fixed, max batch {batching.max_batch_size}, {batching.max_queue_delay * 1000:g} ms"
+    knobs = ["--threads", str(args.threads), "--streams", str(args.streams)]
+    for option, value in (("--max-batch-size", args.max_batch_size),
+                          ("--max-queue-delay-ms", args.max_queue_delay_ms)):
+        knobs += [option, str(value)] if value is not None else []
     with running_kernel(tmp / "home", *knobs) as kernel:
         with kernel.client("bench-admin", timeout=900.0) as admin:
             admin.import_model("minilm")
@@ -338,8 +346,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(f"(b) uses {driver_name} computing in {info.precision}; kernel precisions: "
               f"{res['kernel_load'].get('precision')}", file=sys.stderr)
         eager = HfEager(model_dir, args.threads)
-        batched = Batched(driver, BatchingConfig(args.max_batch_size,
-                                                 args.max_queue_delay_ms / 1000), streams)
+        batched = Batched(driver, batching_from_args(args), streams)
         servers = [Sequential(eager), batched]
         clients = [kernel.client(f"bench-{i}", timeout=300.0) for i in range(args.clients)]
         callers: dict[str, list[Embed]] = {
@@ -386,8 +393,7 @@ def report(res: dict[str, Any]) -> str:
              f"{s['rounds']} rounds x {s['requests']} requests per contender; (b) = "
              f"{res['inprocess']['driver']} in {res['inprocess']['precision']} on "
              f"{res['inprocess']['streams']} stream(s), mean batch "
-             f"{res['inprocess']['mean_batch']:.1f}; max batch {s['max_batch_size']}, max "
-             f"queue delay {s['max_queue_delay_ms']} ms", "",
+             f"{res['inprocess']['mean_batch']:.1f}; batching: {res['batching']}", "",
              f"{'contender':<20}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}"]
     for name in NAMES:
         r = res[name]
@@ -422,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="compute threads, (a) (b) (c)")
     parser.add_argument("--streams", type=int, default=1,
                         help="batches at once, (b) and every kernel host (its drivers may grant fewer)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="(b) and (c)")
-    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="(b) and (c)")
+    parser.add_argument("--max-batch-size", type=int, help="fixed knobs, (b) and (c)")
+    parser.add_argument("--max-queue-delay-ms", type=float, help="fixed knobs, (b) and (c)")
     parser.add_argument("--chars", type=int, default=300, help="review prefix length")
     parser.add_argument("--accuracy", type=int, default=200, help="sentences for the cosine check")
     parser.add_argument("--seed", type=int, default=0)

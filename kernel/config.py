@@ -64,7 +64,9 @@ class KernelConfig:
     max_bytes: int = 2 * 2**30
     #: Finished jobs remembered for `jobs` / `job`.
     history: int = 1000
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    #: Batching of drivers without knobs of their own: adaptive by default (the batch size
+    #: at most ``max_batch_size``, picked with the queue delay from the observed load).
+    batching: BatchingConfig = field(default_factory=lambda: BatchingConfig(adaptive=True))
     #: Bytes of models per hardware; None means 80% of its memory.
     memory_budget: int | None = None
     #: A ready host silent this long is declared dead.

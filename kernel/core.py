@@ -344,6 +344,7 @@ class KernelCore:
                 self.devices.take_back(host, task)
                 for job in task.jobs:
                     job.attempts -= 1
+            self.scheduler.finished(task.jobs, time.monotonic())
             for job in task.jobs:
                 if job.state not in (JobState.RUNNING, JobState.PREEMPTED):
                     continue
@@ -370,6 +371,7 @@ class KernelCore:
 
     def _on_task_done(self, host: DeviceHost, task: Task, body: dict[str, Any],
                       buffers: list[bytes]) -> None:
+        self.scheduler.finished(task.jobs, time.monotonic())
         live = [job for job in task.jobs if job.state is JobState.RUNNING]
         _account(body, live)
         if not body.get("ok"):

@@ -12,16 +12,15 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from llmos.contract.hostwire import TaskOp
-from llmos.contract.protocol import ErrorCode, KernelError, tensor_from_ref, tensor_ref
+from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.contract.states import JobState
 from llmos.contract.syscalls import check_inputs
 
 from .devices import DeviceHost, Task
 from .jobs import Job
 from .kinds import Core, Handler, JobKind, Request, loaded_version
+from .outputs import predictions, split_rows
 from .placement import batch_shape
 from .scheduler import Batch, BatchingConfig
 
@@ -96,28 +95,24 @@ class Inference(JobKind):
 
     def _split_outputs(self, host: DeviceHost, task: Task, body: dict[str, Any],
                        buffers: list[bytes]) -> None:
-        arrays = {name: tensor_from_ref(ref, buffers) for name, ref in body["arrays"].items()}
-        labels = host.loaded.get(task.payload["handle"], {}).get("labels", [])
-        start = 0
-        for job in task.jobs:
-            count = len(job.args["inputs"])
-            if job.state is JobState.RUNNING:
-                out_buffers: list[bytes] = []
-                result: dict[str, Any] = {"model": job.args["handle"], "task": job.args["task"],
-                                          "tokens": job.tokens}
-                for name, array in arrays.items():
-                    result[name] = tensor_ref(array[start:start + count], out_buffers)
-                if job.args["task"] == "classify":
-                    probs = arrays["probs"][start:start + count]
-                    result["labels"] = labels
-                    result["predictions"] = [
-                        {"label": labels[int(i)] if labels else str(int(i)),
-                         "score": float(row[int(i)])}
-                        for row, i in zip(probs, np.argmax(probs, axis=1), strict=True)]
-                self.learning.observe(job, [(p["label"], p["score"])
-                                            for p in result.get("predictions", [])])
-                self.core.finish(job, result, out_buffers)
-            start += count
+        """Each running job's rows of the batch's outputs (byte ranges of the host's frames,
+        kernel/outputs.py) and, for classify, its predictions (the host's top classes)."""
+        counts = [len(job.args["inputs"]) for job in task.jobs]
+        rows = split_rows(body["arrays"], buffers, counts)
+        classify = task.payload["kind"] == "classify"
+        labels = host.loaded.get(task.payload["handle"], {}).get("labels", []) if classify else []
+        top = predictions(body.get("top"), labels, counts) if classify else None
+        for index, job in enumerate(task.jobs):
+            if job.state is not JobState.RUNNING:
+                continue
+            refs, frames = rows[index]
+            result: dict[str, Any] = {"model": job.args["handle"], "task": job.args["task"],
+                                      "tokens": job.tokens, **refs}
+            if top is not None:
+                result["labels"] = labels
+                result["predictions"] = top[index]
+            self.learning.observe(job, [(p["label"], p["score"]) for p in top[index]] if top else [])
+            self.core.finish(job, result, frames)
 
     def on_end(self, job: Job, state: JobState) -> None:
         """A failed or expired job counts as an error of its version (not a cancelled one)."""

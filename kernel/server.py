@@ -41,6 +41,7 @@ from .kinds import Counters, Request
 from .output import keep_output_from_failing
 from .plugins import collect, disabled_from_env, get_plugin_manager, plugin_names
 from .registry import Registry
+from .scheduler import BatchingConfig
 from .security import LOCAL_PRINCIPAL, AuditLog, CurveServer, KeyStore, Principal
 
 log = logging.getLogger(__name__)
@@ -182,11 +183,9 @@ class KernelServer:
             self._io_ready.set()
             return
         self._io_ready.set()
-        poller = zmq.Poller()
-        poller.register(frontend, zmq.POLLIN)
-        poller.register(outbox, zmq.POLLIN)
+        sockets = [(outbox, zmq.POLLIN), (frontend, zmq.POLLIN)]
         while True:
-            ready = dict(poller.poll())
+            ready = {socket for socket, _ in zmq.zmq_poll(sockets)}  # cheaper than a Poller
             if outbox in ready and not self._forward_replies(frontend, outbox, doorbell):
                 break
             if frontend in ready:
@@ -334,8 +333,13 @@ def add_kernel_options(parser: Any) -> None:
     parser.add_argument("--max-jobs-per-client", type=int, default=256)
     parser.add_argument("--max-mb-per-client", type=int, default=256, metavar="MB",
                         help="bytes of requests one client's unfinished jobs may hold")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    fixed = BatchingConfig()
+    parser.add_argument("--max-batch-size", type=int, metavar="N",
+                        help="fixed batching knobs instead of adaptive batching: at most N "
+                             f"inputs a batch (default {fixed.max_batch_size})")
+    parser.add_argument("--max-queue-delay-ms", type=float, metavar="MS",
+                        help="fixed batching knobs instead of adaptive batching: a partial "
+                             f"batch waits MS (default {fixed.max_queue_delay * 1000:g})")
     parser.add_argument("--memory-budget-mb", type=int, help="model memory per hardware")
     parser.add_argument("--update-after", type=int, default=0, metavar="N",
                         help="update a classifier from its feedback every N new examples")
@@ -348,9 +352,11 @@ def kernel_argv(args: Any) -> list[str]:
     argv = ["--policy", args.policy, "--devices", args.devices, "--threads", str(args.threads),
             "--streams", str(args.streams), "--max-jobs-per-client", str(args.max_jobs_per_client),
             "--max-mb-per-client", str(args.max_mb_per_client),
-            "--max-batch-size", str(args.max_batch_size),
-            "--max-queue-delay-ms", str(args.max_queue_delay_ms),
             "--update-after", str(args.update_after)]
+    if args.max_batch_size is not None:
+        argv += ["--max-batch-size", str(args.max_batch_size)]
+    if args.max_queue_delay_ms is not None:
+        argv += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
     if args.memory_budget_mb is not None:
         argv += ["--memory-budget-mb", str(args.memory_budget_mb)]
     if args.curve:
@@ -358,9 +364,20 @@ def kernel_argv(args: Any) -> list[str]:
     return argv + (["--listen", args.listen] if args.listen else [])
 
 
+def batching_from_args(args: Any) -> BatchingConfig:
+    """Fixed knobs when ``--max-batch-size`` or ``--max-queue-delay-ms`` is given (the other
+    at its default); else adaptive batching."""
+    if args.max_batch_size is None and args.max_queue_delay_ms is None:
+        return BatchingConfig(adaptive=True)
+    default = BatchingConfig()
+    size = default.max_batch_size if args.max_batch_size is None else args.max_batch_size
+    delay = default.max_queue_delay if args.max_queue_delay_ms is None \
+        else args.max_queue_delay_ms / 1000
+    return BatchingConfig(size, delay)
+
+
 def config_from_args(args: Any) -> KernelConfig:
     from .config import default_home
-    from .scheduler import BatchingConfig
 
     home = Path(args.home).expanduser() if args.home else default_home()
     return KernelConfig(
@@ -368,7 +385,7 @@ def config_from_args(args: Any) -> KernelConfig:
         devices=tuple(d for d in args.devices.split(",") if d), threads=args.threads,
         streams=args.streams, max_jobs_per_client=args.max_jobs_per_client,
         max_bytes_per_client=args.max_mb_per_client * 2**20,
-        batching=BatchingConfig(args.max_batch_size, args.max_queue_delay_ms / 1000),
+        batching=batching_from_args(args),
         memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
         curve=args.curve, update_after=args.update_after,
     )

@@ -2,7 +2,8 @@
 
 Called once per pass of the kernel's scheduling loop; it never touches sockets. The policy
 decides order; this module decides grouping (dynamic batching of compatible ``infer`` jobs,
-Triton's max batch size and max queue delay) and placement onto free devices.
+Triton's max batch size and max queue delay, fixed or picked from the observed load by
+:mod:`.adaptive`) and placement onto free devices.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..jobs import Job
+from .adaptive import AdaptiveBatching
 
 
 class Policy(Protocol):
@@ -31,6 +33,9 @@ class BatchingConfig:
     max_batch_size: int = 32
     #: How long the oldest job may wait for more jobs to fill a batch, in seconds.
     max_queue_delay: float = 0.002
+    #: Pick the batch size (at most ``max_batch_size``) and the queue delay (from the
+    #: first timed batch on) from the observed load: see :mod:`.adaptive`.
+    adaptive: bool = False
 
 
 @dataclass(slots=True)
@@ -57,7 +62,8 @@ class Scheduler:
     ``hardware(device)`` names what a device runs on: one device's foreground work at a time
     per hardware (that device may run several batches at once, one per stream).
     ``load(device)`` breaks ties between equally cheap devices (e.g. identical replicas):
-    the least outstanding work goes first.
+    the least outstanding work goes first. For adaptive batching, the kernel reports each
+    dispatched batch's end with :meth:`finished`.
     """
 
     policy: Policy
@@ -71,12 +77,23 @@ class Scheduler:
     background: Callable[[Job], bool] = lambda job: False
     load: Callable[[str], tuple[float, ...]] = lambda device: ()
     queue: dict[int, Job] = field(default_factory=dict)
+    adaptive: AdaptiveBatching = field(default_factory=AdaptiveBatching)
 
     def push(self, job: Job) -> None:
+        """Queue a job (again, after a requeue), as of its ``queued_at``."""
         self.queue[job.id] = job
+        key = self.batch_key(job)
+        if key is not None:
+            self.adaptive.queued(job.id, key, _inputs(job), job.queued_at)
 
     def remove(self, job_id: int) -> Job | None:
+        self.adaptive.dropped(job_id)
         return self.queue.pop(job_id, None)
+
+    def finished(self, jobs: list[Job], now: float) -> None:
+        """The batch of ``jobs`` (a dispatched batch's, in order) is done, whatever its
+        outcome: adaptive batching times it and stops counting its jobs as outstanding."""
+        self.adaptive.finished([job.id for job in jobs], now)
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -106,6 +123,8 @@ class Scheduler:
             else dict.fromkeys(free_devices, 1)
         holders = dict(busy_hardware) if isinstance(busy_hardware, Mapping) \
             else dict.fromkeys(busy_hardware, "")
+        for device, free in slots.items():
+            self.adaptive.slots(device, free)
         if not slots or not self.queue:
             return batches, wake_at
         if all(holders.get(self.hardware(d), d) != d for d in slots) and not any(
@@ -124,9 +143,11 @@ class Scheduler:
             if not devices:
                 continue
             key = self.batch_key(job)
-            members = [job] if key is None else self._fill(job, key, ranked, taken)
-            device = min(devices, key=lambda d: (self.cost(members, d), *self.load(d)))
             config = self.batching(job)
+            if config.adaptive and key is not None:
+                config = self.adaptive.config(key, config, now)
+            members = [job] if key is None else self._fill(job, key, config, ranked, taken)
+            device = min(devices, key=lambda d: (self.cost(members, d), *self.load(d)))
             batch = Batch(device, members, key if key is not None else ("job", job.id))
             oldest = min(m.queued_at for m in members)
             ready_at = oldest + config.max_queue_delay
@@ -142,11 +163,14 @@ class Scheduler:
                 continue
             for member in members:
                 del self.queue[member.id]
+            if key is not None:
+                self.adaptive.started([m.id for m in members], key, device, now)
             batches.append(batch)
         return batches, wake_at
 
-    def _fill(self, first: Job, key: Hashable, ranked: list[Job], taken: set[int]) -> list[Job]:
-        limit = self.batching(first).max_batch_size
+    def _fill(self, first: Job, key: Hashable, config: BatchingConfig, ranked: list[Job],
+              taken: set[int]) -> list[Job]:
+        limit = config.max_batch_size
         members, size = [first], _inputs(first)
         for job in ranked:
             if size >= limit:

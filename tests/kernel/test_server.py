@@ -4,6 +4,7 @@ import pytest
 
 from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.kernel.config import KernelConfig, is_local
+from llmos.kernel.scheduler import BatchingConfig
 from llmos.kernel.server import KernelServer, add_kernel_options, config_from_args, kernel_argv
 
 
@@ -44,3 +45,17 @@ def test_streams_is_a_kernel_option_from_1_to_64_that_survives_a_detach(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--streams", bad])
         assert "expected a whole number from 1 to 64" in capsys.readouterr().err
+
+
+def test_batching_is_adaptive_unless_a_knob_is_given_and_survives_a_detach():
+    parser = argparse.ArgumentParser()
+    add_kernel_options(parser)
+    assert config_from_args(parser.parse_args([])).batching == BatchingConfig(adaptive=True)
+    for argv, fixed in ((["--max-batch-size", "11"], BatchingConfig(11, 0.002)),
+                        (["--max-queue-delay-ms", "8"], BatchingConfig(32, 0.008)),
+                        (["--max-batch-size", "11", "--max-queue-delay-ms", "8"],
+                         BatchingConfig(11, 0.008))):
+        args = parser.parse_args(argv)
+        assert config_from_args(args).batching == fixed
+        assert config_from_args(parser.parse_args(kernel_argv(args))).batching == fixed
+    assert "--max-batch-size" not in kernel_argv(parser.parse_args([]))
