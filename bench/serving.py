@@ -75,11 +75,11 @@ from transformers.utils import logging as hf_logging
 from llmos.drivers.base import Driver, granted_streams
 from llmos.drivers.common import max_tokens
 from llmos.kernel.jobs import Job
-from llmos.kernel.scheduler import BatchingConfig, Scheduler
+from llmos.kernel.scheduler import BatchingConfig, Devices, Scheduler
 from llmos.kernel.scheduler.fifo import FifoPolicy
 from llmos.kernel.server import batching_from_args
 from llmos.kernel.sources import _minilm_path
-from llmos.kernel.testing import running_kernel
+from llmos.kernel.testing import StubKind, running_kernel
 
 TARGET_VS_EAGER = {"f32": 2.0, "bf16": 3.0, "int8": 3.0}
 #: int8 calibrates on the bundled movie reviews (the traffic is drug reviews).
@@ -188,9 +188,9 @@ class Batched(Server):
         self.workers.shutdown()
 
     def serve(self) -> None:
-        scheduler = Scheduler(policy=FifoPolicy(), candidates=lambda job: ["cpu"],
-                              batch_key=lambda job: (job.args["handle"], job.args["task"]),
-                              batching=lambda job: self.config)
+        scheduler = Scheduler(policy=FifoPolicy())
+        kind = StubKind(batch_key=lambda job: (job.args["handle"], job.args["task"]),
+                        candidates=lambda job: ["cpu"], batching=lambda job: self.config)
         waiting: dict[int, Future[np.ndarray]] = {}
         wake_at: float | None = None
         running = 0
@@ -212,12 +212,14 @@ class Batched(Server):
                     running -= 1
                     scheduler.finished(item[1], time.monotonic())
                     continue
-                job = Job("infer", "bench", {"handle": HANDLE, "task": "embed", "inputs": [item[0]]})
+                job = Job("infer", "bench", {"handle": HANDLE, "task": "embed", "inputs": [item[0]]},
+                          kind=kind)
                 waiting[job.id] = item[1]
                 scheduler.push(job)
             if running == self.streams:
                 continue
-            batches, wake_at = scheduler.schedule({"cpu": self.streams - running}, time.monotonic())
+            batches, wake_at = scheduler.schedule(Devices({"cpu": self.streams - running}),
+                                                  time.monotonic())
             for batch in batches:
                 futures = [waiting.pop(job.id) for job in batch.jobs]
                 self.sizes.append(len(futures))

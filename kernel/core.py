@@ -35,7 +35,7 @@ from llmos.contract.states import JobState
 from .compression import Compression
 from .config import KernelConfig
 from .control import Control
-from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task, hardware_of
+from .devices import DeviceHost, DeviceManager, HostEvent, HostState, Task
 from .feedback import FeedbackStore
 from .generation import Generation
 from .inference import Inference
@@ -47,7 +47,7 @@ from .parallel import Parallel
 from .placement import CostModel
 from .plugins import Extensions
 from .registry import Registry
-from .scheduler import BatchingConfig, Scheduler
+from .scheduler import BatchingConfig, Devices, Scheduler
 from .security import PRIVILEGED, AuditLog
 from .swap import VersionSwap
 from .training import Training
@@ -95,13 +95,7 @@ class KernelCore:
         self.costs = CostModel()
         self.batching: BatchingConfig = config.batching
         policy = ext.policies.get(config.policy)()
-        self.scheduler = Scheduler(policy, lambda job: job.kind.batch_key(job),
-                                   lambda job: job.kind.candidates(job),
-                                   lambda job: job.kind.batching(job),
-                                   cost=lambda jobs, device: jobs[0].kind.cost(jobs, device),
-                                   hardware=lambda device: _hardware(self.hosts(), device),
-                                   background=lambda job: job.kind.background(job),
-                                   load=lambda device: _outstanding(self.hosts(), device))
+        self.scheduler = Scheduler(policy)
         self._devices: DeviceManager | None = None
         self._outbox: zmq.Socket | None = None
         # The job kinds, given each other where one's work ends in another's.
@@ -290,8 +284,10 @@ class KernelCore:
     # --- scheduling ---------------------------------------------------------------------
 
     def _dispatch(self, now: float) -> float | None:
-        free, busy = _free_devices(self.hosts(), kernel_free=self._kernel_task is None)
-        batches, wake_at = self.scheduler.schedule(free, now, busy)
+        if not self.scheduler.queue:
+            return None
+        batches, wake_at = self.scheduler.schedule(
+            _devices(self.hosts(), kernel_free=self._kernel_task is None), now)
         for batch in batches:
             for job in batch.jobs:
                 job.transition(JobState.RUNNING)
@@ -464,27 +460,12 @@ def _account(body: dict[str, Any], jobs: list[Job]) -> None:
         job.peak_memory = max(job.peak_memory, int(body.get("rss", 0)))
 
 
-def _hardware(hosts: dict[str, DeviceHost], device: str) -> str:
-    """What a device (a host name, or the kernel) runs on: the scheduler runs one
-    foreground batch at a time per hardware."""
-    host = hosts.get(device)
-    return host.hardware if host is not None else hardware_of(device)
-
-
-def _outstanding(hosts: dict[str, DeviceHost], device: str) -> tuple[float, ...]:
-    """Inputs in flight on a host, then tasks ever sent (round robin among equals)."""
-    host = hosts.get(device)
-    if host is None:
-        return (0.0, 0.0)
-    inflight = sum(len(task.payload.get("inputs") or [None]) for task in host.inflight.values())
-    return (float(inflight), float(host.submitted))
-
-
-def _free_devices(hosts: dict[str, DeviceHost], kernel_free: bool
-                  ) -> tuple[dict[str, int], dict[str, str]]:
-    """How many more batches each device takes now (the kernel pseudo-device one when
-    ``kernel_free``), and the hardware busy with foreground work (mapped to the host
-    running it: its other streams may join).
+def _devices(hosts: dict[str, DeviceHost], kernel_free: bool) -> Devices:
+    """The devices as the scheduler sees them now: how many more batches each takes (the
+    kernel pseudo-device one when ``kernel_free``), the hardware busy with foreground work
+    (mapped to the host running it: its other streams may join), what each runs on, and
+    the inputs in flight on each, then the tasks it was ever sent (round robin among
+    equals).
 
     Session quanta and generation run in the background (hostwire.BACKGROUND_TASK_OPS):
     they neither wait for nor block their hardware, so inference keeps flowing to the
@@ -495,4 +476,8 @@ def _free_devices(hosts: dict[str, DeviceHost], kernel_free: bool
     free = {host.name: slots for host in hosts.values() if (slots := host.free_slots)}
     if kernel_free:
         free[KERNEL_DEVICE] = 1
-    return free, busy
+    hardware = {name: host.hardware for name, host in hosts.items()}
+    load = {name: (float(sum(len(task.payload.get("inputs") or [None])
+                             for task in host.inflight.values())), float(host.submitted))
+            for name, host in hosts.items()}
+    return Devices(free, busy, hardware, load)

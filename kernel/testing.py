@@ -158,3 +158,16 @@ def build_tiny_classifier(folder: Path, tokenizer_from: Path, seed: int = 0) -> 
     BertForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
     return folder
+
+
+@dataclass(slots=True)
+class StubKind:
+    """A job kind for scheduler and policy tests: answers the scheduler's questions
+    (:class:`~llmos.kernel.scheduler.JobQuestions`) with the given functions. Give it to a
+    job as ``job.kind`` before queueing it."""
+
+    batch_key: Callable[[Any], Any] = lambda job: None
+    candidates: Callable[[Any], list[str]] = lambda job: ["dev"]
+    batching: Callable[[Any], Any] = lambda job: None
+    cost: Callable[[list[Any], str], float] = lambda jobs, device: 0.0
+    background: Callable[[Any], bool] = lambda job: False

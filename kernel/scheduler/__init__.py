@@ -8,8 +8,7 @@ Triton's max batch size and max queue delay, fixed or picked from the observed l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
-from collections.abc import Set as AbstractSet
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,38 +50,63 @@ class Batch:
         return sum(_inputs(job) for job in self.jobs)
 
 
+class JobQuestions(Protocol):
+    """What the scheduler asks of a queued job's kind (``Job.kind``; kernel/kinds.py)."""
+
+    def batch_key(self, job: Job) -> Hashable | None:
+        """A key shared by jobs that may run in one batch; None: the job runs alone."""
+        ...
+
+    def candidates(self, job: Job) -> list[str]:
+        """The devices that can run the job now (e.g. where its model is loaded)."""
+        ...
+
+    def batching(self, job: Job) -> BatchingConfig:
+        """The batching knobs for the job's model."""
+        ...
+
+    def cost(self, jobs: list[Job], device: str) -> float:
+        """Predicted run time of a batch on a device (the cheapest free one is chosen)."""
+        ...
+
+    def background(self, job: Job) -> bool:
+        """Whether the job runs in the background of its hardware (training, generation):
+        it may start while the hardware is busy, and does not make it busy."""
+        ...
+
+
+@dataclass(slots=True)
+class Devices:
+    """The devices as the kernel sees them at one pass of its loop: plain data."""
+
+    #: How many more batches each device that can take work takes now.
+    free: dict[str, int]
+    #: Hardware running foreground work -> the device running it (its other streams may
+    #: join; ``""``: held by nobody who may add to it).
+    busy: dict[str, str] = field(default_factory=dict)
+    #: What each device runs on (absent: the device is its own hardware). One device's
+    #: foreground work at a time per hardware.
+    hardware: dict[str, str] = field(default_factory=dict)
+    #: Ties between equally cheap devices (identical replicas) go to the least loaded.
+    load: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class Scheduler:
-    """Holds the run queue.
-
-    ``batch_key(job)`` returns a key shared by jobs that may run in one batch, or None for a
-    job that runs alone. ``candidates(job)`` lists the devices that can run it now (e.g. where
-    its model is loaded). ``batching(job)`` gives the knobs for its model. ``cost(jobs,
-    device)`` predicts a batch's run time on a device (the cheapest free one is chosen), and
-    ``hardware(device)`` names what a device runs on: one device's foreground work at a time
-    per hardware (that device may run several batches at once, one per stream).
-    ``load(device)`` breaks ties between equally cheap devices (e.g. identical replicas):
-    the least outstanding work goes first. For adaptive batching, the kernel reports each
-    dispatched batch's end with :meth:`finished`.
+    """Holds the run queue and decides, from plain data about the devices and what each
+    job's kind answers (:class:`JobQuestions`), which batches run where; it never calls
+    back into the kernel. For adaptive batching, the kernel reports each dispatched
+    batch's end with :meth:`finished`.
     """
 
     policy: Policy
-    batch_key: Callable[[Job], Hashable | None]
-    candidates: Callable[[Job], list[str]]
-    batching: Callable[[Job], BatchingConfig]
-    cost: Callable[[list[Job], str], float] = lambda jobs, device: 0.0
-    hardware: Callable[[str], str] = lambda device: device
-    #: Jobs that run in the background of their hardware (training, on fewer cores): they
-    #: may start while the hardware is busy and do not make it busy.
-    background: Callable[[Job], bool] = lambda job: False
-    load: Callable[[str], tuple[float, ...]] = lambda device: ()
     queue: dict[int, Job] = field(default_factory=dict)
     adaptive: AdaptiveBatching = field(default_factory=AdaptiveBatching)
 
     def push(self, job: Job) -> None:
         """Queue a job (again, after a requeue), as of its ``queued_at``."""
         self.queue[job.id] = job
-        key = self.batch_key(job)
+        key = _kind(job).batch_key(job)
         if key is not None:
             self.adaptive.queued(job.id, key, _inputs(job), job.queued_at)
 
@@ -98,20 +122,15 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self.queue)
 
-    def schedule(self, free_devices: Mapping[str, int] | AbstractSet[str], now: float,
-                 busy_hardware: Mapping[str, str] | AbstractSet[str] = frozenset(),
-                 ) -> tuple[list[Batch], float | None]:
+    def schedule(self, devices: Devices, now: float) -> tuple[list[Batch], float | None]:
         """Batches to dispatch now, and the time at which a waiting batch becomes ready.
 
-        ``free_devices`` maps each device that can take work to how many more batches it
-        takes now (a set means one each: a device with several streams takes several);
-        ``busy_hardware`` maps hardware running foreground work to the device running it
-        (a set: held by nobody who may add to it). A free device takes the highest-ranked
-        job it can run, plus compatible jobs in rank order up to ``max_batch_size`` inputs,
-        unless its hardware is busy with another device's foreground work (background jobs
-        excepted; a device's own further streams may join its hardware). If that batch is
-        not full and its oldest job has waited less than ``max_queue_delay``, the hardware
-        waits for it rather than giving the slot to a lower-ranked job.
+        A free device takes the highest-ranked job it can run, plus compatible jobs in
+        rank order up to ``max_batch_size`` inputs, unless its hardware is busy with another
+        device's foreground work (background jobs excepted; a device's own further streams
+        may join its hardware). If that batch is not full and its oldest job has waited
+        less than ``max_queue_delay``, the hardware waits for it rather than giving the
+        slot to a lower-ranked job.
 
         While every free device's hardware is busy and no queued job runs in the
         background, nothing can start: it returns at once, without ranking the queue (the
@@ -119,16 +138,13 @@ class Scheduler:
         """
         batches: list[Batch] = []
         wake_at: float | None = None
-        slots = dict(free_devices) if isinstance(free_devices, Mapping) \
-            else dict.fromkeys(free_devices, 1)
-        holders = dict(busy_hardware) if isinstance(busy_hardware, Mapping) \
-            else dict.fromkeys(busy_hardware, "")
+        slots, holders, hardware = dict(devices.free), dict(devices.busy), devices.hardware
         for device, free in slots.items():
             self.adaptive.slots(device, free)
         if not slots or not self.queue:
             return batches, wake_at
-        if all(holders.get(self.hardware(d), d) != d for d in slots) and not any(
-                self.background(job) for job in self.queue.values()):
+        if all(holders.get(hardware.get(d, d), d) != d for d in slots) and not any(
+                _kind(job).background(job) for job in self.queue.values()):
             return batches, wake_at
         ranked = sorted(self.queue.values(), key=lambda job: self.policy.rank(job, now))
         taken: set[int] = set()
@@ -137,17 +153,18 @@ class Scheduler:
                 break
             if job.id in taken:
                 continue
-            background = self.background(job)
-            devices = [d for d in self.candidates(job) if d in slots
-                       and (background or holders.get(self.hardware(d), d) == d)]
-            if not devices:
+            kind = _kind(job)
+            background = kind.background(job)
+            usable = [d for d in kind.candidates(job) if d in slots
+                      and (background or holders.get(hardware.get(d, d), d) == d)]
+            if not usable:
                 continue
-            key = self.batch_key(job)
-            config = self.batching(job)
+            key = kind.batch_key(job)
+            config = kind.batching(job)
             if config.adaptive and key is not None:
                 config = self.adaptive.config(key, config, now)
             members = [job] if key is None else self._fill(job, key, config, ranked, taken)
-            device = min(devices, key=lambda d: (self.cost(members, d), *self.load(d)))
+            device = min(usable, key=lambda d: (kind.cost(members, d), *devices.load.get(d, ())))
             batch = Batch(device, members, key if key is not None else ("job", job.id))
             oldest = min(m.queued_at for m in members)
             ready_at = oldest + config.max_queue_delay
@@ -155,7 +172,7 @@ class Scheduler:
             if not slots[device]:
                 del slots[device]
             if not background:
-                holders[self.hardware(device)] = device  # held or used now
+                holders[hardware.get(device, device)] = device  # held or used now
             taken.update(m.id for m in members)
             if key is not None and batch.size < config.max_batch_size and ready_at > now:
                 # hold the hardware for this batch; lower-ranked jobs must not jump ahead
@@ -175,13 +192,18 @@ class Scheduler:
         for job in ranked:
             if size >= limit:
                 break
-            if job is first or job.id in taken or self.batch_key(job) != key:
+            if job is first or job.id in taken or _kind(job).batch_key(job) != key:
                 continue
             if size + _inputs(job) > limit:
                 continue
             members.append(job)
             size += _inputs(job)
         return members
+
+
+def _kind(job: Job) -> JobQuestions:
+    assert job.kind is not None, f"job {job.id} was queued without a kind"
+    return job.kind
 
 
 def _inputs(job: Job) -> int:

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 from llmos.kernel.jobs import Job
-from llmos.kernel.scheduler import BatchingConfig, Scheduler
+from llmos.kernel.scheduler import BatchingConfig, Devices, Scheduler
 from llmos.kernel.scheduler.adaptive import DELAY_SHARE, MAX_DELAY, AdaptiveBatching
 from llmos.kernel.scheduler.fifo import FifoPolicy
+from llmos.kernel.testing import StubKind
 
 KEY = ("m:1", "embed")
 CEILING = BatchingConfig(32, 0.002, adaptive=True)
 
 
-def job(queued_at: float = 0.0, n: int = 1) -> Job:
-    made = Job("infer", "c", {"handle": "m:1", "task": "embed", "inputs": ["x"] * n})
+def job(queued_at: float = 0.0, n: int = 1, batching: BatchingConfig = CEILING) -> Job:
+    made = Job("infer", "c", {"handle": "m:1", "task": "embed", "inputs": ["x"] * n},
+               kind=StubKind(batch_key=lambda j: (j.args["handle"], j.args["task"]),
+                             batching=lambda j: batching))
     made.queued_at = queued_at
     return made
 
 
+def one_device() -> Devices:
+    return Devices({"dev": 1})
+
+
 def scheduler() -> Scheduler:
-    return Scheduler(FifoPolicy(), batch_key=lambda j: (j.args["handle"], j.args["task"]),
-                     candidates=lambda j: ["dev"], batching=lambda j: CEILING)
+    return Scheduler(FifoPolicy())
 
 
 def test_one_client_runs_alone_at_once():
@@ -97,10 +103,10 @@ def test_scheduler_with_32_closed_loop_clients_forms_groups_of_16():
     jobs = [job() for _ in range(32)]
     for made in jobs:
         sched.push(made)
-    batches, _ = sched.schedule({"dev": 1}, now=0.0)
+    batches, _ = sched.schedule(one_device(), now=0.0)
     assert [len(b.jobs) for b in batches] == [16]
     sched.finished(batches[0].jobs, now=0.05)
-    batches, _ = sched.schedule({"dev": 1}, now=0.05)
+    batches, _ = sched.schedule(one_device(), now=0.05)
     assert [len(b.jobs) for b in batches] == [16]
 
 
@@ -109,23 +115,22 @@ def test_scheduler_waits_the_adaptive_delay_for_a_partial_group():
     first = [job() for _ in range(32)]
     for made in first:
         sched.push(made)
-    batches, _ = sched.schedule({"dev": 1}, now=0.0)
+    batches, _ = sched.schedule(one_device(), now=0.0)
     sched.finished(batches[0].jobs, now=0.08)  # 80 ms a batch: wait up to 10 ms
-    batches, _ = sched.schedule({"dev": 1}, now=0.08)
+    batches, _ = sched.schedule(one_device(), now=0.08)
     sched.finished(batches[0].jobs, now=0.16)
     for made in (late := [job(queued_at=0.16) for _ in range(4)]):
         sched.push(made)
-    batches, wake_at = sched.schedule({"dev": 1}, now=0.161)
+    batches, wake_at = sched.schedule(one_device(), now=0.161)
     assert batches == [] and wake_at is not None
     assert abs(wake_at - (0.16 + DELAY_SHARE * 0.08)) < 1e-9
-    batches, _ = sched.schedule({"dev": 1}, now=wake_at)
+    batches, _ = sched.schedule(one_device(), now=wake_at)
     assert [j.id for j in batches[0].jobs] == [j.id for j in late]
 
 
 def test_fixed_knobs_stay_fixed():
-    sched = Scheduler(FifoPolicy(), batch_key=lambda j: (j.args["handle"], j.args["task"]),
-                      candidates=lambda j: ["dev"], batching=lambda j: BatchingConfig(32, 0.0))
+    sched = Scheduler(FifoPolicy())
     for _ in range(32):
-        sched.push(job())
-    batches, _ = sched.schedule({"dev": 1}, now=0.0)
+        sched.push(job(batching=BatchingConfig(32, 0.0)))
+    batches, _ = sched.schedule(one_device(), now=0.0)
     assert [len(b.jobs) for b in batches] == [32]

@@ -1,7 +1,28 @@
 from llmos.kernel.jobs import Job
-from llmos.kernel.scheduler import BatchingConfig, Scheduler
+from llmos.kernel.scheduler import BatchingConfig, Devices, Scheduler
 from llmos.kernel.scheduler.fifo import FifoPolicy
 from llmos.kernel.scheduler.priority import PriorityPolicy
+from llmos.kernel.testing import StubKind
+
+
+class Harness:
+    """A scheduler whose jobs all have ``kind``, and devices whose hardware is ``hardware``."""
+
+    def __init__(self, policy, kind, hardware=lambda device: device):
+        self.scheduler, self.kind, self.hardware = Scheduler(policy), kind, hardware
+
+    def push(self, job):
+        job.kind = self.kind
+        self.scheduler.push(job)
+
+    def schedule(self, free, now, busy=frozenset()):
+        free = dict(free) if isinstance(free, dict) else dict.fromkeys(free, 1)
+        busy = dict(busy) if isinstance(busy, dict) else dict.fromkeys(busy, "")
+        return self.scheduler.schedule(
+            Devices(free, busy, {d: self.hardware(d) for d in free}), now)
+
+    def __len__(self):
+        return len(self.scheduler)
 
 
 def infer_job(model="m", n=1, priority=0, queued_at=0.0):
@@ -12,12 +33,11 @@ def infer_job(model="m", n=1, priority=0, queued_at=0.0):
 
 
 def make(policy, max_batch=4, delay=0.0):
-    return Scheduler(
-        policy,
+    return Harness(policy, StubKind(
         batch_key=lambda j: (j.args["handle"], j.args["task"]) if j.syscall == "infer" else None,
         candidates=lambda j: ["dev"],
         batching=lambda j: BatchingConfig(max_batch, delay),
-    )
+    ))
 
 
 def test_fifo_batches_compatible_jobs_up_to_the_size_limit():
@@ -80,10 +100,10 @@ def test_a_full_batch_goes_at_once_and_busy_devices_get_nothing():
 
 def test_the_cheapest_free_device_is_chosen_and_its_hardware_is_then_busy():
     costs = {"torch:cpu": 3.0, "openvino:cpu": 1.0, "torch:cuda:0": 2.0}
-    sched = Scheduler(
-        FifoPolicy(), batch_key=lambda j: (j.args["handle"], j.args["task"]),
+    sched = Harness(FifoPolicy(), StubKind(
+        batch_key=lambda j: (j.args["handle"], j.args["task"]),
         candidates=lambda j: list(costs), batching=lambda j: BatchingConfig(1, 0.0),
-        cost=lambda jobs, device: costs[device],
+        cost=lambda jobs, device: costs[device]),
         hardware=lambda device: "cpu" if device.endswith(":cpu") else device)
     jobs = [infer_job("a"), infer_job("a"), infer_job("a")]
     for job in jobs:
@@ -95,11 +115,11 @@ def test_the_cheapest_free_device_is_chosen_and_its_hardware_is_then_busy():
 
 
 def test_background_jobs_neither_wait_for_nor_block_busy_hardware():
-    sched = Scheduler(
-        FifoPolicy(), batch_key=lambda j: None if j.syscall == "train" else ("a", "embed"),
+    sched = Harness(FifoPolicy(), StubKind(
+        batch_key=lambda j: None if j.syscall == "train" else ("a", "embed"),
         candidates=lambda j: ["torch:cpu"] if j.syscall == "train" else ["openvino:cpu"],
-        batching=lambda j: BatchingConfig(1, 0.0),
-        hardware=lambda device: "cpu", background=lambda j: j.syscall == "train")
+        batching=lambda j: BatchingConfig(1, 0.0), background=lambda j: j.syscall == "train"),
+        hardware=lambda device: "cpu")
     train = Job("train", "c", {})
     sched.push(train)
     batches, _ = sched.schedule({"torch:cpu", "openvino:cpu"}, 0.0, frozenset({"cpu"}))
@@ -116,10 +136,10 @@ def test_with_all_hardware_busy_the_queue_is_not_even_ranked():
     """The kernel schedules on every arriving request: while nothing can start, a pass
     must not cost work per queued job (ranking, candidate lookups)."""
     consulted: list[int] = []
-    sched = Scheduler(
-        FifoPolicy(), batch_key=lambda j: ("a", "embed"),
+    sched = Harness(FifoPolicy(), StubKind(
+        batch_key=lambda j: ("a", "embed"),
         candidates=lambda j: consulted.append(j.id) or ["openvino:cpu", "torch:cpu"],
-        batching=lambda j: BatchingConfig(32, 0.0), hardware=lambda device: "cpu")
+        batching=lambda j: BatchingConfig(32, 0.0)), hardware=lambda device: "cpu")
     for _ in range(20):
         sched.push(infer_job("a"))
     assert sched.schedule({"openvino:cpu", "torch:cpu"}, 0.0, frozenset({"cpu"})) == ([], None)
@@ -129,11 +149,12 @@ def test_with_all_hardware_busy_the_queue_is_not_even_ranked():
 
 
 def test_a_device_with_streams_takes_one_batch_per_free_stream_and_no_one_joins_it():
-    sched = Scheduler(
-        FifoPolicy(), batch_key=lambda j: ("a", "embed"),
+    sched = Harness(FifoPolicy(), StubKind(
+        batch_key=lambda j: ("a", "embed"),
         candidates=lambda j: ["openvino:cpu", "torch:cpu"],
-        batching=lambda j: BatchingConfig(2, 0.0), hardware=lambda device: "cpu",
-        cost=lambda jobs, device: 1.0 if device == "openvino:cpu" else 2.0)
+        batching=lambda j: BatchingConfig(2, 0.0),
+        cost=lambda jobs, device: 1.0 if device == "openvino:cpu" else 2.0),
+        hardware=lambda device: "cpu")
     for _ in range(8):
         sched.push(infer_job("a"))
     batches, _ = sched.schedule({"openvino:cpu": 2, "torch:cpu": 1}, 0.0)
