@@ -22,12 +22,12 @@ from llmos.contract.protocol import ErrorCode, KernelError
 
 from .devices import DeviceHost, Task
 from .jobs import Job, JobState
-from .kinds import Core, Handler, JobKind, Request
+from .kinds import Handler, Request
 from .registry import ModelVersion, check_name
+from .training import SessionKind
 
 if TYPE_CHECKING:
     from .scheduler import Batch
-    from .training import Training
 
 
 #: The recipes ``compress --search`` tries (each from the parent); the Pareto front of
@@ -43,27 +43,11 @@ SEARCH_GRID: list[list[dict[str, Any]]] = [
 ]
 
 
-class Compression(JobKind):
+class Compression(SessionKind):
     """``compress`` jobs: a recipe (or a grid of them) in quanta, then new versions."""
-
-    def __init__(self, core: Core, training: Training) -> None:
-        super().__init__(core)
-        self.training = training
 
     def handlers(self) -> dict[str, Handler]:
         return {"compress": self._compress}
-
-    def background(self, job: Job) -> bool:
-        return True
-
-    def candidates(self, job: Job) -> list[str]:
-        return self.training.candidates(job)
-
-    def on_end(self, job: Job, state: JobState) -> None:
-        """A job that did not finish leaves nothing: its folder goes."""
-        if state is not JobState.DONE and job.args.get("output"):
-            shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
-        self.training.end_session(job, state)
 
     def _compress(self, request: Request) -> Job:
         args = request.args

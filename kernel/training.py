@@ -269,3 +269,24 @@ class Training(JobKind):
             job.args.pop("host", None)  # that host is gone; any trainer resumes the checkpoint
             self.core.adopt(job)
             log.info("resuming train job %d from %s", job.id, args.get("checkpoint"))
+
+
+class SessionKind(JobKind):
+    """A kind whose jobs are plugin sessions in quanta on a trainer host (compress,
+    update): in the background of that hardware, and leaving nothing unless they finish."""
+
+    def __init__(self, core: Core, training: Training) -> None:
+        super().__init__(core)
+        self.training = training
+
+    def background(self, job: Job) -> bool:
+        return True
+
+    def candidates(self, job: Job) -> list[str]:
+        return self.training.candidates(job)
+
+    def on_end(self, job: Job, state: JobState) -> None:
+        """A job that did not finish leaves nothing: its folder goes."""
+        if state is not JobState.DONE and job.args.get("output"):
+            shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
+        self.training.end_session(job, state)

@@ -33,9 +33,10 @@ from llmos.contract.protocol import ErrorCode, KernelError
 from .devices import DeviceHost, Task
 from .feedback import Example, FeedbackStore
 from .jobs import Job, JobState
-from .kinds import Core, Handler, JobKind, Request, internal_request
+from .kinds import Core, Handler, Request, internal_request
 from .learning import classifier_labels
 from .registry import ModelVersion, writing
+from .training import SessionKind
 
 if TYPE_CHECKING:
     from .scheduler import Batch
@@ -69,28 +70,16 @@ def write_examples(path: Path, examples: list[Example]) -> None:
                 fh.write(json.dumps({"text": example.text, "label": example.label}) + "\n")
 
 
-class Update(JobKind):
+class Update(SessionKind):
     """``update`` jobs: a candidate version from the feedback buffer, gated, promoted."""
 
     def __init__(self, core: Core, training: Training, swap: VersionSwap,
                  feedback: FeedbackStore) -> None:
-        super().__init__(core)
-        self.training, self.swap, self.feedback = training, swap, feedback
+        super().__init__(core, training)
+        self.swap, self.feedback = swap, feedback
 
     def handlers(self) -> dict[str, Handler]:
         return {"update": self._update}
-
-    def background(self, job: Job) -> bool:
-        return True
-
-    def candidates(self, job: Job) -> list[str]:
-        return self.training.candidates(job)
-
-    def on_end(self, job: Job, state: JobState) -> None:
-        """A job that did not finish leaves nothing: its folder goes."""
-        if state is not JobState.DONE and job.args.get("output"):
-            shutil.rmtree(Path(job.args["output"]).parent, ignore_errors=True)
-        self.training.end_session(job, state)
 
     def _update(self, request: Request) -> Job:
         args = request.args
