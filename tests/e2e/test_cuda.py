@@ -1,14 +1,15 @@
-"""CUDA devices: run on a GPU machine (`pytest -m cuda`); skipped where there is none."""
-
-import glob
+"""CUDA devices: run on a GPU machine (`pytest -m cuda`); skipped where this torch has no
+usable CUDA device (no GPU, or the CPU wheel on a GPU machine)."""
 
 import numpy as np
 import pytest
+import torch
 
 from llmos.kernel.testing import running_kernel
 
 pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not glob.glob("/dev/nvidia[0-9]*"), reason="no NVIDIA GPU here")]
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="no CUDA device this torch can use")]
 
 
 def test_torch_cuda_matches_cpu(home):

@@ -38,13 +38,15 @@ def test_registry_survives_a_restart(tmp_path):
     assert [v.ref for v in reopened.versions()] == ["m:1"]
 
 
-def test_pickle_weights_and_missing_folders_are_refused(tmp_path):
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.pt", "model.pth", "model.ckpt",
+                                     "model.pkl"])
+def test_pickle_weights_and_missing_folders_are_refused(tmp_path, weights):
     registry = Registry(tmp_path / "home")
     src = tmp_path / "pickled"
     src.mkdir()
     (src / "config.json").write_text("{}")
-    (src / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    with pytest.raises(KernelError, match="pickle-based weights are refused"):
+    (src / weights).write_bytes(b"\x80\x04")
+    with pytest.raises(KernelError, match=f"found {weights}: pickle-based weights are refused"):
         registry.import_folder("p", src, {})
     with pytest.raises(KernelError) as info:
         registry.import_folder("p", tmp_path / "nowhere", {})
