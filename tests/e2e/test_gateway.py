@@ -62,12 +62,14 @@ def test_chat_completion_and_its_stream_agree(api):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
 
 
-def test_streamed_completion(api):
-    stream = api.completions.create(model="smollm2", prompt="The capital of France is",
-                                    max_tokens=6, temperature=0, stream=True)
-    chunks = list(stream)
+def test_streamed_completion_agrees_with_the_whole_one(api):
+    request = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 6,
+               "temperature": 0}
+    whole = api.completions.create(**request)
+    chunks = list(api.completions.create(**request, stream=True))
     assert sum(1 for c in chunks if c.choices[0].text) >= 2
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text != ""
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
 def test_embeddings_match_the_kernel(api, chat_kernel):
