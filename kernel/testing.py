@@ -22,15 +22,17 @@ from llmos.contract.protocol import KernelError
 from .client import Client
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    """``condition()`` once it is truthy, polled every 50 ms; AssertionError naming ``what``
-    after ``timeout`` seconds (a poll loop in a test fails instead of hanging)."""
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0,
+             interval: float = 0.05) -> Any:
+    """``condition()`` once it is truthy, polled every ``interval`` seconds; AssertionError
+    naming ``what`` after ``timeout`` seconds (a poll loop in a test fails instead of
+    hanging)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
@@ -107,10 +109,11 @@ class ClassifyLoad:
     errors: list[str] = field(default_factory=list)
     marked: threading.Event = field(default_factory=threading.Event)
 
-    def wait_for(self, answered: int) -> None:
-        """Block until at least ``answered`` requests were answered."""
-        while len(self.served) < answered:
-            time.sleep(0.01)
+    def wait_for(self, answered: int, timeout: float = 120.0) -> None:
+        """Block until at least ``answered`` requests were answered; AssertionError after
+        ``timeout`` seconds."""
+        wait_for(lambda: len(self.served) >= answered, f"{answered} answered requests",
+                 timeout, interval=0.01)
 
     def versions(self, after_mark: bool) -> set[str]:
         return {version for after, version in self.served if after is after_mark}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from llmos import ErrorCode, KernelError
-from llmos.kernel.testing import running_kernel
+from llmos.kernel.testing import running_kernel, wait_for
 
 LONG_TEXT = "the committee discussed the quarterly budget and the new hiring plan " * 12
 
@@ -33,8 +33,8 @@ def occupy(client):
     blocker = client.submit("infer", {"model": "minilm", "task": "embed",
                                       "inputs": [LONG_TEXT] * 256}, events=True)
     job_id = blocker.job_id()
-    while client.job(job_id)["state"] != "RUNNING":
-        time.sleep(0.01)
+    wait_for(lambda: client.job(job_id)["state"] == "RUNNING", "the blocker to run",
+             interval=0.01)
     return blocker
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 from test_training import sentiment_csv  # tests/e2e is on sys.path (pytest's prepend mode)
 
 from llmos import ErrorCode, KernelError
-from llmos.kernel.testing import running_kernel
+from llmos.kernel.testing import running_kernel, wait_for
 
 #: A third-party plugin that overrides the built-in plan for one model name.
 PLANNER = textwrap.dedent('''
@@ -90,9 +89,9 @@ def test_replicas_balance_batches_and_a_dead_replicas_jobs_move(kernel):
         victim = next(d for d in client.devices() if d["name"] == "torch:cpu.r1")
         pending = [client.submit("infer", {"model": "minilm", "task": "embed", "inputs": texts})
                    for _ in range(6)]
-        while not any(j["device"] == "torch:cpu.r1" and j["state"] == "RUNNING"
-                      for j in client.jobs(finished=False)):
-            time.sleep(0.002)  # kill it while it holds a batch
+        wait_for(lambda: any(j["device"] == "torch:cpu.r1" and j["state"] == "RUNNING"
+                             for j in client.jobs(finished=False)),
+                 "a batch on replica 1", interval=0.002)  # kill it while it holds a batch
         os.kill(victim["pid"], signal.SIGKILL)
         second = [p.result() for p in pending]
         attempts = [client.job(r["job"])["attempts"] for r in second]
@@ -207,8 +206,8 @@ def test_killing_a_rank_fails_the_job_cleanly_and_it_resumes(kernel, tmp_path):
     with kernel.client() as client:
         pending = client.submit("train", args, events=True)
         job_id = pending.job_id()
-        while client.job(job_id)["progress"].get("step", 0) < 3:
-            time.sleep(0.05)
+        wait_for(lambda: client.job(job_id)["progress"].get("step", 0) >= 3,
+                 "three DDP steps", timeout=300)
         progress = client.job(job_id)["progress"]
         (rank1,) = progress["rank_pids"]
         os.kill(rank1, signal.SIGKILL)

@@ -5,12 +5,11 @@ import csv
 import os
 import random
 import signal
-import time
 
 import pytest
 
 from llmos import ErrorCode, KernelError
-from llmos.kernel.testing import running_kernel
+from llmos.kernel.testing import running_kernel, wait_for
 
 POSITIVE = ["a great film", "I loved it", "wonderful acting", "a joy to watch", "brilliant"]
 NEGATIVE = ["a terrible film", "I hated it", "awful acting", "a chore to watch", "dreadful"]
@@ -61,8 +60,8 @@ def test_inference_is_served_while_training_runs(minilm_kernel, tmp_path):
                                            "epochs": 1, "batch_size": 16, "max_tokens": 32,
                                            "quantum": 0.5}, events=True)
         job_id = training.job_id()
-        while client.job(job_id)["progress"].get("step", 0) < 2:
-            time.sleep(0.1)
+        wait_for(lambda: client.job(job_id)["progress"].get("step", 0) >= 2,
+                 "two training steps", timeout=300)
         served = 0
         for _ in range(5):
             assert client.embed("minilm", ["served during training"]).shape == (1, 384)
@@ -113,8 +112,8 @@ def test_training_resumes_after_kill_9_of_the_kernel(home, tmp_path):
                                           "epochs": 1, "batch_size": 16, "max_tokens": 32,
                                           "quantum": 0.3, "checkpoint_every": 0}, events=True)
         job_id = pending.job_id()
-        while client.job(job_id)["progress"].get("step", 0) < 3:
-            time.sleep(0.05)
+        wait_for(lambda: client.job(job_id)["progress"].get("step", 0) >= 3,
+                 "three training steps", timeout=300)
         os.kill(kernel.process.pid, signal.SIGKILL)
         kernel.process.wait()
     checkpoint = home / "jobs" / str(job_id) / "checkpoint"
@@ -122,8 +121,8 @@ def test_training_resumes_after_kill_9_of_the_kernel(home, tmp_path):
     with running_kernel(home, *options) as kernel, kernel.client() as client:
         resumed = client.job(job_id)
         assert resumed["state"] in ("QUEUED", "RUNNING") and resumed["syscall"] == "train"
-        while client.job(job_id)["state"] not in ("DONE", "FAILED"):
-            time.sleep(0.2)
+        wait_for(lambda: client.job(job_id)["state"] in ("DONE", "FAILED"),
+                 "the resumed job to end", timeout=600)
         final = client.job(job_id)
         models = {m["model"]: m for m in client.models()}
     assert final["state"] == "DONE", final
