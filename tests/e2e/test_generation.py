@@ -180,7 +180,8 @@ def test_renice_reaches_the_engine_and_preempts(chat_kernel, one_slot):
         waiting = client.submit("generate", {**base, "prompt": "Tell me about ships.",
                                              "max_tokens": 3}, events=True)
         waiting_id = waiting.job_id()
-        assert client.job(waiting_id)["state"] == "RUNNING"  # on the host, waiting for a slot
+        wait_for(lambda: client.job(waiting_id)["state"] == "RUNNING",  # dispatched to the
+                 "the second generation on the host", timeout=60)  # host, waiting for a slot
         client.renice(waiting_id, -5)
         assert waiting.result()["usage"]["completion_tokens"] == 3
         preempted = client.job(running.job_id())
