@@ -10,13 +10,11 @@ on the host). The kernel hands each job its rows: :func:`split_rows` cuts every 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmos.contract.protocol import ProtocolError
-
-#: Bytes per item of each tensor dtype the wire allows (llmos.contract.protocol).
-ITEM_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1}
+from llmos.contract.protocol import ITEM_BYTES, ProtocolError, checked_ref
 
 TensorRef = dict[str, Any]
 Buffer = bytes | memoryview
@@ -75,23 +73,5 @@ def predictions(top: Any, labels: Sequence[str], counts: Sequence[int]) -> list[
 
 def _rows(ref: Any, buffers: Sequence[Buffer], total: int) -> tuple[memoryview, int]:
     """The byte view a valid reference points to and the bytes of one row of it."""
-    if not isinstance(ref, dict) or not {"buffer", "dtype", "shape"} <= ref.keys():
-        raise ProtocolError("tensor reference must be a map with buffer, dtype and shape")
-    index, dtype, shape = ref["buffer"], ref["dtype"], ref["shape"]
-    if not isinstance(index, int) or not 0 <= index < len(buffers):
-        raise ProtocolError(f"tensor buffer index {index!r} is out of range")
-    if dtype not in ITEM_BYTES:
-        raise ProtocolError(f"tensor dtype {dtype!r} is not one of {sorted(ITEM_BYTES)}")
-    if not isinstance(shape, list) or not shape \
-            or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError("tensor shape must be a non-empty list of non-negative integers")
-    if shape[0] != total:
-        raise ProtocolError(f"tensor has {shape[0]} rows for {total} inputs")
-    row_bytes = ITEM_BYTES[dtype]
-    for dim in shape[1:]:
-        row_bytes *= dim
-    view = memoryview(buffers[index]).cast("B")
-    if view.nbytes != row_bytes * total:
-        raise ProtocolError(f"tensor buffer has {view.nbytes} bytes, shape {shape} {dtype} "
-                            f"needs {row_bytes * total}")
-    return view, row_bytes
+    index, dtype, shape = checked_ref(ref, buffers, rows=total)
+    return memoryview(buffers[index]).cast("B"), ITEM_BYTES[dtype] * math.prod(shape[1:])

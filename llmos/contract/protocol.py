@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,7 +307,8 @@ def _check_header(header: dict[str, Any]) -> str | None:
 
 # --- tensors as raw frames -------------------------------------------------------------
 
-_DTYPES = {"float32", "float16", "int64", "int32", "int8", "uint8"}
+#: Bytes per item of each tensor dtype the wire allows.
+ITEM_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1}
 
 
 def tensor_ref(array: np.ndarray, buffers: list[bytes]) -> dict[str, Any]:
@@ -317,21 +320,33 @@ def tensor_ref(array: np.ndarray, buffers: list[bytes]) -> dict[str, Any]:
 
 def tensor_from_ref(ref: Any, buffers: list[bytes]) -> np.ndarray:
     """The array a body entry points to; ProtocolError if the reference is invalid."""
+    index, dtype, shape = checked_ref(ref, buffers)
+    return np.frombuffer(buffers[index], dtype=dtype).reshape(shape)
+
+
+def checked_ref(ref: Any, buffers: Sequence[bytes | memoryview],
+                rows: int | None = None) -> tuple[int, str, list[int]]:
+    """The buffer index, dtype and shape of a tensor reference whose buffer holds exactly
+    the bytes its shape and dtype need (and, given ``rows``, whose first dimension is
+    ``rows``); ProtocolError if it is invalid."""
     if not isinstance(ref, dict) or not {"buffer", "dtype", "shape"} <= ref.keys():
         raise ProtocolError("tensor reference must be a map with buffer, dtype and shape")
     index, dtype, shape = ref["buffer"], ref["dtype"], ref["shape"]
     if not isinstance(index, int) or not 0 <= index < len(buffers):
         raise ProtocolError(f"tensor buffer index {index!r} is out of range")
-    if dtype not in _DTYPES:
-        raise ProtocolError(f"tensor dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if dtype not in ITEM_BYTES:
+        raise ProtocolError(f"tensor dtype {dtype!r} is not one of {sorted(ITEM_BYTES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ProtocolError("tensor shape must be a list of non-negative integers")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if len(buffers[index]) != expected:
-        raise ProtocolError(
-            f"tensor buffer has {len(buffers[index])} bytes, shape {shape} {dtype} needs {expected}"
-        )
-    return np.frombuffer(buffers[index], dtype=dtype).reshape(shape)
+    if rows is not None and not shape:
+        raise ProtocolError("tensor shape must be a non-empty list of non-negative integers")
+    if rows is not None and shape[0] != rows:
+        raise ProtocolError(f"tensor has {shape[0]} rows for {rows} inputs")
+    expected = math.prod(shape) * ITEM_BYTES[dtype]
+    size = memoryview(buffers[index]).nbytes
+    if size != expected:
+        raise ProtocolError(f"tensor buffer has {size} bytes, shape {shape} {dtype} needs {expected}")
+    return index, dtype, shape
 
 
 def decode_reply(frames: list[bytes]) -> Message:
