@@ -1,63 +1,163 @@
-"""Fine-tuning MiniLM on the bundled movie reviews through the kernel: accuracy and time.
+"""Training defaults, before and now: MiniLM fine-tuned with no hyper-parameter flags.
 
-Runs the ``train`` syscall twice on one kernel (PyTorch host, 2 threads): the demo's
-budget (``--demo-limit`` rows, 1 epoch) and a full run (every training row, ``--epochs``).
-Both use the same seeded 80/10/10 split, so their test accuracies compare directly; the
-baseline is the majority class on the same test split.
+Two contenders train the same rows with the same seed and the same threads as a driver
+host (``--threads``, of which training uses all but one):
 
-Run: ``.venv/bin/python bench/finetune.py [--epochs 2] [--demo-limit 2000] [--json out.json]``.
+- ``before``: the training session of git revision ``--before`` (default ``44bb8df``, the
+  last one with fixed defaults: 2 epochs, batches of 32, learning rate 5e-5 with 6% warm-up,
+  plain cross-entropy, the last step's weights), loaded from ``git show``;
+- ``now``: :class:`llmos.drivers.training.TrainingSession` with every default (chosen from
+  the model and the data, class-weighted loss, the best validation macro-F1 kept, early stop).
+
+Cases (``--cases``): ``reviews-3000`` and ``reviews-200`` (the bundled movie reviews at
+``--limit 3000`` / ``--limit 200``), ``drugs`` (the drug reviews' own training file, scored on
+its own test file). Before the measured runs each contender does the same warm-up (a
+session on 64 rows, one quantum of steps, not reported); then, per case, the runs
+alternate ``before``, ``now``, ... ``--runs`` times, and every run is printed: seconds
+(construction to saved model), steps, test accuracy beside the majority class's, macro-F1,
+balanced accuracy, the classes the model predicts, and the warning the job result would
+carry.
+
+The sessions run in this process, as a driver host runs them (one ``run`` call per quantum
+of ``--quantum`` seconds), without a kernel around them: the kernel adds only the dispatch
+of each quantum.
+
+Run: ``.venv/bin/python bench/finetune.py [--cases reviews-3000,reviews-200,drugs]
+[--runs 1] [--json out.json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from llmos.kernel import datasets
-from llmos.kernel.testing import running_kernel
+import numpy as np
+
+from llmos.drivers import training
+from llmos.kernel.sources import _minilm_path
+
+REPO = Path(__file__).resolve().parents[1]
+CASES: dict[str, tuple[dict[str, str], int]] = {  # name -> (data, limit)
+    "reviews-3000": ({"name": "reviews"}, 3000),
+    "reviews-200": ({"name": "reviews"}, 200),
+    "drugs": ({"name": "drugs"}, 0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    name: str
+    module: ModuleType
+
+
+def load_before(revision: str) -> ModuleType:
+    """``drivers/training.py`` as of ``revision``, as a module of the llmos.drivers package."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:drivers/training.py"],
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="llmos-before-")) / "training_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("llmos.drivers.training_before", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def scores(split: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy, macro-F1, balanced accuracy, the majority class's accuracy and the classes
+    predicted, from a split's confusion matrix (either version's metrics have one)."""
+    confusion = np.asarray(split["confusion"])
+    support = confusion.sum(axis=1)
+    present = support > 0
+    return {"accuracy": round(float(np.trace(confusion) / confusion.sum()), 4),
+            "macro_f1": round(float(split["macro_f1"]), 4),
+            "balanced_accuracy": round(float(np.mean(np.diag(confusion)[present]
+                                                     / support[present])), 4),
+            "majority": round(float(support.max() / support.sum()), 4),
+            "predicted_classes": int((confusion.sum(axis=0) > 0).sum())}
+
+
+def make_spec(contender: Contender, data: dict[str, str], limit: int) -> Any:
+    """The contender's TrainSpec for these rows, with its own defaults for the rest."""
+    folder = Path(tempfile.mkdtemp(prefix="llmos-finetune-"))
+    return contender.module.TrainSpec(base=str(_minilm_path()), data=data, limit=limit,
+                                      checkpoint=str(folder / "checkpoint"),
+                                      output=str(folder / "output"), checkpoint_every=1e9)
+
+
+def warm_up(contender: Contender, threads: int, quantum: float) -> None:
+    """A session on 64 review rows and one quantum of its steps (imports, first kernels)."""
+    spec = make_spec(contender, {"name": "reviews"}, 64)
+    contender.module.TrainingSession(spec, threads).run(quantum)
+
+
+def train_once(contender: Contender, data: dict[str, str], limit: int, threads: int,
+               quantum: float) -> dict[str, Any]:
+    """One training run to a saved model; its time, steps and test scores."""
+    spec = make_spec(contender, data, limit)
+    started = time.perf_counter()
+    session = contender.module.TrainingSession(spec, threads)
+    while not session.done:
+        session.run(quantum)
+    metrics = session.finish()
+    seconds = time.perf_counter() - started
+    labels = session.dataset.labels
+    test = metrics["test"]
+    warning = training.learning_warning(
+        test if "balanced_accuracy" in test else {
+            **test, "balanced_accuracy": scores(test)["balanced_accuracy"],
+            "majority_baseline": {"accuracy": scores(test)["majority"]}}, labels, "test")
+    return {"contender": contender.name, "seconds": round(seconds, 1), "steps": session.step,
+            "total_steps": session.total_steps, "rows": len(session.texts),
+            "test_rows": test["rows"], **scores(test), "warning": warning,
+            "settings": metrics.get("training")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--demo-limit", type=int, default=2000)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--cases", default="reviews-3000,reviews-200,drugs")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--before", default="44bb8df")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--quantum", type=float, default=1.0)
+    parser.add_argument("--only", choices=("before", "now"), help="run one contender")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    test_targets = datasets.load("reviews").split("test")[1]
-    majority = max(test_targets.count(0), test_targets.count(1)) / len(test_targets)
-    runs: dict[str, dict[str, Any]] = {}
-    plans = [("demo budget", {"limit": args.demo_limit, "epochs": 1.0})]
-    if not args.skip_full:
-        plans.append(("full", {"limit": 0, "epochs": args.epochs}))
-    home = Path(tempfile.mkdtemp(prefix="llmos-finetune-"))
-    with running_kernel(home, "--devices", "torch:cpu") as kernel, \
-            kernel.client(timeout=24 * 3600) as client:
-        client.import_model("minilm")
-        for label, plan in plans:
-            started = time.perf_counter()
-            result = client.train("minilm", data="reviews", name=label.replace(" ", "-"),
-                                  max_tokens=args.max_tokens, **plan)
-            seconds = time.perf_counter() - started
-            runs[label] = {"seconds": round(seconds, 1), "steps": result["steps"], **plan,
-                           "test_accuracy": result["metrics"]["test"]["accuracy"],
-                           "test_macro_f1": result["metrics"]["test"]["macro_f1"],
-                           "validation_accuracy": result["metrics"]["validation"]["accuracy"]}
-            print(f"{label}: {runs[label]}", flush=True)
-    print(f"\nMiniLM fine-tuned on Rotten Tomatoes reviews (fresh/rotten), test split of "
-          f"{len(test_targets)} rows; majority class {majority:.3f}\n")
-    print(f"{'run':<14}{'rows':>8}{'epochs':>8}{'steps':>7}{'minutes':>9}{'test acc':>10}{'macro F1':>10}")
-    for label, run in runs.items():
-        rows = run["limit"] or "all"
-        print(f"{label:<14}{rows:>8}{run['epochs']:>8}{run['steps']:>7}{run['seconds'] / 60:>9.1f}"
-              f"{run['test_accuracy']:>10.3f}{run['test_macro_f1']:>10.3f}")
+    contenders = [Contender("before", load_before(args.before)), Contender("now", training)]
+    if args.only:
+        contenders = [c for c in contenders if c.name == args.only]
+    for contender in contenders:  # the same warm-up for each: not reported
+        warm_up(contender, args.threads, args.quantum)
+    runs: list[dict[str, Any]] = []
+    for case in args.cases.split(","):
+        data, limit = CASES[case]
+        for number in range(args.runs):
+            for contender in contenders:
+                run = {"case": case, "run": number + 1,
+                       **train_once(contender, data, limit, args.threads, args.quantum)}
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+    print(f"\n{'case':<14}{'who':<8}{'run':>4}{'rows':>6}{'steps':>7}{'seconds':>9}"
+          f"{'test acc':>10}{'majority':>10}{'macro F1':>10}{'bal acc':>9}{'classes':>8}  warning")
+    for run in runs:
+        print(f"{run['case']:<14}{run['contender']:<8}{run['run']:>4}{run['rows']:>6}"
+              f"{run['steps']:>7}{run['seconds']:>9.1f}{run['accuracy']:>10.3f}"
+              f"{run['majority']:>10.3f}{run['macro_f1']:>10.3f}{run['balanced_accuracy']:>9.3f}"
+              f"{run['predicted_classes']:>8}  {'yes' if run['warning'] else '-'}")
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "majority": majority}, indent=2))
+        args.json.write_text(json.dumps({"runs": runs, "threads": args.threads,
+                                         "before": args.before}, indent=2))
     return 0
 
 

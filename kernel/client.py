@@ -192,9 +192,11 @@ class _Syscalls:
             "timeout": timeout})
 
     def evaluate(self, model: str, *, version: int | None = None, data: str | None = None,
-                 path: str | None = None, split: str = "test", seed: int | None = None,
+                 path: str | None = None, split: str | None = None, seed: int | None = None,
                  priority: int | None = None, timeout: float | None = None) -> Any:
-        """Accuracy, macro-F1 and confusion matrix on a split of a dataset or a file."""
+        """Accuracy, macro-F1, balanced accuracy and the majority-class baseline of a
+        classifier: on a bundled dataset's ``test`` split, or on every row of a file at
+        ``path``, unless ``split`` names one (train, validation, test, all)."""
         return self._call("evaluate", {"model": model, "version": version, "data": data,
                                        "path": path, "split": split, "seed": seed,
                                        "priority": priority, "timeout": timeout})

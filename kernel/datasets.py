@@ -2,7 +2,8 @@
 users' own CSV or JSONL files with ``text`` and ``label`` columns.
 
 Pure Python (csv, bz2, zipfile): the kernel validates with it and the driver host trains
-with it. Splits are deterministic: a seeded shuffle cut 80/10/10 into train/validation/test.
+with it. Splits are deterministic: a seeded shuffle cut 80/10/10 into train/validation/test;
+``all`` is every row, in the source's order (what ``evaluate`` scores in a user's file).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from llmos.contract.protocol import ErrorCode, KernelError
 
 SPLITS = ("train", "validation", "test")
+#: Every row of a dataset, not a split of it.
+ALL = "all"
 #: A source's row: text, label, and optionally whether the source marks it as a test row.
 Row = tuple[str, str] | tuple[str, str, bool]
 #: Longest text kept, in characters; longer ones are cut (the model truncates tokens anyway).
@@ -42,9 +45,12 @@ class Dataset:
     def split(self, which: str, seed: int = 0) -> tuple[list[str], list[int]]:
         """The deterministic train/validation/test part for ``seed``: a seeded shuffle cut
         80/10/10, or, when the source ships its own test rows (``test_rows``), those as test
-        and the rest cut 8:1 into train/validation."""
+        and the rest cut 8:1 into train/validation. ``all``: every row, in order."""
+        if which == ALL:
+            return list(self.texts), list(self.targets)
         if which not in SPLITS:
-            raise KernelError(ErrorCode.BAD_REQUEST, f"split must be one of {', '.join(SPLITS)}")
+            raise KernelError(ErrorCode.BAD_REQUEST,
+                              f"split must be one of {', '.join((*SPLITS, ALL))}")
         fixed = set(self.test_rows)
         order = [i for i in range(len(self.texts)) if i not in fixed]
         random.Random(seed).shuffle(order)

@@ -162,10 +162,14 @@ class Training(JobKind):
         raise error
 
     def _evaluate(self, request: Request) -> Job:
+        """Score a classifier: a file's every row unless a split is named; a bundled
+        dataset's test split by default."""
         version = self.core.registry.resolve(request.args["model"], request.args["version"])
         data = self.data_spec(request.args)
+        split = request.args["split"] or (datasets.ALL if "path" in data else "test")
         self.trainers()
-        return self.core.admit(request, path=str(version.path), handle=version.ref, dataset=data)
+        return self.core.admit(request, path=str(version.path), handle=version.ref,
+                               dataset=data, split=split)
 
     # --- scheduling and results -------------------------------------------------------
 
@@ -208,22 +212,27 @@ class Training(JobKind):
         for job in live:
             if self.next_quantum(job, progress, ("metrics", "output")):
                 continue
+            metrics = dict(progress["metrics"])
+            training, warning = metrics.pop("training"), metrics.pop("warning")
             try:
                 version, _ = self.core.registry.import_folder(
                     job.args["output_name"], Path(progress["output"]),
                     recipe={"op": "train", "data": job.args["dataset"],
-                            "epochs": job.args["epochs"], "batch_size": job.args["batch_size"],
-                            "learning_rate": job.args["learning_rate"], "seed": job.args["seed"],
+                            "epochs": training["epochs"], "batch_size": training["batch_size"],
+                            "learning_rate": training["learning_rate"], "seed": job.args["seed"],
                             "max_tokens": job.args["max_tokens"], "limit": job.args["limit"]},
-                    parent=job.args["parent"], metrics=progress["metrics"], move=True)
+                    parent=job.args["parent"], metrics=metrics, move=True)
             except KernelError as exc:  # e.g. a full disk: the checkpoint stays for a resume
                 shutil.rmtree(progress["output"], ignore_errors=True)
                 self.core.fail(job, JobState.FAILED, exc.code, exc.message)
                 continue
             shutil.rmtree(Path(job.args["checkpoint"]).parent, ignore_errors=True)
+            if warning:
+                log.warning("train job %d: %s", job.id, warning)
             self.core.finish(job, {"model": version.ref, "parent": job.args["parent"],
-                                   "metrics": progress["metrics"], "labels": progress["labels"],
-                                   "steps": progress["step"]})
+                                   "metrics": metrics, "labels": progress["labels"],
+                                   "steps": progress["step"], "training": training,
+                                   "warning": warning})
 
     def next_quantum(self, job: Job, progress: dict[str, Any], results: tuple[str, ...]) -> bool:
         """A time-sliced job (train, compress, update) finished a quantum: record and

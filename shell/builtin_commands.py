@@ -87,7 +87,7 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
              Param("resume", "job", option=True, metavar="JOB"), *JOB_OPTIONS)),
     Command("evaluate", "Accuracy, macro-F1 and confusion matrix of a classifier on a dataset "
             "split.", _H + "evaluate",
-            (_MODEL, *_DATA, Param("split", option=True, choices=("train", "validation", "test")),
+            (_MODEL, *_DATA, Param("split", option=True, choices=("train", "validation", "test", "all")),
              _SEED, *JOB_OPTIONS)),
     Command("drivers", "Registered drivers, their devices, and why any is unavailable.",
             _H + "drivers", _NONE),

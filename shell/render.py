@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from .commands import Output, Table
+from .views import WARNING
 
 #: Piped output gets 120 columns (rich would assume 80 and squeeze the tables).
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -26,8 +27,9 @@ def show(output: Output, json_output: bool = False, target: Console | None = Non
             as_json(output.data)
         return
     out = target or console
-    if output.text:
-        out.print(output.text, markup=False, highlight=False, soft_wrap=True)
+    for line in output.text.splitlines() if output.text else ():  # warnings stand out
+        style = "bold yellow" if line.startswith(WARNING) else None
+        out.print(line, markup=False, highlight=False, soft_wrap=True, style=style)
     for table in output.tables:
         out.print(_rich_table(table))
 

@@ -89,23 +89,52 @@ def datasets(rows: list[dict[str, Any]]) -> Output:
 
 
 def _scores(metrics: Mapping[str, Any]) -> str:
-    return f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} ({metrics['rows']} rows)"
+    """Accuracy beside the majority class's, macro-F1 and balanced accuracy (scores saved
+    before the baseline was reported show without it)."""
+    baseline = metrics.get("majority_baseline")
+    majority = f" (majority class {baseline['accuracy']:.3f})" if baseline else ""
+    balanced = (f", balanced accuracy {metrics['balanced_accuracy']:.3f}"
+                if "balanced_accuracy" in metrics else "")
+    return (f"accuracy {metrics['accuracy']:.3f}{majority}, macro-F1 {metrics['macro_f1']:.3f}"
+            f"{balanced} ({metrics['rows']} rows)")
+
+
+#: How a line of a command's text that warns starts (render shows it in bold yellow).
+WARNING = "warning: "
+
+
+def _warning(result: Mapping[str, Any]) -> list[str]:
+    """The result's warning that the model learned little, as a line (none without one)."""
+    return [f"{WARNING}{result['warning']}"] if result.get("warning") else []
+
+
+def _settings(training: Mapping[str, Any]) -> str:
+    """The hyper-parameters a train job used and the step its model was selected at."""
+    stopped = ", stopped early" if training["stopped_early"] else ""
+    return (f"settings: {training['epochs']:g} epochs, batches of {training['batch_size']}, "
+            f"learning rate {training['learning_rate']:.0e}; best validation macro-F1 "
+            f"{training['selection_macro_f1']:.3f} at step {training['best_step']}{stopped}")
 
 
 def trained(result: dict[str, Any]) -> Output:
     lines = [f"trained {result['model']} from {result['parent']} in {result['steps']} steps"]
+    if result.get("training"):
+        lines.append(_settings(result["training"]))
     lines += [f"{split}: {_scores(result['metrics'][split])}" for split in ("validation", "test")
               if split in result["metrics"]]
-    return message("\n".join(lines), result)
+    return message("\n".join(lines + _warning(result)), result)
 
 
 def evaluated(result: dict[str, Any]) -> Output:
-    """The scores, and the confusion matrix (rows: true label, columns: predicted)."""
+    """The scores, any warning, and the confusion matrix (rows: true label, columns:
+    predicted)."""
     labels = result["labels"]
+    text = "\n".join([f"{result['model']} {result['split']}: {_scores(result)}",
+                      *_warning(result)])
     return table(f"confusion on {result['split']} (rows true, columns predicted)",
                  ("", *labels), [(label, *row) for label, row in zip(labels, result["confusion"],
                                                                       strict=True)],
-                 data=result, text=f"{result['model']} {result['split']}: {_scores(result)}")
+                 data=result, text=text)
 
 
 def imported(result: dict[str, Any]) -> Output:
@@ -162,7 +191,9 @@ def progress(summary: dict[str, Any], now: float) -> str:
     elif "phase" in done:  # update
         steps = f" {done['phase']}{loss}"
     elif {"step", "total_steps"} <= done.keys():  # train
-        steps = f" step {done['step']}/{done['total_steps']}{loss}"
+        best = (f" best F1 {done['best_macro_f1']:.3f}"
+                if done.get("best_macro_f1") is not None else "")
+        steps = f" step {done['step']}/{done['total_steps']}{loss}{best}"
     else:
         steps = ""
     return (f"job {summary['id']} {summary['state']}{where}{steps} "

@@ -249,9 +249,9 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
     Syscall("train", (
         _MODEL, _VERSION, *_DATA,
         Arg("name", "str", minimum=1, maximum=64),
-        Arg("epochs", "float", default=2.0, minimum=0.01, maximum=100),
-        Arg("batch_size", "int", default=32, minimum=1, maximum=1024),
-        Arg("learning_rate", "float", default=5e-5, minimum=1e-7, maximum=1.0),
+        Arg("epochs", "float", minimum=0.01, maximum=100),
+        Arg("batch_size", "int", minimum=1, maximum=1024),
+        Arg("learning_rate", "float", minimum=1e-7, maximum=1.0),
         Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
         Arg("max_tokens", "int", default=128, minimum=8, maximum=8192),
         Arg("limit", "int", default=0, minimum=0, maximum=10**7),
@@ -266,15 +266,19 @@ SYSCALLS: dict[str, Syscall] = {s.name: s for s in (
         Arg("priority", "int", default=TRAIN_PRIORITY, minimum=MIN_PRIORITY, maximum=MAX_PRIORITY),
         Arg("timeout", "float", minimum=0.001, maximum=30 * 24 * 3600),
     ), "Fine-tune a sequence classifier on labelled texts, time-sliced with inference; "
+       "epochs, batch_size and learning_rate left out are chosen from the model and the data, "
+       "and the weights with the best validation macro-F1 are kept; "
        "the result is a new model version. parallel=ddp runs it as world_size ranks of "
        "torch DistributedDataParallel; resume continues a failed job from its checkpoint.",
         job=True),
     Syscall("evaluate", (
         _MODEL, _VERSION, *_DATA,
-        Arg("split", "str", default="test", choices=("train", "validation", "test")),
+        Arg("split", "str", choices=("train", "validation", "test", "all")),
         Arg("seed", "int", default=0, minimum=0, maximum=2**31 - 1),
         *_JOB_OPTIONS,
-    ), "Accuracy, macro-F1 and confusion matrix of a classifier on a dataset split.",
+    ), "Accuracy, macro-F1, balanced accuracy and confusion matrix of a classifier beside the "
+       "majority-class baseline, on a file's rows (all of them unless split is given) or a "
+       "bundled dataset's split (test by default).",
         job=True),
     Syscall("compress", (
         _MODEL, _VERSION, Arg("recipe", "maps", minimum=1, maximum=16),

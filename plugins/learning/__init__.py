@@ -29,8 +29,8 @@ METHODS: tuple[StepSpec, ...] = (
         Arg("targets", "strs", default=("query", "key", "value", "dense"), minimum=1, maximum=16),
         Arg("learning_rate", "float", default=5e-4, **_LR),
         Arg("epochs", "float", default=3.0, **_EPOCHS),
-    ), "LoRA adapters (peft) on the Linear layers named in `targets`, and the classification "
-       "head; the version keeps the adapter in PEFT's format under adapter/ and the merged "
+    ), "LoRA adapters (peft) on the layers named in `targets` (Linear or Embedding), and the "
+       "classification head; the version keeps the adapter in PEFT's format under adapter/ and the merged "
        "weights."),
     StepSpec("online", "llmos.plugins.learning.methods:online", (
         Arg("layers", "int", default=2, minimum=0, maximum=1000),

@@ -77,8 +77,8 @@ def finetune(model: PreTrainedModel, params: dict[str, Any]) -> Trainable:
 
 
 def lora(model: PreTrainedModel, params: dict[str, Any]) -> Trainable:
-    """LoRA adapters (``peft``) of rank ``rank`` on the Linear layers named in ``targets``,
-    and a trainable copy of the classification head. Saved twice: the adapter in PEFT's own
+    """LoRA adapters (``peft``) of rank ``rank`` on the layers named in ``targets`` (Linear
+    or Embedding), and a trainable copy of the classification head. Saved twice: the adapter in PEFT's own
     format under ``adapter/`` (its base is the parent version's folder), and the adapter
     merged into the weights, so that every driver serves the version as a plain model."""
     from peft import LoraConfig, get_peft_model

@@ -124,7 +124,10 @@ class DistributedSession(TrainingSession):
         texts, labels = self._batch(step)
         total, world = len(texts), self.ddp.world_size
         mine = list(range(self.rank, total, world))
-        weight = world / total if mine else 0.0
+        # the loss over the global batch as one process computes it: a mean, weighted by
+        # class when the classes are uneven (TrainingSession.class_weights)
+        norm = float(self.class_weights[labels].sum()) if self.class_weights is not None else total
+        weight = world / norm if mine else 0.0
         rows = mine or [0]  # an empty shard still joins the gradient all-reduce, weighted 0
         # the global batch's rows, padded to its longest: each row as one process sees it
         shard = {name: tensor[rows] for name, tensor in self._encode(texts).items()}
@@ -132,7 +135,8 @@ class DistributedSession(TrainingSession):
             group["lr"] = self._lr(step)
         with keyed_dropout(self.model, DropoutKey(seed=self.spec.seed, step=step, rows=rows)):
             logits = self.wrapped(**shard).logits
-        summed = torch.nn.functional.cross_entropy(logits, labels[rows], reduction="sum")
+        summed = torch.nn.functional.cross_entropy(logits, labels[rows], weight=self.class_weights,
+                                                   reduction="sum")
         (summed * weight).backward()  # DDP averages over ranks: the global batch's mean
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()

@@ -71,7 +71,8 @@ def test_train_evaluate_datasets_keys_and_audit_commands(minilm_kernel, tmp_path
     assert trained["model"] == "cli-sent:1" and "test" in trained["metrics"]
     evaluated = json.loads(llmos(*address, "--json", "evaluate", "cli-sent", "--path",
                                  str(data)).stdout)
-    assert evaluated["rows"] == 10 and len(evaluated["confusion"]) == 2
+    assert evaluated["rows"] == 100 and evaluated["split"] == "all"  # the whole file
+    assert len(evaluated["confusion"]) == 2
     home = tmp_path / "home"
     env = {"LLMOS_HOME": str(home)}
     assert "kernel key" in llmos("keys", "create", "--client", "carol", env=env).stdout

@@ -93,8 +93,12 @@ def test_gate_verdicts():
 def test_an_update_learns_the_new_domain_is_gated_and_promoted(kernel):
     with kernel.client() as client:
         client.learn("films", examples("medicine", 120, 1))
-        result = client.update("films", method="lora",
-                               params={"learning_rate": 5e-3, "epochs": 16.0, "rank": 8})
+        # the medicine words are new to the tiny model's random embeddings: the adapter
+        # covers the word embeddings too (on the Linear layers alone the held-out score
+        # hung on the film model's last few steps: 0.58-0.75)
+        result = client.update("films", method="lora", params={
+            "learning_rate": 5e-3, "epochs": 16.0, "rank": 8,
+            "targets": ["word_embeddings", "query", "key", "value", "dense"]})
         report = result["report"]
         assert result["passed"] and result["promoted"], result["reason"]
         assert report["candidate"]["new"] > report["current"]["new"]

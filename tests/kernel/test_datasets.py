@@ -18,3 +18,9 @@ def test_a_source_test_file_is_the_test_split_for_every_seed():
         # the package's two files share one review text; no row is in two splits
         assert len(set(parts["test"]) & set(parts["train"] + parts["validation"])) == 1
     assert drugs.split("train", 0) != drugs.split("train", 1)
+
+
+def test_all_is_every_row_in_the_sources_order():
+    reviews = datasets.load("reviews")
+    assert reviews.split(datasets.ALL, 3) == (reviews.texts, reviews.targets)
+    assert len(reviews.split("test")[0]) < len(reviews.texts)
