@@ -69,6 +69,35 @@ _arrivals = itertools.count()
 log = logging.getLogger("llmos.generation")
 
 
+#: Sampling when neither the request nor the model's generation config says: a cooler
+#: temperature and a nucleus than plain sampling (1.0, 1.0), on which small chat models
+#: wander off the question (the llama.cpp server and Ollama default near these too).
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """The temperature and top_p a request that leaves them out gets, and where they come
+    from (``model``: the model's generation_config.json; ``llmos``: the constants above)."""
+
+    temperature: float
+    top_p: float
+    source: str
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> SamplingDefaults:
+        """The model's own sampling settings when its generation config sets any (greedy
+        when it says ``do_sample: false`` explicitly), else DEFAULT_TEMPERATURE/TOP_P."""
+        config = getattr(model, "generation_config", None)
+        given = config.to_diff_dict() if config is not None else {}
+        if "do_sample" in given and not given["do_sample"]:
+            return cls(0.0, 1.0, "model")
+        if "temperature" in given or "top_p" in given:
+            return cls(float(given.get("temperature", 1.0)), float(given.get("top_p", 1.0)),
+                       "model")
+        return cls(DEFAULT_TEMPERATURE, DEFAULT_TOP_P, "llmos")
+
+
 @dataclass(frozen=True, slots=True)
 class Sampling:
     """How to pick tokens. ``temperature`` 0 is greedy decoding."""
@@ -150,6 +179,7 @@ class GenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.sampling_defaults = SamplingDefaults.of(model)
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -167,12 +197,15 @@ class GenerationEngine:
     # --- requests -----------------------------------------------------------------------
 
     def prepare(self, seq_id: int, request: dict[str, Any]) -> Sequence:
-        """A sequence for ``request`` (``prompt`` or chat ``messages``, sampling options);
+        """A sequence for ``request`` (``prompt`` or chat ``messages``, sampling options;
+        a temperature or top_p left out or None is the engine's :class:`SamplingDefaults`);
         KernelError(BAD_REQUEST) for an empty prompt, bad messages or too long a prompt."""
+        temperature, top_p = request.get("temperature"), request.get("top_p")
         sampling = Sampling(
             max_tokens=int(request.get("max_tokens") or 16),
-            temperature=float(request.get("temperature", 1.0)),
-            top_p=float(request.get("top_p", 1.0)),
+            temperature=float(self.sampling_defaults.temperature if temperature is None
+                              else temperature),
+            top_p=float(self.sampling_defaults.top_p if top_p is None else top_p),
             stop=tuple(s for s in request.get("stop") or () if s),
             seed=request.get("seed"),
             ignore_eos=bool(request.get("ignore_eos", False)),
@@ -506,7 +539,9 @@ class GenerationEngine:
                 "prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.generated),
                 "cached_tokens": seq.cached,
                 "preemptions": seq.preemptions, "cpu_seconds": seq.cpu_seconds,
-                "time_to_first_token": ttft}
+                "time_to_first_token": ttft,
+                "sampling": {"temperature": seq.sampling.temperature,
+                             "top_p": seq.sampling.top_p}}
 
     @staticmethod
     def _charge(seqs: list[Sequence], started: float) -> None:

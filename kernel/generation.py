@@ -193,6 +193,7 @@ class Generation(JobKind):
                       "cached_tokens": int(event.get("cached_tokens", 0))},
             "preemptions": int(event.get("preemptions", 0)),
             "time_to_first_token": event.get("time_to_first_token"),
+            "sampling": event.get("sampling"),
         })
 
     def _stop(self, job: Job) -> None:

@@ -49,8 +49,10 @@ BUILTIN_COMMANDS: tuple[Command, ...] = (
             "first values of each vector.", _H + "embed", (_MODEL, *_TEXTS, *JOB_OPTIONS)),
     Command("classify", "Classify texts (the words, or one text a line from --file).",
             _H + "classify", (_MODEL, *_TEXTS, *JOB_OPTIONS)),
-    Command("chat", "Ask a generative model (e.g. smollm2) and stream its answer; without a "
-            "PROMPT, chat turn by turn until an empty line.", _H + "chat",
+    Command("chat", "Ask a generative model (e.g. smollm2) and stream its answer (at most "
+            "128 tokens unless --max-tokens; sampling from the model's generation config, "
+            "else temperature 0.7, top_p 0.9), then an end line; without a PROMPT, chat turn "
+            "by turn until an empty line. Ctrl-C stops the answer.", _H + "chat",
             (_MODEL, Param("prompt", many=True, metavar="PROMPT"),
              Param("system", option=True, metavar="TEXT"),
              Param("max_tokens", "int", option=True, metavar="N"),

@@ -57,34 +57,48 @@ def _texts(command: str, args: Args) -> list[str]:
     return texts
 
 
+#: The chat command's answer length when --max-tokens is not given: a short answer first
+#: (the syscall's own default, 256, is for programs).
+CHAT_MAX_TOKENS = 128
+
+
 def chat(context: ShellContext, args: Args) -> Output:
-    """Stream the answer to PROMPT; with no PROMPT, one turn per line read until a blank
-    one (the conversation is kept). Ctrl-C cancels the answer being generated."""
+    """Stream the answer to PROMPT, then an end line on stderr (tokens, tokens/s, time to
+    first token, finish reason); with no PROMPT, one turn per line read until a blank one
+    or end of input (the conversation is kept). Ctrl-C stops the answer being generated
+    (the job is cancelled): a one-shot chat ends, a conversation returns to its prompt;
+    Ctrl-C at the prompt leaves the conversation."""
     messages = [{"role": "system", "content": args["system"]}] if args["system"] else []
-    options = {**_model(args), "max_tokens": args["max_tokens"],
+    options = {**_model(args), "max_tokens": args["max_tokens"] or CHAT_MAX_TOKENS,
                "temperature": args["temperature"], "top_p": args["top_p"],
                "stop": [args["stop"]] if args["stop"] else None, "seed": args["seed"],
                "ignore_eos": args["ignore_eos"] or None}
-    prompt = " ".join(args["prompt"])
+    if args["prompt"]:
+        return Output(data=_stream_answer(context, {**options, "messages": messages + [
+            {"role": "user", "content": " ".join(args["prompt"])}]}))
     result: dict[str, Any] = {}
     while True:
-        if not prompt:
-            try:
-                prompt = input("you> ").strip()
-            except EOFError:
-                prompt = ""
-            if not prompt:
-                break
-        messages.append({"role": "user", "content": prompt})
-        result = _stream_answer(context, {**options, "messages": messages})
-        messages.append({"role": "assistant", "content": result["text"]})
-        if args["prompt"]:
+        try:
+            prompt = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            render.stream("\n")
             break
-        prompt = ""
+        if not prompt:
+            break
+        messages.append({"role": "user", "content": prompt})
+        try:
+            result = _stream_answer(context, {**options, "messages": messages})
+        except KeyboardInterrupt:  # the answer was stopped: ask again
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": result["text"]})
     return Output(data=result or None)
 
 
 def _stream_answer(context: ShellContext, args: dict[str, Any]) -> dict[str, Any]:
+    """Submit the generation, print its tokens as they come and its end line; on Ctrl-C
+    cancel the job, print where it stopped and re-raise KeyboardInterrupt."""
+    started = time.monotonic()
     pending = context.client.submit("generate", {k: v for k, v in args.items() if v is not None},
                                     events=True)
     try:
@@ -94,9 +108,11 @@ def _stream_answer(context: ShellContext, args: dict[str, Any]) -> dict[str, Any
     except KeyboardInterrupt:
         context.client.cancel(pending.job_id())
         render.stream("\n")
+        render.note("[stopped: the answer was cancelled]")
         raise
     result = pending.result()
     render.stream("\n")
+    render.note(views.generation_end(result, time.monotonic() - started))
     return result
 
 

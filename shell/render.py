@@ -76,6 +76,12 @@ def stream(text: str) -> None:
     sys.stdout.flush()
 
 
+def note(text: str) -> None:
+    """A dim line on stderr: what a result says about itself (e.g. a generation's end line),
+    kept out of stdout so the answer itself can be piped."""
+    errors.print(text, style="dim", markup=False, highlight=False, soft_wrap=True)
+
+
 def progress(text: str) -> None:
     """Replace the progress line on stderr (terminals only)."""
     if errors.is_terminal:

@@ -168,6 +168,18 @@ def classified(texts: Sequence[str], result: dict[str, Any]) -> Output:
                   for t, p in zip(texts, result["predictions"], strict=True)], data=result)
 
 
+def generation_end(result: Mapping[str, Any], seconds: float) -> str:
+    """A generation's end line: completion tokens, their rate over ``seconds`` (submit to
+    result, as the user waited), the time to the first token and the finish reason, e.g.
+    ``[42 tokens in 3.1 s, 13.5 tokens/s, first token 0.42 s, finished: stop]``."""
+    tokens = int(result["usage"]["completion_tokens"])
+    rate = f"{tokens / seconds:.1f} tokens/s" if seconds > 0 else "- tokens/s"
+    first = result.get("time_to_first_token")
+    first_text = "-" if first is None else f"{first:.2f} s"
+    return (f"[{tokens} tokens in {seconds:.1f} s, {rate}, first token {first_text}, "
+            f"finished: {result['finish_reason']}]")
+
+
 def cancelled(summary: dict[str, Any]) -> Output:
     return message(f"job {summary['id']} cancelled", summary)
 

@@ -188,3 +188,26 @@ def test_ps_shows_a_running_training_job_and_kill_ends_it(terminal, shell_kernel
                  "train minilm reviews --name pty-train --limit 2000 --quantum 0.5",
                  "train", "RUNNING|QUEUED")
     terminal.expect(PROMPT)
+
+
+def test_ctrl_c_stops_a_chat_answer_and_the_conversation_goes_on(chat_kernel, home):
+    child = spawn(chat_kernel, home)
+    child.sendline("chat smollm2 --ignore-eos --max-tokens 1000")
+    child.expect("you>")
+    child.sendline("Count from one to one thousand in words.")
+    with chat_kernel.client() as client:
+        deadline = time.monotonic() + WAIT
+        while not any(j["syscall"] == "generate" and j["state"] == "RUNNING"
+                      for j in client.jobs(finished=False)):
+            assert time.monotonic() < deadline, "the chat's generation never ran"
+            time.sleep(0.05)
+        (job,) = [j for j in client.jobs(finished=False) if j["syscall"] == "generate"]
+    child.sendintr()
+    child.expect(r"\[stopped: the answer was cancelled\]")
+    child.expect("you>")  # still in the conversation
+    assert state_of(chat_kernel, job["id"]) == "CANCELLED"
+    child.sendline("")  # an empty line leaves it
+    child.expect(PROMPT)
+    child.sendline("quit")
+    child.expect(pexpect.EOF, timeout=WAIT)
+    assert child.process.wait(WAIT) == 0
