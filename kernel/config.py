@@ -75,6 +75,9 @@ class KernelConfig:
     start_timeout: float = 180.0
     #: CURVE encryption and key allowlist on the client socket (forced beyond loopback).
     curve: bool = False
+    #: Load again at start what was loaded when the kernel last stopped (kept in the
+    #: registry's ``placements`` table).
+    restore: bool = True
     #: Start an ``update`` of a classifier once this many feedback examples arrived since
     #: its last one (0: only on request).
     update_after: int = 0

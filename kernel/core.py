@@ -146,6 +146,8 @@ class KernelCore:
         checked_at = 0.0
         try:
             self._start_devices()
+            if self.config.restore:
+                self.models.restore()
             self.training.resume_journalled()
             while not self.stop_requested.is_set():
                 timeout = IDLE_POLL if self._kernel_task is None else 0.01
@@ -376,6 +378,7 @@ class KernelCore:
                           str(body.get("message", "driver error")))
             if task.op == TaskOp.LOAD:
                 host.wanted.pop(task.payload.get("handle", ""), None)
+                self.models.remember(host, task.payload.get("handle", ""))
                 self.fail_orphans()
             return
         if task.op in (TaskOp.LOAD, TaskOp.UNLOAD):  # also the reloads of a restarted host

@@ -247,15 +247,49 @@ class ModelOps(JobKind):
             host.wanted[handle] = {"path": payload["path"], "memory": payload["memory"],
                                    "options": {k: v for k, v in payload["options"].items()
                                                if k != "tune"}}
+            self.remember(host, handle)
             if timings:
                 self.core.costs.record(handle, host.name, timings)
                 self._save_tuning(host, handle, payload["options"]["precision"], timings)
         else:
             host.loaded.pop(handle, None)
             host.wanted.pop(handle, None)
+            self.remember(host, handle)
             self.core.costs.forget(handle, host.name)
             self.core.fail_orphans()
             self.parallel.retire_host(host, handle)
+
+    def remember(self, host: DeviceHost, handle: str) -> None:
+        """Record in the registry whether ``handle`` is wanted on ``host`` (a restarted
+        kernel loads it there again, :meth:`restore`). The record is a convenience: if it
+        cannot be written (a full disk), the load or unload still stands."""
+        try:
+            if handle in host.wanted and not host.role:
+                self.core.registry.save_placement(host.name, handle, host.wanted[handle])
+            else:
+                self.core.registry.drop_placement(host.name, handle)
+        except KernelError as exc:
+            log.warning("placement of %s on %s not recorded: %s", handle, host.name, exc.message)
+
+    def restore(self) -> None:
+        """At start: every host wants again what it had loaded when the kernel stopped (the
+        loads are sent when the host is ready). A version gone from the registry, or whose
+        files moved, is forgotten; a host not started this time keeps its record."""
+        hosts = self.core.hosts()
+        for name, wanted in self.core.registry.placements().items():
+            if name not in hosts:
+                continue
+            for handle, payload in wanted.items():
+                model, _, number = handle.rpartition(":")
+                try:
+                    version = self.core.registry.resolve(model, int(number))
+                except (KernelError, ValueError):
+                    version = None
+                if version is None or str(version.path) != payload["path"]:
+                    self.remember(hosts[name], handle)  # not wanted: dropped
+                    continue
+                hosts[name].wanted[handle] = payload
+                log.info("reloading %s on %s (loaded when the kernel stopped)", handle, name)
 
     def advance(self, job: Job) -> bool:
         """A placement job (load, unload, promote, rollback) is done on its current host:

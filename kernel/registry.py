@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS journal (
     state TEXT NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS placements (
+    host TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    wanted TEXT NOT NULL,
+    PRIMARY KEY (host, handle)
+);
 CREATE TABLE IF NOT EXISTS tuning (
     model TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -441,6 +447,27 @@ class Registry:
                 "SELECT host, timings FROM tuning WHERE model = ? AND version = ? AND machine = ?",
                 (version.model, version.version, machine)).fetchall()
         return {host: json.loads(timings) for host, timings in rows}
+
+    def save_placement(self, host: str, handle: str, wanted: dict[str, Any]) -> None:
+        """Remember that ``handle`` is loaded on ``host`` (path, memory, load options), so a
+        restarted kernel loads it there again; KernelError(INTERNAL) if it cannot be written."""
+        with self._lock, self._writing(f"the placement of {handle} on {host}"):
+            self._db.execute("INSERT OR REPLACE INTO placements VALUES (?, ?, ?)",
+                             (host, handle, json.dumps(wanted)))
+
+    def drop_placement(self, host: str, handle: str) -> None:
+        """Forget ``handle`` on ``host`` (unloaded, or its load failed)."""
+        with self._lock, self._writing(f"the placement of {handle} on {host}"):
+            self._db.execute("DELETE FROM placements WHERE host = ? AND handle = ?", (host, handle))
+
+    def placements(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Host name -> handle -> what its load asked for (see :meth:`save_placement`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT host, handle, wanted FROM placements").fetchall()
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for host, handle, wanted in rows:
+            out.setdefault(host, {})[handle] = json.loads(wanted)
+        return out
 
     # --- internals --------------------------------------------------------------------
 

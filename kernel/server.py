@@ -345,6 +345,9 @@ def add_kernel_options(parser: Any) -> None:
                         help="update a classifier from its feedback every N new examples")
     parser.add_argument("--curve", action="store_true",
                         help="require CURVE keys from the allowlist (forced beyond loopback)")
+    parser.add_argument("--no-restore", dest="restore", action="store_false",
+                        help="start with nothing loaded (by default the models loaded when "
+                             "the kernel last stopped are loaded again)")
 
 
 def kernel_argv(args: Any) -> list[str]:
@@ -361,6 +364,8 @@ def kernel_argv(args: Any) -> list[str]:
         argv += ["--memory-budget-mb", str(args.memory_budget_mb)]
     if args.curve:
         argv.append("--curve")
+    if not args.restore:
+        argv.append("--no-restore")
     return argv + (["--listen", args.listen] if args.listen else [])
 
 
@@ -387,5 +392,5 @@ def config_from_args(args: Any) -> KernelConfig:
         max_bytes_per_client=args.max_mb_per_client * 2**20,
         batching=batching_from_args(args),
         memory_budget=args.memory_budget_mb * 2**20 if args.memory_budget_mb else None,
-        curve=args.curve, update_after=args.update_after,
+        curve=args.curve, update_after=args.update_after, restore=args.restore,
     )

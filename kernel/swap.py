@@ -5,8 +5,10 @@ The new version is loaded where the serving one is (a placement job that visits 
 hosts one after another, like ``load``), then the serving pointer switches (new requests
 go to the new version), and the old version is unloaded once no job that was routed to it
 is left. ``rollback`` swaps back to the version that served before, popping the serving
-history instead of pushing onto it. An update that passes its gate promotes through here
-(kernel/updates.py).
+history instead of pushing onto it. A swap back to a version loads it on every host it
+served on when it was replaced (in this kernel's lifetime), not only where its replacement
+could run (an OpenVINO-only int8 graph). An update that passes its gate promotes through
+here (kernel/updates.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class VersionSwap(JobKind):
         self.models = models
         #: Versions replaced by a swap, unloaded once no job routed to them is left.
         self._retiring: set[str] = set()
+        #: Where each replaced version served (host names) when it was replaced: swapping
+        #: back to it loads it there again, not only where its replacement could run.
+        self._served_on: dict[str, list[str]] = {}
 
     def handlers(self) -> dict[str, Handler]:
         return {"promote": self.promote, "rollback": self._rollback}
@@ -85,13 +90,15 @@ class VersionSwap(JobKind):
         if not serving:  # nothing loaded to swap: only the pointer moves
             self._serve(new, rollback)
             return {"model": new.ref, "previous": current.ref, "devices": []}
+        before = set(self._served_on.get(new.ref, ()))
+        wanted = serving + [h for h in hosts if h.name in before and h not in serving]
         allowed = drivers_of(new)
-        targets = [h for h in serving if allowed is None or h.spec.name in allowed]
+        targets = [h for h in wanted if allowed is None or h.spec.name in allowed]
         targets = targets or serving_hosts(new, hosts)
         todo = [h for h in targets if new.ref not in h.wanted]
         if not todo:  # already loaded there: switch now
             self._serve(new, rollback)
-            self._retiring.add(current.ref)
+            self._replaced(current.ref, serving)
             self.retire()
             return {**self.models.placements(new.ref, targets), "previous": current.ref}
         return self.core.admit(
@@ -116,11 +123,18 @@ class VersionSwap(JobKind):
         except KernelError as exc:
             self.core.fail(job, JobState.FAILED, exc.code, exc.message)
             return
-        self._retiring.add(job.args["previous"])
         hosts = self.core.hosts()
+        previous = job.args["previous"]
+        self._replaced(previous, [h for h in hosts.values() if previous in h.wanted])
         placed = self.models.placements(job.args["handle"], [hosts[n] for n in job.args["done"]])
         self.core.finish(job, {**placed, "previous": job.args["previous"]})
         self.retire()
+
+    def _replaced(self, handle: str, served_on: list[DeviceHost]) -> None:
+        """``handle`` no longer serves: remember its hosts and retire it."""
+        self._served_on[handle] = [h.name for h in served_on]
+        self._served_on.pop(self.core.registry.resolve(handle.rpartition(":")[0]).ref, None)
+        self._retiring.add(handle)
 
     def retire(self) -> None:
         """Unload retired versions that no unfinished job was routed to."""

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmos.contract.protocol import ErrorCode, KernelError
-from llmos.contract.syscalls import MAX_FEEDBACK
+from llmos.contract.syscalls import MAX_FEEDBACK, MAX_INPUTS_PER_JOB
 from llmos.data import parse_rows
 
 from . import render, views
@@ -208,15 +211,54 @@ def export(context: ShellContext, args: Args) -> JobRequest:
     return JobRequest("export", {**_model(args), "format": args["format"]}, views.exported)
 
 
-def embed(context: ShellContext, args: Args) -> JobRequest:
-    return JobRequest("infer", {**_model(args), "task": "embed", "inputs": _texts("embed", args)},
-                      views.embedded)
+def embed(context: ShellContext, args: Args) -> JobRequest | Output:
+    return _infer(context, args, "embed", _texts("embed", args), views.embedded)
 
 
-def classify(context: ShellContext, args: Args) -> JobRequest:
+def classify(context: ShellContext, args: Args) -> JobRequest | Output:
     texts = _texts("classify", args)
-    return JobRequest("infer", {**_model(args), "task": "classify", "inputs": texts},
-                      lambda result: views.classified(texts, result))
+    return _infer(context, args, "classify", texts,
+                  lambda result: views.classified(texts, result))
+
+
+def _infer(context: ShellContext, args: Args, task: str, texts: list[str],
+           present: Callable[[dict[str, Any]], Output]) -> JobRequest | Output:
+    """One ``infer`` job for up to MAX_INPUTS_PER_JOB texts (job control applies); more
+    (a long --file) run as consecutive jobs of that many, in the foreground with a progress
+    line, and their results are joined in order."""
+    request = {**_model(args), "task": task}
+    if len(texts) <= MAX_INPUTS_PER_JOB:
+        return JobRequest("infer", {**request, "inputs": texts}, present)
+    parts: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(texts), MAX_INPUTS_PER_JOB):
+            render.progress(f"{task}: {start}/{len(texts)} texts")
+            pending = context.client.submit(
+                "infer", {**request, "inputs": texts[start:start + MAX_INPUTS_PER_JOB]})
+            try:
+                parts.append(pending.result())
+            except KeyboardInterrupt:
+                context.client.cancel(pending.job_id())
+                raise
+    finally:
+        render.end_progress()
+    return present(join_results(parts))
+
+
+def join_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """``infer`` results of consecutive slices of the inputs as one: arrays concatenated
+    along the rows, ``predictions`` in order, ``tokens`` summed, the rest from the first."""
+    joined = dict(parts[0])
+    for key, value in parts[0].items():
+        if isinstance(value, np.ndarray):
+            joined[key] = np.concatenate([part[key] for part in parts])
+        elif key == "predictions":
+            joined[key] = [row for part in parts for row in part[key]]
+        elif key == "tokens":
+            joined[key] = sum(int(part[key] or 0) for part in parts)
+    joined.pop("job", None)
+    joined["jobs"] = [part.get("job") for part in parts]
+    return joined
 
 
 def datasets(context: ShellContext, args: Args) -> Output:

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from llmos.kernel.sources import _minilm_path
 from llmos.kernel.testing import build_tiny_classifier
 from tests.shell.conftest import run_shell as shell
@@ -33,6 +35,18 @@ def test_json_output_parses(minilm_kernel):
     assert any(m["model"] == "minilm" and m["loaded_on"] for m in models)
     jobs = json.loads(shell(minilm_kernel, "--json", "-c", "ps --all").stdout)
     assert any(j["syscall"] == "infer" and j["state"] == "DONE" for j in jobs)
+
+
+def test_a_file_longer_than_one_job_is_embedded_in_batches_in_order(minilm_kernel, tmp_path):
+    lines = [f"review number {i}: {'great' if i % 2 else 'dull'} film" for i in range(600)]
+    (tmp_path / "big.txt").write_text("\n".join(lines))
+    result = shell(minilm_kernel, "--json", "-c", f"embed minilm --file {tmp_path / 'big.txt'}")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert len(data["embeddings"]) == 600 and len(data["jobs"]) == 3  # 256 + 256 + 88
+    single = json.loads(shell(minilm_kernel, "--json", "-c",
+                              f"embed minilm {json.dumps(lines[599])}").stdout)
+    assert data["embeddings"][599] == pytest.approx(single["embeddings"][0], abs=1e-4)
 
 
 def test_a_kernel_error_is_one_line_with_the_code_and_a_nonzero_status(minilm_kernel):
