@@ -42,9 +42,60 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], dat
                   tables=(Table(title, tuple(columns), tuple(tuple(r) for r in rows)),))
 
 
+#: Keys whose values are byte counts, or durations in seconds (shown as such by mapping).
+_BYTE_KEYS = ("rss", "memory", "bytes", "max_message_bytes")
+_SECOND_KEYS = ("uptime", "seconds", "max_queue_delay")
+
+
+def duration(seconds: float) -> str:
+    """``3725.0`` -> ``1h 2m 5s``; under a minute with one decimal (``4.2s``)."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    return " ".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
+
+
+def humane(key: str, value: Any) -> str:
+    """A value as a person reads it: byte counts in KiB/MiB/GiB, durations in h/m/s, times
+    (``*_at``) as local time and age, floats to 4 significant digits, empty maps and lists
+    as ``-``; ``key`` (its last dotted part) says which unit applies."""
+    name = key.rpartition(".")[2]
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value).lower()
+    if isinstance(value, int | float) and name.endswith(_BYTE_KEYS):
+        return human_bytes(value)
+    if isinstance(value, int | float) and name.endswith(_SECOND_KEYS):
+        return duration(float(value))
+    if isinstance(value, int | float) and name.endswith("_at"):  # Unix time
+        moment = datetime.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="seconds")
+        return f"{moment} ({age(value)} ago)"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value) if value != {} else "-"
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested maps as dotted keys (``devices.torch:cpu.rss``), in key order."""
+    rows: list[tuple[str, Any]] = []
+    for key in sorted(data, key=str):
+        value, name = data[key], f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            rows += _flat(value, f"{name}.")
+        else:
+            rows.append((name, value))
+    return rows
+
+
 def mapping(title: str, data: Mapping[str, Any]) -> Output:
-    """A KEY/VALUE table of a map, keys sorted."""
-    return table(title, ("KEY", "VALUE"), sorted(data.items()), data=dict(data))
+    """A KEY/VALUE table of a map: nested maps flattened to dotted keys, sorted, values in
+    humane units (:func:`humane`); ``data`` keeps the raw map for --json."""
+    return table(title, ("KEY", "VALUE"), [(k, humane(k, v)) for k, v in _flat(data)],
+                 data=dict(data))
 
 
 def message(text: str, data: Any = None) -> Output:
