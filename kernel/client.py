@@ -5,12 +5,20 @@ Both speak the wire protocol over one DEALER socket and expose one method per sy
 one client; replies are matched to requests by id. Errors are raised as
 :class:`~llmos.contract.protocol.KernelError` with the kernel's code; a kernel that does not
 answer in time raises KernelError(TIMEOUT).
+
+A client connects lazily: before its first request it checks that a kernel answers (see
+:meth:`Client._handshake`), so a missing kernel or a wrong address is one clear TIMEOUT
+error (:func:`no_kernel`) within :data:`CONNECT_TIMEOUT`, not a wait of the request's whole
+timeout. Once a kernel has answered, each request waits as long as its own timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
+import re
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -35,6 +43,65 @@ from llmos.contract.protocol import (
 from .config import default_address
 
 DEFAULT_TIMEOUT = 300.0
+#: The longest a client waits before its first request to learn whether a kernel answers
+#: (never longer than the client's own ``timeout``).
+CONNECT_TIMEOUT = 2.0
+#: What to run when no kernel answers: the end of every :func:`no_kernel` error.
+NO_KERNEL_HINT = ("start one with `llmos kernel start --detach`, or name the running one "
+                  "with --address or LLMOS_ADDRESS")
+
+
+def no_kernel(address: str, why: str) -> KernelError:
+    """The error a client raises when no kernel answers at ``address``: TIMEOUT (as for any
+    request that gets no reply), saying ``why`` and what to run."""
+    return KernelError(ErrorCode.TIMEOUT, f"no kernel answers at {address} ({why}): "
+                                          f"{NO_KERNEL_HINT}")
+
+
+#: A ``tcp://HOST:PORT`` address (HOST a name, an IPv4 address or a bracketed IPv6 one).
+_TCP_ADDRESS = re.compile(r"tcp://(\[[^\]]+\]|[^:;/\[\]]+):(\d+)")
+
+
+def check_listening(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """That something accepts connections at ``address`` (an ipc socket file, or the port
+    of ``tcp://HOST:PORT``; other forms are not checked): one connect within ``timeout``
+    seconds, closed at once, no message sent. :func:`no_kernel` if there is no socket file,
+    nothing listens (a stale file, a closed port), the host is unknown or does not answer;
+    KernelError(DENIED) if this user may not connect to the socket file."""
+    try:
+        _connect_once(address, timeout)
+    except FileNotFoundError:
+        raise no_kernel(address, "no socket file there") from None
+    except ConnectionRefusedError:
+        why = "a stale socket file: nothing listens on it" if address.startswith("ipc://") \
+            else "nothing listens on that port"
+        raise no_kernel(address, why) from None
+    except PermissionError:
+        raise KernelError(ErrorCode.DENIED, f"may not connect to the kernel at {address} "
+                          "(its socket belongs to another user)") from None
+    except TimeoutError:
+        raise no_kernel(address, f"no connection within {timeout:g} s") from None
+    except OSError as exc:
+        raise no_kernel(address, exc.strerror or type(exc).__name__) from None
+
+
+def _connect_once(address: str, timeout: float) -> None:
+    """Connect to ``address``'s socket and close it (nothing for a form not checked);
+    OSError as the connect raised it."""
+    if address.startswith("ipc://"):
+        path = address[len("ipc://"):]
+        target = "\0" + path[1:] if path.startswith("@") else path  # @NAME: Linux's abstract names
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(timeout)
+            probe.connect(target)
+    elif match := _TCP_ADDRESS.fullmatch(address):
+        socket.create_connection((match[1].strip("[]"), int(match[2])), timeout).close()
+
+
+def _silence(limit: float, secure: bool) -> str:
+    """Why a handshake ``ping`` got no reply within ``limit`` seconds, for :func:`no_kernel`."""
+    curve = "; or the kernel refused this client's CURVE key" if secure else ""
+    return f"no answer to ping within {limit:g} s{curve}"
 
 
 def unpack_result(reply: Message) -> dict[str, Any]:
@@ -297,14 +364,21 @@ class CurveKeys:
 
 
 def _dealer(ctx: zmq.Context, address: str, curve: CurveKeys | None) -> zmq.Socket:
-    socket = ctx.socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.SNDHWM, 0)
-    socket.setsockopt(zmq.RCVHWM, 0)
+    """A DEALER connected (lazily, as ZeroMQ does) to ``address``; KernelError(BAD_REQUEST)
+    if ZeroMQ cannot parse the address."""
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.SNDHWM, 0)
+    dealer.setsockopt(zmq.RCVHWM, 0)
     if curve is not None:
-        curve.apply(socket)
-    socket.connect(address)
-    return socket
+        curve.apply(dealer)
+    try:
+        dealer.connect(address)
+    except zmq.ZMQError as exc:
+        dealer.close()
+        raise KernelError(ErrorCode.BAD_REQUEST, f"cannot connect to {address!r} ({exc}): a "
+                          "kernel address is ipc://PATH or tcp://HOST:PORT") from None
+    return dealer
 
 
 def _clean(args: dict[str, Any]) -> dict[str, Any]:
@@ -312,7 +386,15 @@ def _clean(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _client_name(name: str | None) -> str:
-    return name or f"{os.environ.get('USER', 'user')}-{os.getpid()}"
+    """``name``, else the OS user's name: one owner per person for `ps --owner`, per-owner
+    limits and the audit log, however many commands they run (a CURVE kernel names the
+    owner by key instead)."""
+    if name:
+        return name
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid
+        return f"uid-{os.getuid()}"
 
 
 class Pending:
@@ -372,9 +454,13 @@ class Client(_Syscalls):
         self.address = address or default_address()
         self.name = _client_name(name)
         self.timeout = timeout
-        self._socket = _dealer(zmq.Context.instance(), self.address, curve or CurveKeys.from_env())
+        keys = curve or CurveKeys.from_env()
+        self._secure = keys is not None
+        self._socket = _dealer(zmq.Context.instance(), self.address, keys)
         self._replies: dict[str, Message] = {}
         self._events: dict[str, list[Message]] = defaultdict(list)
+        #: Whether a kernel has answered the handshake (:meth:`_handshake`).
+        self._connected = False
 
     def close(self) -> None:
         self._socket.close()
@@ -386,11 +472,34 @@ class Client(_Syscalls):
         self.close()
 
     def submit(self, syscall: str, args: dict[str, Any], *, events: bool = False) -> Pending:
-        """Send a request without waiting; collect it with the returned :class:`Pending`."""
+        """Send a request without waiting; collect it with the returned :class:`Pending`.
+        The first one is sent only once a kernel answers (:meth:`_handshake`)."""
+        if not self._connected:
+            self._handshake()
         msg_id = new_id()
         self._socket.send_multipart(
             encode_request(syscall, _clean(args), client=self.name, msg_id=msg_id, events=events))
         return Pending(self, msg_id, syscall)
+
+    def _handshake(self) -> None:
+        """Make sure a kernel answers before the first request, within
+        :data:`CONNECT_TIMEOUT` (at most ``self.timeout``) in all: something listens at the
+        address (:func:`check_listening`: no message sent), which on ipc is enough; on tcp,
+        one ``ping`` answered too (any reply counts, even an error). :func:`no_kernel`
+        otherwise. Tried again before the next request until a kernel has answered."""
+        budget = min(CONNECT_TIMEOUT, self.timeout)
+        deadline = time.monotonic() + budget
+        check_listening(self.address, budget)
+        if not self.address.startswith("ipc://"):
+            msg_id = new_id()
+            self._socket.send_multipart(encode_request("ping", {}, client=self.name, msg_id=msg_id))
+            try:
+                self._wait_reply(msg_id, deadline - time.monotonic())
+            except KernelError as exc:
+                if exc.code is not ErrorCode.TIMEOUT:
+                    raise
+                raise no_kernel(self.address, _silence(budget, self._secure)) from None
+        self._connected = True
 
     def _call(self, syscall: str, args: dict[str, Any],
               shape: Callable[[dict[str, Any]], Any] = _identity,
@@ -445,10 +554,13 @@ class AsyncClient(_Syscalls):
         self.address = address or default_address()
         self.name = _client_name(name)
         self.timeout = timeout
-        self._socket = _dealer(zmq.asyncio.Context.instance(), self.address,
-                               curve or CurveKeys.from_env())
+        keys = curve or CurveKeys.from_env()
+        self._secure = keys is not None
+        self._socket = _dealer(zmq.asyncio.Context.instance(), self.address, keys)
         self._waiting: dict[str, asyncio.Future[Message]] = {}
         self._reader: asyncio.Task[None] | None = None
+        #: Whether a kernel has answered the handshake (:meth:`_handshake`).
+        self._connected = False
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -464,6 +576,31 @@ class AsyncClient(_Syscalls):
     async def _call(self, syscall: str, args: dict[str, Any],  # type: ignore[override]
                     shape: Callable[[dict[str, Any]], Any] = _identity,
                     timeout: float | None = None) -> Any:
+        if not self._connected:
+            await self._handshake()
+        reply = await self._exchange(syscall, args, self.timeout if timeout is None else timeout)
+        return shape(unpack_result(reply))
+
+    async def _handshake(self) -> None:
+        """As :meth:`Client._handshake`: something listens at the address and, on tcp, a
+        ``ping`` is answered, within :data:`CONNECT_TIMEOUT` (at most ``self.timeout``) in
+        all; :func:`no_kernel` otherwise."""
+        budget = min(CONNECT_TIMEOUT, self.timeout)
+        deadline = time.monotonic() + budget
+        # The connect may wait for a remote host: off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, check_listening, self.address, budget)
+        if not self.address.startswith("ipc://"):
+            try:
+                await self._exchange("ping", {}, deadline - time.monotonic())
+            except KernelError as exc:
+                if exc.code is not ErrorCode.TIMEOUT:
+                    raise
+                raise no_kernel(self.address, _silence(budget, self._secure)) from None
+        self._connected = True
+
+    async def _exchange(self, syscall: str, args: dict[str, Any], limit: float) -> Message:
+        """Send one request and return its reply (ok or error), waiting at most ``limit``
+        seconds; KernelError(TIMEOUT) after that."""
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read())
         msg_id = new_id()
@@ -471,15 +608,13 @@ class AsyncClient(_Syscalls):
         self._waiting[msg_id] = future
         await self._socket.send_multipart(
             encode_request(syscall, _clean(args), client=self.name, msg_id=msg_id))
-        limit = self.timeout if timeout is None else timeout
         try:
-            reply = await asyncio.wait_for(future, limit)
+            return await asyncio.wait_for(future, limit)
         except TimeoutError:
             raise KernelError(ErrorCode.TIMEOUT, f"no reply from the kernel at {self.address} "
                               f"within {limit:g} s (is it running?)") from None
         finally:
             self._waiting.pop(msg_id, None)
-        return shape(unpack_result(reply))
 
     async def _read(self) -> None:
         while True:

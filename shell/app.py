@@ -211,8 +211,7 @@ def _ensure_kernel(address: str, home: Path, interactive: bool) -> str:
         except KernelError as exc:
             if exc.code is not ErrorCode.TIMEOUT:
                 raise
-    missing = KernelError(ErrorCode.TIMEOUT, f"no kernel answers at {address} "
-                          "(start one with: llmos kernel start --detach)")
+            missing = exc  # says why and what to run
     if not interactive:
         raise missing
     try:

@@ -1,22 +1,34 @@
-"""The ``llmos`` command: kernel control and one subcommand per everyday syscall."""
+"""The ``llmos`` command: kernel control and one subcommand per everyday syscall.
+
+Its help is generated, never written per command: a subcommand that sends one syscall is
+described by that syscall's entry in :data:`~llmos.contract.syscalls.SYSCALLS`, one that
+runs a shell command (:data:`DELEGATED`) by that command's entry in the shell's command
+table, its usage and options included. ``-h``, ``--help`` and ``llmos help COMMAND`` work
+on every subcommand; a mistyped command or option gets a suggestion. Exit statuses are
+:class:`ExitStatus` (docs/shell.md has the table).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 
-from llmos import Client, CurveKeys
+from llmos import Client, CurveKeys, __version__
 from llmos.addresses import default_address, default_home, is_local
 from llmos.admin import (
     AuditLog,
@@ -28,23 +40,44 @@ from llmos.admin import (
     read_pid_file,
 )
 from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.syscalls import SYSCALLS
 
 from . import render, views
+from .commands import Command, CommandRegistry, Param
 
-#: Commands the CLI hands to the shell's command of the same name (one implementation).
-DELEGATED_HELP: dict[str, str] = {
-    "train": "fine-tune a classifier (progress bar; see `llmos train help`)",
-    "evaluate": "measure a classifier on a dataset split",
-    "datasets": "the bundled labelled datasets",
-    "chat": "ask a generative model and stream the answer (`llmos chat smollm2 'Hello'`)",
-    "serve": "the OpenAI-compatible HTTP gateway (`llmos serve --http 127.0.0.1:8000`; a plugin)",
-    "learn": "send labelled feedback to a classifier (`llmos learn MODEL --feedback FILE|-`)",
-    "update": "learn from a classifier's feedback: train, gate, promote (`llmos update MODEL`)",
-    "rollback": "serve again the version that served before the current one (hot swap)",
-    "monitor": "a model's monitoring, live (`--plot PNG`: accuracy and drift over time)",
-    "compress": "compress a classifier with a recipe, gated on accuracy",
-    "promote": "make MODEL:VERSION serve MODEL (hot swap)",
+
+class ExitStatus(enum.IntEnum):
+    """What ``llmos`` exits with (the table in docs/shell.md)."""
+
+    #: The command did what it was asked (help and ``--version`` included).
+    OK = 0
+    #: It ran, but the outcome was not reached in time: ``kernel stop`` whose kernel still
+    #: runs after ``--wait`` seconds.
+    NOT_DONE = 1
+    #: An error, printed as one line ``error CODE: message`` on stderr: a usage mistake
+    #: (BAD_REQUEST), no kernel answering (TIMEOUT), or the kernel's own error code.
+    ERROR = 2
+    #: Ctrl-C.
+    INTERRUPTED = 130
+
+
+#: Commands that run the shell command of the same name with the words that follow (one
+#: implementation); their help is that command's, from the shell's command table.
+DELEGATED: tuple[str, ...] = ("train", "evaluate", "datasets", "chat", "serve", "learn",
+                              "update", "rollback", "monitor", "compress", "promote")
+#: The syscall each syscall subcommand (words after ``llmos``) sends: its help is that
+#: syscall's documentation.
+SYSCALL_OF: dict[str, str] = {
+    "ping": "ping", "info": "info", "drivers": "drivers", "devices": "devices",
+    "stats": "stats", "jobs": "jobs", "models list": "models", "models import": "import",
+    "load": "load", "unload": "unload", "export": "export", "embed": "infer",
+    "classify": "infer", "job": "job", "cancel": "cancel", "renice": "renice",
 }
+#: Words that ask a delegated command for its help instead of running it.
+HELP_FLAGS = ("-h", "--help")
+#: Global options that take a value (their value is not a command name).
+_GLOBAL_VALUES = ("--address", "--home")
+
 
 def resolve_home(args: argparse.Namespace) -> Path:
     """--home, else LLMOS_HOME, else ~/.llmos."""
@@ -156,30 +189,23 @@ class StopOutcome(enum.Enum):
     STOPPED = "stopped"
     #: It acknowledged the shutdown but still runs when the wait ran out.
     STILL_RUNNING = "still running"
-    #: Nothing answered at the address.
-    NO_KERNEL = "no kernel"
 
 
 @dataclass(frozen=True, slots=True)
 class Stopped:
-    """The outcome of :func:`stop_kernel`; ``pid`` as the kernel reported it (None when
-    nothing answered)."""
+    """The outcome of :func:`stop_kernel`; ``pid`` as the kernel reported it."""
 
     outcome: StopOutcome
-    pid: int | None = None
+    pid: int
 
 
 def stop_kernel(address: str, wait: float = STOP_WAIT_SECONDS) -> Stopped:
     """Ask the kernel at ``address`` to shut down and wait, at most ``wait`` seconds, until
     its process has exited: the pid is the one it reports in ``info``, watched here when
-    the address is local (ipc or loopback), else until it no longer answers."""
+    the address is local (ipc or loopback), else until it no longer answers. The client's
+    KernelError(TIMEOUT) within seconds if no kernel answers there."""
     with Client(address, timeout=SHUTDOWN_SECONDS) as client:
-        try:
-            pid = int(client.submit("info", {}).result(ANSWER_SECONDS)["pid"])
-        except KernelError as exc:
-            if exc.code is ErrorCode.TIMEOUT:
-                return Stopped(StopOutcome.NO_KERNEL)
-            raise
+        pid = int(client.submit("info", {}).result(ANSWER_SECONDS)["pid"])
         client.shutdown()
     deadline = time.monotonic() + wait
     running = (lambda: _alive(pid)) if is_local(address) else (lambda: _answers(address))
@@ -208,7 +234,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start(args: argparse.Namespace) -> int:
+def _start(args: argparse.Namespace) -> ExitStatus:
     """``kernel start``: check the configuration (e.g. --curve's keys) before anything runs;
     then serve in the foreground, or spawn and report the pid that answers (--detach)."""
     config = config_from_args(args)
@@ -216,7 +242,7 @@ def _start(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         KernelServer(config).serve()
-        return 0
+        return ExitStatus.OK
     running = read_pid_file(config.home)
     if running:
         raise KernelError(ErrorCode.BUSY, f"a kernel (pid {running['pid']}) is already running "
@@ -224,24 +250,21 @@ def _start(args: argparse.Namespace) -> int:
     curve = curve_client_keys(config.home) if config.curve else None
     record = start_detached(config.home, kernel_argv(args), curve=curve)
     render.console.print(f"kernel pid {record['pid']} listening on {record['address']}")
-    return 0
+    return ExitStatus.OK
 
 
-def _stop(args: argparse.Namespace) -> int:
-    """``kernel stop``: 0 once the kernel's process has exited; 1 if none answered or it
-    still runs after ``--wait`` seconds."""
+def _stop(args: argparse.Namespace) -> ExitStatus:
+    """``kernel stop``: OK once the kernel's process has exited; NOT_DONE if it still runs
+    after ``--wait`` seconds (no kernel answering is the client's error)."""
     address = resolve_address(args)
     stopped = stop_kernel(address, wait=args.wait)
-    if stopped.outcome is StopOutcome.NO_KERNEL:
-        render.error("TIMEOUT", f"no kernel answered at {address}")
-        return 1
     if stopped.outcome is StopOutcome.STILL_RUNNING:
         render.error("TIMEOUT", f"the kernel (pid {stopped.pid}) acknowledged the shutdown but "
                      f"still runs after {args.wait:g} s (`kill {stopped.pid}` ends it)")
-        return 1
+        return ExitStatus.NOT_DONE
     render.console.print(f"kernel stopped (pid {stopped.pid} exited)" if is_local(address)
                          else f"kernel stopped (pid {stopped.pid} at {address} no longer answers)")
-    return 0
+    return ExitStatus.OK
 
 
 def _kernel(args: argparse.Namespace) -> int:
@@ -253,23 +276,22 @@ def _kernel(args: argparse.Namespace) -> int:
         try:
             return join(args.rendezvous, args.world_size, args.rank, args.ranks)
         except ValueError as exc:
-            render.error("BAD_REQUEST", str(exc))
-            return 2
+            raise KernelError(ErrorCode.BAD_REQUEST, str(exc)) from None
     if args.kernel_command == "status":
         with Client(resolve_address(args)) as client:
             render.show(views.mapping("kernel", client.info()), args.json)
-        return 0
+        return ExitStatus.OK
     return _stop(args)
 
 
-def _show(args: argparse.Namespace, client: Client) -> int:
+def _show(args: argparse.Namespace, client: Client) -> ExitStatus:
     command = args.command
     if command == "ping":
         started = time.perf_counter()
         client.ping()
         render.console.print(f"pong from {client.address} in "
                              f"{(time.perf_counter() - started) * 1000:.2f} ms")
-        return 0
+        return ExitStatus.OK
     output = {
         "info": lambda: views.mapping("info", client.info()),
         "stats": lambda: (views.monitor(client.stats(args.model, version=args.version))
@@ -279,10 +301,10 @@ def _show(args: argparse.Namespace, client: Client) -> int:
         "jobs": lambda: views.jobs(client.jobs(owner=args.owner, finished=not args.running)),
     }[command]()
     render.show(output, args.json)
-    return 0
+    return ExitStatus.OK
 
 
-def _models(args: argparse.Namespace, client: Client) -> int:
+def _models(args: argparse.Namespace, client: Client) -> ExitStatus:
     if args.models_command == "import":
         if not args.source and not args.path:
             raise KernelError(ErrorCode.BAD_REQUEST, "models import: give a source NAME or --path")
@@ -291,7 +313,7 @@ def _models(args: argparse.Namespace, client: Client) -> int:
     else:
         output = views.models(client.models())
     render.show(output, args.json)
-    return 0
+    return ExitStatus.OK
 
 
 def _job_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,7 +326,7 @@ def _model_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"version": args.version, **_job_options(args)}
 
 
-def _work(args: argparse.Namespace, client: Client) -> int:
+def _work(args: argparse.Namespace, client: Client) -> ExitStatus:
     command = args.command
     if command == "load":
         output = views.loaded(client.load(args.model, device=args.device,
@@ -330,102 +352,266 @@ def _work(args: argparse.Namespace, client: Client) -> int:
     else:  # job
         output = views.job(client.job(args.id))
     render.show(output, args.json)
-    return 0
+    return ExitStatus.OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmos", description="Talk to (or run) an llmos kernel.")
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (KernelError(BAD_REQUEST), which ``main`` prints like
+    any other) and a suggestion for a mistyped command or choice."""
+
+    def error(self, message: str) -> NoReturn:
+        raise KernelError(ErrorCode.BAD_REQUEST, f"{self.prog}: {message} (`{self.prog} "
+                          "--help` shows the usage)")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        if action.choices is None or value in action.choices:
+            return
+        choices = [str(choice) for choice in action.choices]
+        if isinstance(action, argparse._SubParsersAction):
+            raise argparse.ArgumentError(None, f"unknown command {value!r}"
+                                               f"{did_you_mean(str(value), choices)}")
+        raise argparse.ArgumentError(action, f"invalid choice {value!r} (choose from "
+                                             f"{', '.join(choices)}){did_you_mean(str(value), choices)}")
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean X?"`` naming the candidates closest to ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+#: The longest a command's line in ``llmos --help`` is made by :func:`summary`.
+SUMMARY_CHARS = 64
+
+
+def summary(doc: str) -> str:
+    """A command's line in ``llmos --help`` from its documentation: the first clause (up
+    to ``;`` or a sentence's end); if that is longer than :data:`SUMMARY_CHARS`, without
+    its parentheses, then up to its first ``:`` (none counted inside brackets)."""
+    text = _clause(doc.strip(), (". ", "; "))
+    if len(text) > SUMMARY_CHARS:
+        while (shorter := re.sub(r"\s*\([^()]*\)", "", text)) != text:
+            text = shorter
+    if len(text) > SUMMARY_CHARS:
+        text = _clause(text, (": ",))
+    return text.rstrip(".")
+
+
+def _clause(text: str, separators: tuple[str, ...]) -> str:
+    """``text`` up to the first of ``separators`` that is outside any brackets."""
+    depth = 0
+    for index, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if depth == 0 and text.startswith(separators, index):
+            return text[:index]
+    return text
+
+
+def _epilog() -> str:
+    return ("`llmos COMMAND --help` (or `llmos help COMMAND`) shows a command's arguments. "
+            f"Exit status: {ExitStatus.OK:d} done; {ExitStatus.NOT_DONE:d} not done in time "
+            f"(`kernel stop`: the kernel still runs); {ExitStatus.ERROR:d} an error, one line "
+            "`error CODE: message` on stderr (TIMEOUT: no kernel answers); "
+            f"{ExitStatus.INTERRUPTED:d} Ctrl-C. More in docs/shell.md.")
+
+
+def build_parser(registry: CommandRegistry | None = None) -> argparse.ArgumentParser:
+    """The ``llmos`` parser; the delegated commands' help comes from ``registry`` (default:
+    the shell's commands, plugins' included; one whose plugin is off is left out)."""
+    parser = _Parser(prog="llmos", epilog=_epilog(),
+                     description="Talk to (or run) an llmos kernel: one subcommand per "
+                                 "everyday syscall, the shell's job commands, kernel control.")
+    parser.add_argument("--version", action="version", version=f"llmos {__version__}")
     parser.add_argument("--address", help="kernel address (default: LLMOS_ADDRESS or the home's)")
     parser.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    help_ = sub.add_parser("help", help="This help, or a command's (`llmos help train`)")
+    help_.add_argument("topic", nargs="*", metavar="COMMAND", help="a command (and subcommand)")
+    _add_kernel_commands(sub)
+    _add_syscall_commands(sub)
+    sub.add_parser("demo", help="Start a kernel, run the main job, stop it")
+    _add_delegated_commands(sub, registry or _shell_commands())
+    _add_local_commands(sub)
+    return parser
 
-    kernel = sub.add_parser("kernel", help="start, inspect or stop a kernel")
-    ksub = kernel.add_subparsers(dest="kernel_command", required=True)
-    start = ksub.add_parser("start", help="run a kernel (foreground unless --detach)")
+
+def _shell_commands() -> CommandRegistry:
+    """The shell's command table (imported here: the shell's app imports this module)."""
+    from .app import load_commands
+
+    return load_commands()
+
+
+def _add_kernel_commands(sub: argparse._SubParsersAction) -> None:
+    kernel = sub.add_parser("kernel", help="Start, inspect or stop a kernel")
+    ksub = kernel.add_subparsers(dest="kernel_command", required=True, metavar="SUBCOMMAND")
+    start = ksub.add_parser("start", help="Run a kernel (foreground unless --detach)")
     add_kernel_options(start)
     _keep_global(start, "home")
     start.add_argument("--detach", action="store_true", help="run in the background")
-    join = ksub.add_parser("join", help="run DDP ranks of a kernel's train job from this "
+    join = ksub.add_parser("join", help="Run DDP ranks of a kernel's train job from this "
                            "machine (see docs/distributed.md)")
     join.add_argument("rendezvous", metavar="HOST:PORT", help="the job's rendezvous address")
     join.add_argument("--world-size", type=int, required=True, help="ranks in the job in all")
     join.add_argument("--rank", type=int, required=True, help="the first rank to run here")
     join.add_argument("--ranks", type=int, default=1, help="how many ranks to run here")
-    ksub.add_parser("status", help="show the running kernel's info")
-    stop = ksub.add_parser("stop", help="shut the kernel down and wait for its process to exit")
+    ksub.add_parser("status", help="Show the running kernel's info")
+    stop = ksub.add_parser("stop", help="Shut the kernel down and wait for its process to exit")
     stop.add_argument("--wait", type=float, default=STOP_WAIT_SECONDS, metavar="SECONDS",
                       help=f"the longest wait for the exit (default {STOP_WAIT_SECONDS:g})")
 
-    for name, text in (("ping", "check the kernel answers"), ("info", "kernel information"),
-                       ("drivers", "registered drivers"), ("devices", "driver hosts")):
-        sub.add_parser(name, help=text)
-    stats = sub.add_parser("stats", help="kernel counters; with a MODEL, its monitoring")
+
+def _syscall_parser(sub: argparse._SubParsersAction, path: str) -> argparse.ArgumentParser:
+    """The subcommand ``path`` (its last word is added to ``sub``), described by the
+    syscall it sends (:data:`SYSCALL_OF`)."""
+    name, syscall = path.split()[-1], SYSCALLS[SYSCALL_OF[path]]
+    line = summary(syscall.doc)
+    if any(arg.name == "task" and name in arg.choices for arg in syscall.args):
+        line = f"{line} (here: {name})"  # one syscall, one subcommand per task
+    return sub.add_parser(name, help=line, description=syscall.doc)
+
+
+def _add_syscall_commands(sub: argparse._SubParsersAction) -> None:
+    for name in ("ping", "info", "drivers", "devices"):
+        _syscall_parser(sub, name)
+    stats = _syscall_parser(sub, "stats")
     stats.add_argument("model", nargs="?", help="a model name: its monitoring instead")
     stats.add_argument("--version", type=int, help="the model's version (default: the serving one)")
-    jobs = sub.add_parser("jobs", help="list jobs (ps)")
+    jobs = _syscall_parser(sub, "jobs")
     jobs.add_argument("--running", action="store_true", help="only unfinished jobs")
     jobs.add_argument("--owner", help="only this client's jobs")
 
-    models = sub.add_parser("models", help="list or import models")
-    msub = models.add_subparsers(dest="models_command")
-    msub.add_parser("list", help="list registry versions")
-    imp = msub.add_parser("import", help="import a bundled model or a local folder")
+    models = sub.add_parser("models", help="List registry versions (`models list`, the "
+                            "default) or import a model (`models import`)")
+    msub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    _syscall_parser(msub, "models list")
+    imp = _syscall_parser(msub, "models import")
     imp.add_argument("source", nargs="?", help="a named source, e.g. minilm")
     imp.add_argument("--path", help="a local Hugging Face folder (safetensors)")
     imp.add_argument("--name", help="registry name (default: the source or folder name)")
     _add_job_options(imp)
 
     for name in ("load", "unload"):
-        p = sub.add_parser(name, help=f"{name} a model version")
-        p.add_argument("model")
-        p.add_argument("--version", type=int)
+        p = _syscall_parser(sub, name)
+        p.add_argument("model", help="a model name")
+        p.add_argument("--version", type=int, help="the model's version (default: the serving one)")
         p.add_argument("--device", help="driver:device, e.g. torch:cpu")
         if name == "load":
-            p.add_argument("--driver", help="only this driver (default: every driver, autotuned)")
-            p.add_argument("--precision", choices=("f32", "bf16", "int8"),
-                           help="the lowest precision allowed (bf16, int8: OpenVINO)")
-            p.add_argument("--calibrate", metavar="DATASET|PATH",
-                           help="int8: texts to calibrate on (default: the training data)")
-            p.add_argument("--replicas", type=int, help="N new hosts of one driver hold it")
-            p.add_argument("--stages", type=int, help="split its layers across N hosts")
-            p.add_argument("--max-seqs", type=int, help="generative models: most sequences "
-                           "in the running batch (default 16)")
-            p.add_argument("--prefix-cache-mb", type=int, help="generative models: memory for "
-                           "shared prompt prefixes (default 64; 0: off)")
+            _add_load_options(p)
         _add_job_options(p)
-    export = sub.add_parser("export", help="export a model version to ONNX or OpenVINO IR")
-    export.add_argument("model")
+    export = _syscall_parser(sub, "export")
+    export.add_argument("model", help="a model name")
     export.add_argument("--to", dest="format", required=True, choices=("onnx", "openvino"))
-    export.add_argument("--version", type=int)
+    export.add_argument("--version", type=int, help="the model's version (default: the serving one)")
     _add_job_options(export)
     for name in ("embed", "classify"):
-        p = sub.add_parser(name, help=f"{name} texts")
-        p.add_argument("model")
-        p.add_argument("texts", nargs="+")
-        p.add_argument("--version", type=int)
+        p = _syscall_parser(sub, name)
+        p.add_argument("model", help="a model name")
+        p.add_argument("texts", nargs="+", metavar="TEXT", help="the texts, one a word")
+        p.add_argument("--version", type=int, help="the model's version (default: the serving one)")
         _add_job_options(p)
     for name in ("job", "cancel"):
-        sub.add_parser(name, help=f"{name} a job").add_argument("id", type=int)
-    renice = sub.add_parser("renice", help="change a job's priority")
-    renice.add_argument("id", type=int)
+        _syscall_parser(sub, name).add_argument("id", type=int, help="a job id (`llmos jobs`)")
+    renice = _syscall_parser(sub, "renice")
+    renice.add_argument("id", type=int, help="a job id (`llmos jobs`)")
     renice.add_argument("priority", type=int, help="nice value, -20 (first) .. 19")
-    sub.add_parser("demo", help="start a kernel, run the main job, stop it")
-    for name, text in DELEGATED_HELP.items():
-        # One implementation: these run the shell's command of the same name.
-        sub.add_parser(name, help=text, add_help=False).add_argument(
-            "rest", nargs=argparse.REMAINDER, help="as in the shell (`help train`)")
+
+
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The options only ``load`` has."""
+    parser.add_argument("--driver", help="only this driver (default: every driver, autotuned)")
+    parser.add_argument("--precision", choices=("f32", "bf16", "int8"),
+                        help="the lowest precision allowed (bf16, int8: OpenVINO)")
+    parser.add_argument("--calibrate", metavar="DATASET|PATH",
+                        help="int8: texts to calibrate on (default: the training data)")
+    parser.add_argument("--replicas", type=int, help="N new hosts of one driver hold it")
+    parser.add_argument("--stages", type=int, help="split its layers across N hosts")
+    parser.add_argument("--max-seqs", type=int, help="generative models: most sequences "
+                        "in the running batch (default 16)")
+    parser.add_argument("--prefix-cache-mb", type=int, help="generative models: memory for "
+                        "shared prompt prefixes (default 64; 0: off)")
+
+
+#: What a shell parameter's kind takes, said in a delegated command's help.
+_KIND_HELP = {
+    "model": "a model: NAME (its serving version) or NAME:VERSION",
+    "job": "a job id (`llmos jobs`)",
+    "device": "driver:device, e.g. torch:cpu (`llmos devices`)",
+    "driver": "a driver (`llmos drivers`)",
+    "dataset": "a bundled dataset (`llmos datasets`)",
+    "path": "a file or folder",
+    "int": "an integer",
+    "number": "a number",
+}
+
+
+def _param_help(param: Param) -> str:
+    """What ``param`` takes, from its kind, choices and arity."""
+    parts = [_KIND_HELP.get(param.kind, "")]
+    if param.choices:
+        parts.append(f"one of {', '.join(param.choices)}")
+    if param.many:
+        parts.append("one or more words" if param.required else "any number of words")
+    elif param.required:
+        parts.append("required")
+    return "; ".join(part for part in parts if part)
+
+
+def _add_delegated_commands(sub: argparse._SubParsersAction, registry: CommandRegistry) -> None:
+    """One subcommand per :data:`DELEGATED` shell command in ``registry``: its help is the
+    command's (usage, text, parameters). Its words are never parsed here: :func:`parse`
+    hands them to the shell command verbatim."""
+    for name in DELEGATED:
+        command = registry.find(name)
+        if command is not None:
+            _add_shell_command(sub, command)
+
+
+def _add_shell_command(sub: argparse._SubParsersAction, command: Command) -> None:
+    aliases = f" In the shell also: {', '.join(command.aliases)}." if command.aliases else ""
+    parser = sub.add_parser(command.name, help=summary(command.help), usage=_usage(command),
+                            description=command.help + aliases)
+    for param in command.params:
+        names = [param.flag] if param.option else [param.name]
+        options: dict[str, Any] = {"help": _param_help(param), "default": argparse.SUPPRESS}
+        if param.kind == "flag":
+            options["action"] = "store_true"
+        else:
+            options["metavar"] = param.shown
+            options["nargs"] = None if param.option else "*" if param.many else "?"
+        parser.add_argument(*names, **options)
+
+
+#: Width of a delegated command's usage lines.
+USAGE_CHARS = 79
+
+
+def _usage(command: Command) -> str:
+    """``llmos`` and ``command``'s usage, wrapped between its words' groups (``[--name
+    VALUE]`` stays on one line)."""
+    groups = [f"llmos {command.name}", *(p.usage for p in command.positionals),
+              *(p.usage for p in command.options)]
+    prefix = "usage: "
+    text = textwrap.fill(" ".join(g.replace(" ", "\xa0") for g in groups), USAGE_CHARS,
+                         initial_indent=prefix, subsequent_indent=" " * len(f"{prefix}{groups[0]} "),
+                         break_long_words=False, break_on_hyphens=False)
+    return text[len(prefix):].replace("\xa0", " ").replace("%", "%%")
+
+
+def _add_local_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands that need no kernel (``keys``, ``audit``) and ``shell``."""
     keys = sub.add_parser("keys", help="CURVE keys for remote clients (see docs/security.md)")
-    kcmd = keys.add_subparsers(dest="keys_command", required=True)
-    create = kcmd.add_parser("create", help="make the kernel's key pair (and a client's)")
+    kcmd = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    create = kcmd.add_parser("create", help="Make the kernel's key pair (and a client's)")
     create.add_argument("--client", help="also make a key pair for this client name")
-    allow = kcmd.add_parser("allow", help="allow a client's public key with capabilities")
-    allow.add_argument("name")
+    allow = kcmd.add_parser("allow", help="Allow a client's public key with capabilities")
+    allow.add_argument("name", help="the client's name")
     allow.add_argument("public_key", help="the client's NAME.key file")
     allow.add_argument("--caps", default="infer", help="comma list of infer, train, admin")
-    audit = sub.add_parser("audit", help="the audit log of privileged syscalls")
-    audit.add_argument("--limit", type=int, default=50)
-    shell = sub.add_parser("shell", help="an interactive shell; or run -c COMMANDS or a SCRIPT")
+    audit = sub.add_parser("audit", help="The audit log of privileged syscalls")
+    audit.add_argument("--limit", type=int, default=50, help="the latest N entries (default 50)")
+    shell = sub.add_parser("shell", help="An interactive shell; or run -c COMMANDS or a SCRIPT")
     shell.add_argument("-c", dest="shell_command", metavar="COMMANDS",
                        help="run these commands (';' or newline between them) and exit")
     shell.add_argument("script", nargs="?", help="a file of shell commands, one a line")
@@ -433,7 +619,6 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
     shell.add_argument("--json", action="store_true", help="machine-readable output")
     _keep_global(shell, "address", "home", "json")
-    return parser
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
@@ -442,7 +627,7 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
 
 
-def _local(args: argparse.Namespace) -> int:
+def _local(args: argparse.Namespace) -> ExitStatus:
     """``keys`` and ``audit``: files under LLMOS_HOME, no kernel needed."""
     home = resolve_home(args)
     if args.command == "audit":
@@ -451,12 +636,12 @@ def _local(args: argparse.Namespace) -> int:
             (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])), e["who"],
              e["syscall"], e["result"], " ".join(f"{k}={v}" for k, v in e["args"].items()))
             for e in entries], data=entries), json_output=args.json)
-        return 0
+        return ExitStatus.OK
     store = KeyStore(home)
     if args.keys_command == "allow":
         store.allow(args.name, Path(args.public_key), [c for c in args.caps.split(",") if c])
         render.console.print(f"allowed {args.name} ({args.caps}); restart the kernel to apply")
-        return 0
+        return ExitStatus.OK
     store.server_keys(create=True)
     render.console.print(f"kernel key: {store.root / 'server.key'} (give this public file to "
                          "clients as LLMOS_SERVER_KEY)")
@@ -464,7 +649,7 @@ def _local(args: argparse.Namespace) -> int:
         secret = store.create_client(args.client)
         render.console.print(f"client key: {secret} (the client's LLMOS_CLIENT_KEY); allow it "
                              f"with: llmos keys allow {args.client} {secret.with_suffix('.key')}")
-    return 0
+    return ExitStatus.OK
 
 
 def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
@@ -475,51 +660,104 @@ def _keep_global(parser: argparse.ArgumentParser, *dests: str) -> None:
             action.default = argparse.SUPPRESS
 
 
-#: Commands that run the shell command of the same name with the words that follow.
-DELEGATED = tuple(DELEGATED_HELP)
-#: Global options that take a value (their value is not a command name).
-_GLOBAL_VALUES = ("--address", "--home")
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    """The action holding ``parser``'s subcommands, if it has any."""
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    """The parsed arguments. A delegated command's words are kept verbatim in ``rest``
-    (argparse's REMAINDER would reject one that starts with an option, e.g. ``--http``)."""
-    parser = build_parser()
+def _chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command that ``args`` names."""
+    while (action := _subcommands(parser)) is not None:
+        name = getattr(args, action.dest, None)
+        if name not in action.choices:
+            break
+        parser = action.choices[name]
+    return parser
+
+
+def _command_index(argv: list[str]) -> int:
+    """Where the command word is in ``argv`` (``len(argv)`` when there is none)."""
     index = 0
     while index < len(argv) and argv[index].startswith("-"):
         index += 1 if "=" in argv[index] or argv[index] not in _GLOBAL_VALUES else 2
+    return index
+
+
+def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The parsed arguments; KernelError(BAD_REQUEST) for a usage mistake, with a suggestion
+    for a mistyped command or option. No command, or ``-h``/``--help`` among a delegated
+    command's words (before a bare ``--``), is the ``help`` command. A delegated command's
+    words are kept verbatim in ``rest`` (argparse's REMAINDER would reject one that starts
+    with an option, e.g. ``--http``)."""
+    parser = parser or build_parser()
+    index = _command_index(argv)
+    if index == len(argv) and not {*HELP_FLAGS, "--version"} & set(argv):
+        return parser.parse_args([*argv, "help"])
     if index < len(argv) and argv[index] in DELEGATED:
+        rest = argv[index + 1:]
+        if set(HELP_FLAGS) & set(rest[:rest.index("--")] if "--" in rest else rest):
+            return parser.parse_args([*argv[:index], "help", argv[index]])
         args = parser.parse_args(argv[:index + 1])
-        args.rest = argv[index + 1:]
+        args.rest = rest
         return args
-    return parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        chosen = _chosen(parser, args)
+        options = [o for action in chosen._actions for o in action.option_strings]
+        flag = next((word.partition("=")[0] for word in extras if word.startswith("--")), "")
+        chosen.error(f"unknown argument(s) {' '.join(extras)}"
+                     f"{did_you_mean(flag, options) if flag else ''}")
+    return args
+
+
+def _help(parser: argparse.ArgumentParser, topic: list[str]) -> ExitStatus:
+    """``llmos help [COMMAND [SUBCOMMAND]]``: that (sub)command's help on stdout."""
+    for word in topic:
+        action = _subcommands(parser)
+        if action is None or word not in action.choices:
+            choices = list(action.choices) if action is not None else []
+            parser.error(f"no command {word!r}{did_you_mean(word, choices)}")
+        parser = action.choices[word]
+    parser.print_help()
+    return ExitStatus.OK
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    """Run one ``llmos`` command line; returns its :class:`ExitStatus`."""
     try:
-        if args.command == "kernel":
-            return _kernel(args)
-        if args.command == "demo":
-            from .demo import run_demo
-
-            return run_demo()
-        if args.command in ("keys", "audit"):
-            return _local(args)
-        if args.command == "shell" or args.command in DELEGATED:
-            from .app import run_shell
-
-            if args.command != "shell":
-                args.shell_command, args.script = shlex.join([args.command, *args.rest]), None
-            return run_shell(args)
-        with Client(resolve_address(args)) as client:
-            if args.command == "models":
-                return _models(args, client)
-            if args.command in ("ping", "info", "drivers", "devices", "stats", "jobs"):
-                return _show(args, client)
-            return _work(args, client)
+        parser = build_parser()
+        args = parse(sys.argv[1:] if argv is None else argv, parser)
+        return _run(parser, args)
+    except SystemExit as exc:  # argparse's own --help and --version
+        return int(exc.code or 0)
     except KernelError as exc:
         render.error(exc.code, exc.message)
-        return 2
+        return ExitStatus.ERROR
     except KeyboardInterrupt:
-        return 130
+        return ExitStatus.INTERRUPTED
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Dispatch the parsed command; KernelError for any error."""
+    if args.command == "help":
+        return _help(parser, args.topic)
+    if args.command == "kernel":
+        return _kernel(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo()
+    if args.command in ("keys", "audit"):
+        return _local(args)
+    if args.command == "shell" or args.command in DELEGATED:
+        from .app import run_shell
+
+        if args.command != "shell":
+            args.shell_command, args.script = shlex.join([args.command, *args.rest]), None
+        return run_shell(args)
+    with Client(resolve_address(args)) as client:
+        if args.command == "models":
+            return _models(args, client)
+        if args.command in ("ping", "info", "drivers", "devices", "stats", "jobs"):
+            return _show(args, client)
+        return _work(args, client)

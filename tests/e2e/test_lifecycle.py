@@ -90,7 +90,8 @@ def test_stop_waits_for_the_exit_and_start_reports_the_pid_that_serves(kernel_ho
 
 def test_stop_with_no_kernel_says_so(home):
     result = llmos(home, "kernel", "stop")
-    assert result.returncode == 1 and "no kernel answered" in result.stderr
+    assert result.returncode == 2 and "no kernel answers at" in result.stderr
+    assert "llmos kernel start --detach" in result.stderr
 
 
 def test_a_failing_detached_start_reports_the_kernels_own_error(home):
