@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from .parallel import Parallel
 
 
+#: What a task needs, for the error when the model cannot run it.
+_NEEDS = {"embed": "embed needs an encoder model such as minilm",
+          "classify": "classify needs a model with a classification head"}
+
+
 class Inference(JobKind):
     """``infer`` jobs: batching, placement by cost, outputs split per job."""
 
@@ -41,8 +46,8 @@ class Inference(JobKind):
 
     def _infer(self, request: Request) -> Job:
         check_inputs(request.args["inputs"])
-        version = loaded_version(self.core, request, request.args["task"],
-                                 "classify needs a model with a classification head")
+        task = request.args["task"]
+        version = loaded_version(self.core, request, task, _NEEDS[task])
         return self.core.admit(request, handle=version.ref)
 
     # --- scheduling -----------------------------------------------------------------------

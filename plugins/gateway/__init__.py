@@ -12,10 +12,12 @@ from llmos.shell.commands import Command, CommandRegistry, Param
 
 SERVE = Command(
     "serve", "Serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
-    "/v1/chat/completions, /v1/embeddings, /health, /metrics) until Ctrl-C.",
+    "/v1/chat/completions, /v1/embeddings, /health, /metrics) until Ctrl-C, printing one "
+    "access-log line a request on stderr (--no-access-log: none).",
     "llmos.plugins.gateway.command:serve",
     (Param("http", option=True, metavar="HOST:PORT"),
-     Param("api_key", option=True, metavar="KEY")),
+     Param("api_key", option=True, metavar="KEY"),
+     Param("no_access_log", "flag", option=True)),
 )
 
 

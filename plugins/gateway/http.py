@@ -4,9 +4,17 @@ A threaded HTTP/1.1 server (the standard library's): each request borrows a bloc
 :class:`~llmos.Client` from a pool (one request at a time per client), so
 requests run concurrently and the kernel batches them like any other clients'. Routes:
 
-* ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``;
+* ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``,
+  ``GET /v1/models/{id}``;
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``: server-sent
-  events), ``POST /v1/embeddings``.
+  events), ``POST /v1/embeddings`` (text or token ids, up to
+  :data:`~llmos.plugins.gateway.openai_api.MAX_EMBEDDING_INPUTS` inputs: split into kernel
+  jobs of at most :data:`~llmos.contract.syscalls.MAX_INPUTS_PER_JOB`, submitted together
+  and answered in input order).
+
+Each request is logged when it ends on the ``llmos.gateway.access`` logger at INFO (client,
+method, path, status, duration; see :func:`access_line`) unless the gateway was made with
+``access_log=False``.
 
 Errors use OpenAI's error JSON with the HTTP status of the kernel's error code. A body
 that breaks the gateway's own limits (see :func:`~llmos.plugins.gateway.openai_api.parse_body`:
@@ -35,15 +43,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
 
 from llmos import Client, Pending, unpack_result
 from llmos.addresses import is_loopback_host
 from llmos.contract.protocol import ErrorCode, KernelError, Message
+from llmos.contract.syscalls import MAX_INPUTS_PER_JOB
 
 from . import openai_api as api
+from . import token_ids
 from .metrics import Metrics
 
 log = logging.getLogger("llmos.gateway")
+#: One INFO line per request (see :func:`access_line`); ``llmos serve`` prints it.
+access_log = logging.getLogger("llmos.gateway.access")
 
 #: Largest request body accepted, in bytes.
 MAX_BODY_BYTES = 4 * 2**20
@@ -60,6 +75,13 @@ CANCEL_WAIT_SECONDS = 5.0
 _HUNG_UP = select.POLLHUP | select.POLLERR | select.POLLNVAL | getattr(select, "POLLRDHUP", 0)
 #: HTTP status counted for a request whose client went away before its answer (nginx's).
 CLIENT_CLOSED = 499
+#: GET /v1/models/{id}: every id is counted (metrics) as that one route.
+_MODEL_PREFIX = "/v1/models/"
+
+
+def access_line(client: str, method: str, path: str, status: int, seconds: float) -> str:
+    """An access-log line: ``127.0.0.1 "POST /v1/embeddings" 200 41.3 ms``."""
+    return f'{client} "{method} {path}" {status} {seconds * 1000:.1f} ms'
 
 
 class ClientGone(Exception):
@@ -75,18 +97,22 @@ class Gateway(ThreadingHTTPServer):
     #: once would be refused or reset).
     request_queue_size = 1024
 
-    def __init__(self, host: str, port: int, kernel_address: str, api_key: str | None = None) -> None:
+    def __init__(self, host: str, port: int, kernel_address: str, api_key: str | None = None,
+                 *, access_log: bool = True) -> None:
+        """Bind and listen on ``host:port`` (OSError if it cannot: the caller words it)."""
         if not is_loopback_host(host) and not api_key:
             raise KernelError(ErrorCode.BAD_REQUEST,
                               f"refusing to serve HTTP on {host} without an API key: pass "
                               f"--api-key or set {API_KEY_ENV} (clients send it as a bearer token)")
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, port), _Handler)
         self.kernel_address = kernel_address
         self.api_key = api_key
+        self.access_log = access_log
         self.metrics = Metrics()
+        # Before binding: a bind that fails calls server_close(), which empties the pool.
         self._idle: queue.LifoQueue[Client] = queue.LifoQueue()
         self._names = itertools.count(1)
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), _Handler)
 
     @property
     def url(self) -> str:
@@ -136,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         self._dispatch({"/health": self._health, "/metrics": self._metrics,
-                        "/v1/models": self._models})
+                        "/v1/models": self._models, _MODEL_PREFIX + "{id}": self._model})
 
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch({"/v1/completions": self._completions,
@@ -145,12 +171,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, routes: dict[str, Any]) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        name = path
+        if path.startswith(_MODEL_PREFIX):  # GET /v1/models/{id}, counted as one route
+            name, self.path_id = _MODEL_PREFIX + "{id}", unquote(path[len(_MODEL_PREFIX):])
         self.body_read = self.command != "POST"
         self.streaming = False
         started = time.monotonic()
         status = 500
         try:
-            route = routes.get(path)
+            route = routes.get(name)
             if route is None:
                 raise api.ApiError(404, f"no route {self.command} {path}", "not_found_error")
             if path.startswith("/v1/"):
@@ -159,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
         except api.ApiError as exc:
             status = self._fail(exc)
         except KernelError as exc:
-            status = self._fail(api.ApiError.from_kernel(exc))
+            status = self._fail(api.wrong_task(exc) or api.ApiError.from_kernel(exc))
         except (BrokenPipeError, ConnectionResetError, ClientGone):
             status = CLIENT_CLOSED
             self.close_connection = True
@@ -167,8 +196,11 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("gateway error on %s", path)
             status = self._fail(api.ApiError(500, f"{type(exc).__name__}: {exc}", "server_error"))
         finally:
-            self.server.metrics.request(path if path in routes else "other", status,
-                                        time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self.server.metrics.request(name if name in routes else "other", status, seconds)
+            if self.server.access_log:
+                access_log.info("%s", access_line(self.address_string(), self.command, path,
+                                                  status, seconds))
 
     def _authorize(self) -> None:
         key = self.server.api_key
@@ -256,12 +288,25 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.client() as client:
             return self._json(200, api.model_list(client.models()))
 
+    def _model(self) -> int:
+        with self.server.client() as client:
+            return self._json(200, api.model_object(client.models(), self.path_id))
+
     def _embeddings(self) -> int:
         body = self._body()
-        args, encoding = api.embedding_args(body)
+        request = api.embedding_request(body)
+        texts = request.texts if request.texts is not None else token_ids.decode(
+            request.token_ids or [])
+        api.check_texts(texts)  # here, where an input's index is the request's
+        base = {"model": request.name, "version": request.version, "task": "embed"}
         with self.server.client() as client:
-            result = self._result(client.submit("infer", args, events=True), client.timeout)
-        return self._json(200, api.embeddings(result, body["model"], encoding))
+            pending = [client.submit("infer", {**base, "inputs": texts[chunk.start:chunk.stop]},
+                                     events=True)
+                       for chunk in api.embedding_chunks(len(texts), MAX_INPUTS_PER_JOB)]
+            results = self._results(pending, client.timeout)
+        vectors = np.concatenate([np.asarray(r["embeddings"], dtype=np.float32) for r in results])
+        tokens = sum(int(r.get("tokens", 0)) for r in results)
+        return self._json(200, api.embeddings(vectors, tokens, body["model"], request.encoding))
 
     def _completions(self) -> int:
         body = self._body()
@@ -325,6 +370,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._end_events()
 
     # --- waiting on the kernel ------------------------------------------------------------
+
+    def _results(self, pending: list[Pending], quiet_limit: float) -> list[dict[str, Any]]:
+        """Every request's result, in order (they run together in the kernel). When one
+        fails, the others are cancelled and their replies collected before the error is
+        raised, so none is left to reach the pooled kernel client later."""
+        results: list[dict[str, Any]] = []
+        try:
+            for request in pending:
+                results.append(self._result(request, quiet_limit))
+        except BaseException:
+            for request in pending[len(results) + 1:]:
+                self._cancel(request)
+                try:
+                    request.reply(CANCEL_WAIT_SECONDS)
+                except KernelError:
+                    pass  # best effort: a reply that comes later is kept under its own id
+            raise
+        return results
 
     def _result(self, pending: Pending, quiet_limit: float) -> dict[str, Any]:
         """``pending``'s unpacked result, awaited as :meth:`_events` does (KernelError for

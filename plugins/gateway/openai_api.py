@@ -2,7 +2,10 @@
 
 Pure functions (no sockets), so the HTTP layer stays small and each mapping is testable.
 Only what llmos can honour is accepted: asking for ``n`` > 1, ``logprobs``, ``echo``, tools
-or token-id prompts is a 400 that says so, never a silently different answer.
+or token-id prompts is a 400 that says so, never a silently different answer. Embedding
+inputs may be token ids (OpenAI's tokenizer's, decoded by :mod:`.token_ids`) and up to
+:data:`MAX_EMBEDDING_INPUTS` of them, more than one kernel job takes (the HTTP layer splits
+them).
 
 Every body is checked before any of it reaches the kernel (:func:`parse_body`): nesting at
 most :data:`MAX_DEPTH` levels, every string valid Unicode (no lone surrogates), every
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from llmos.contract.protocol import ErrorCode, KernelError
+from llmos.contract.syscalls import MAX_TEXT_CHARS
 
 #: Kernel error code -> (HTTP status, OpenAI error type).
 STATUS = {
@@ -39,6 +43,9 @@ STATUS = {
 #: Default max_tokens when a request names none (OpenAI's completions default is 16).
 COMPLETION_MAX_TOKENS = 16
 CHAT_MAX_TOKENS = 512
+#: Most inputs one /v1/embeddings request may carry (OpenAI's limit); the gateway splits
+#: them into kernel jobs of at most MAX_INPUTS_PER_JOB.
+MAX_EMBEDDING_INPUTS = 2048
 #: Deepest nesting of arrays and objects a body may have (OpenAI's shapes need 4).
 MAX_DEPTH = 32
 #: Integers anywhere in a body must fit a signed 64-bit integer (msgpack's and SQLite's).
@@ -51,9 +58,10 @@ _KERNEL_ARGUMENT = re.compile(r"argument '(\w+)'")
 _OPENAI_FIELD = {"inputs": "input", "version": "model"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class ApiError(Exception):
-    """An error to answer with: HTTP status and OpenAI's error object."""
+    """An error to answer with: HTTP status and OpenAI's error object. (Not frozen: raising
+    it through a context manager sets its ``__traceback__``.)"""
 
     status: int
     message: str
@@ -243,21 +251,100 @@ def _text_content(content: Any, index: int) -> str:
                    param="messages")
 
 
-def embedding_args(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """``infer`` arguments for a /v1/embeddings body, and the encoding format."""
-    texts = body.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ApiError(400, "'input' must be a string or a list of strings (token ids are "
-                       "not supported)", param="input")
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """A /v1/embeddings body, checked: the model, and the inputs as texts or as token ids."""
+
+    name: str
+    version: int | None
+    texts: list[str] | None  # None: the inputs are token ids
+    token_ids: list[list[int]] | None
+    encoding: str  # float or base64
+
+
+def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
+    """A /v1/embeddings body as OpenAI defines ``input``: a string, a list of strings, a
+    list of token ids (one input) or a list of lists of token ids; at most
+    :data:`MAX_EMBEDDING_INPUTS` inputs (the gateway splits them into kernel jobs)."""
+    texts, token_ids = _embedding_inputs(body.get("input"))
+    count = len(texts if texts is not None else token_ids or [])
+    if count > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"'input' has {count} inputs (limit {MAX_EMBEDDING_INPUTS} "
+                       "a request)", param="input")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise ApiError(400, "'encoding_format' must be float or base64", param="encoding_format")
     if body.get("dimensions") is not None:
         raise ApiError(400, "'dimensions' is not supported", param="dimensions")
     name, version = split_model(body.get("model"))
-    return {"model": name, "version": version, "task": "embed", "inputs": texts}, encoding
+    return EmbeddingRequest(name, version, texts, token_ids, encoding)
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(type(i) is int for i in value)
+
+
+def _embedding_inputs(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+    """(texts, None) or (None, token id lists) of an ``input``; ApiError(400) otherwise."""
+    shapes = ("'input' must be a string, a list of strings, a list of token ids or a list "
+              "of lists of token ids")
+    if isinstance(value, str):
+        return [value], None
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, f"{shapes} (not empty)", param="input")
+    if all(isinstance(item, str) for item in value):
+        return value, None
+    if _is_ids(value):
+        return None, [value]
+    if all(_is_ids(item) for item in value):
+        for i, ids in enumerate(value):
+            if not ids:
+                raise bad_field(f"input[{i}]", "is empty (no token ids)", "input")
+        return None, value
+    kinds = sorted({type(item).__name__ for item in value})
+    raise ApiError(400, f"{shapes}; got a list of {' and '.join(kinds)}", param="input")
+
+
+def check_texts(texts: list[str]) -> None:
+    """ApiError(400) naming the first input (by its index in the request, not in a kernel
+    job) that is blank or longer than the kernel takes."""
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise bad_field(f"input[{i}]", "is empty (or only whitespace)", "input")
+        if len(text) > MAX_TEXT_CHARS:
+            raise bad_field(f"input[{i}]", f"has {len(text)} characters (limit "
+                            f"{MAX_TEXT_CHARS})", "input")
+
+
+def embedding_chunks(count: int, size: int) -> list[range]:
+    """The inputs ``0..count-1`` in consecutive chunks of at most ``size`` (one kernel job
+    each, answered in order)."""
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+#: A kernel refusal of a task the model cannot do (``smollm2:1 cannot embed (it can: ...``).
+_CANNOT = re.compile(r"^(\S+) cannot (\w+) \(it can: ([^)]*)\)")
+#: The OpenAI routes that do each task.
+_ROUTE_OF_TASK = {"embed": "/v1/embeddings",
+                  "generate": "/v1/chat/completions or /v1/completions"}
+_MODEL_FOR_TASK = {"embed": "an embedding model such as minilm",
+                   "generate": "a causal language model such as smollm2",
+                   "classify": "a model with a classification head"}
+
+
+def wrong_task(exc: KernelError) -> ApiError | None:
+    """For the kernel's refusal of a task the model cannot do, a 400 naming that task, what
+    the model can do and which route does it; None for any other error. (The kernel's own
+    hint is about one task only: embedding a chat model would be told about classify.)"""
+    found = _CANNOT.match(exc.message) if exc.code is ErrorCode.BAD_REQUEST else None
+    if found is None:
+        return None
+    ref, task, can = found[1], found[2], [t.strip() for t in found[3].split(",")]
+    routes = [_ROUTE_OF_TASK[t] for t in can if t in _ROUTE_OF_TASK]
+    instead = f"; send it to {' or '.join(routes)}" if routes else ""
+    needs = _MODEL_FOR_TASK.get(task, "a model that can")
+    return ApiError(400, f"{ref} cannot {task}: it can {', '.join(can)}{instead}. To {task}, "
+                    f"use {needs}", param="model", code=f"model_cannot_{task}")
 
 
 def _usage(result: dict[str, Any]) -> dict[str, Any]:
@@ -307,25 +394,49 @@ def usage_chunk(result: dict[str, Any], model: str, chat: bool) -> dict[str, Any
             "model": model, "choices": [], "usage": _usage(result)}
 
 
-def embeddings(result: dict[str, Any], model: str, encoding: str) -> dict[str, Any]:
-    vectors = np.asarray(result["embeddings"], dtype=np.float32)
+def embeddings(vectors: np.ndarray, tokens: int, model: str, encoding: str) -> dict[str, Any]:
+    """The response to /v1/embeddings: ``vectors`` in input order, ``tokens`` the model's
+    token count."""
     data = []
-    for i, vector in enumerate(vectors):
+    for i, vector in enumerate(np.asarray(vectors, dtype=np.float32)):
         value: Any = (base64.b64encode(vector.astype("<f4").tobytes()).decode()
                       if encoding == "base64" else vector.tolist())
         data.append({"object": "embedding", "index": i, "embedding": value})
-    tokens = int(result.get("tokens", 0))
     return {"object": "list", "data": data, "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def model_list(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every loaded version as ``NAME:VERSION``, and the serving one also as ``NAME``."""
-    data = []
+def _model_objects(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """OpenAI's model object by id: every loaded version as ``NAME:VERSION``, and the
+    serving one also as ``NAME``."""
+    models = {}
     for row in rows:
         if not row["loaded_on"]:
             continue
         ids = [f"{row['model']}:{row['version']}"] + ([row["model"]] if row["serving"] else [])
-        data += [{"id": name, "object": "model", "created": int(row["created_at"]),
-                  "owned_by": "llmos"} for name in ids]
-    return {"object": "list", "data": sorted(data, key=lambda m: m["id"])}
+        for name in ids:
+            models[name] = {"id": name, "object": "model", "created": int(row["created_at"]),
+                            "owned_by": "llmos"}
+    return models
+
+
+def model_list(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``GET /v1/models``: every loaded version as ``NAME:VERSION``, and the serving one
+    also as ``NAME``."""
+    models = _model_objects(rows)
+    return {"object": "list", "data": [models[name] for name in sorted(models)]}
+
+
+def model_object(rows: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """``GET /v1/models/{model}``: the object :func:`model_list` lists under that id;
+    ApiError(404) in OpenAI's shape (``model_not_found``) for any other id, saying what
+    to run when the registry has the model but it is not loaded."""
+    found = _model_objects(rows).get(model)
+    if found is not None:
+        return found
+    name, _, version = model.partition(":")
+    known = any(row["model"] == name and version in ("", str(row["version"])) for row in rows)
+    why = (f"is not loaded (run: llmos load {model})" if known
+           else "does not exist (GET /v1/models lists the loaded ones)")
+    raise ApiError(404, f"The model '{model}' {why}", "invalid_request_error",
+                   "model_not_found", "model")
