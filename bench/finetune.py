@@ -61,9 +61,11 @@ class Contender:
 
 
 def load_before(revision: str) -> ModuleType:
-    """``drivers/training.py`` as of ``revision``, as a module of the llmos.drivers package."""
+    """``drivers/training.py`` as of ``revision``, as a module of the llmos.drivers package
+    (its import of the wire protocol follows the module's later home in llmos.contract)."""
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{revision}:drivers/training.py"],
                             check=True, capture_output=True, text=True).stdout
+    source = source.replace("from llmos.kernel.protocol import", "from llmos.contract.protocol import")
     path = Path(tempfile.mkdtemp(prefix="llmos-before-")) / "training_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("llmos.drivers.training_before", path)
