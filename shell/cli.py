@@ -11,7 +11,6 @@ on every subcommand; a mistyped command or option gets a suggestion. Exit status
 from __future__ import annotations
 
 import argparse
-import difflib
 import enum
 import logging
 import os
@@ -21,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -43,7 +41,7 @@ from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.contract.syscalls import SYSCALLS
 
 from . import render, views
-from .commands import Command, CommandRegistry, Param
+from .commands import Command, CommandRegistry, Param, did_you_mean
 
 
 class ExitStatus(enum.IntEnum):
@@ -63,15 +61,15 @@ class ExitStatus(enum.IntEnum):
 
 #: Commands that run the shell command of the same name with the words that follow (one
 #: implementation); their help is that command's, from the shell's command table.
-DELEGATED: tuple[str, ...] = ("train", "evaluate", "datasets", "chat", "serve", "learn",
+DELEGATED: tuple[str, ...] = ("load", "unload", "export", "embed", "classify", "jobs", "ps",
+                              "job", "kill", "nice", "wait", "top", "stats", "plugins",
+                              "train", "evaluate", "datasets", "chat", "serve", "learn",
                               "update", "rollback", "monitor", "compress", "promote")
 #: The syscall each syscall subcommand (words after ``llmos``) sends: its help is that
 #: syscall's documentation.
 SYSCALL_OF: dict[str, str] = {
     "ping": "ping", "info": "info", "drivers": "drivers", "devices": "devices",
-    "stats": "stats", "jobs": "jobs", "models list": "models", "models import": "import",
-    "load": "load", "unload": "unload", "export": "export", "embed": "infer",
-    "classify": "infer", "job": "job", "cancel": "cancel", "renice": "renice",
+    "models list": "models", "models import": "import", "cancel": "cancel", "renice": "renice",
 }
 #: Words that ask a delegated command for its help instead of running it.
 HELP_FLAGS = ("-h", "--help")
@@ -294,11 +292,8 @@ def _show(args: argparse.Namespace, client: Client) -> ExitStatus:
         return ExitStatus.OK
     output = {
         "info": lambda: views.mapping("info", client.info()),
-        "stats": lambda: (views.monitor(client.stats(args.model, version=args.version))
-                          if args.model else views.mapping("stats", client.stats())),
         "drivers": lambda: views.drivers(client.drivers()),
         "devices": lambda: views.devices(client.devices()),
-        "jobs": lambda: views.jobs(client.jobs(owner=args.owner, finished=not args.running)),
     }[command]()
     render.show(output, args.json)
     return ExitStatus.OK
@@ -321,36 +316,13 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"priority": args.priority, "timeout": args.timeout}
 
 
-def _model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--version`` and the job options, which every command on a model version takes."""
-    return {"version": args.version, **_job_options(args)}
-
-
 def _work(args: argparse.Namespace, client: Client) -> ExitStatus:
-    command = args.command
-    if command == "load":
-        output = views.loaded(client.load(args.model, device=args.device,
-                                          driver=args.driver, precision=args.precision,
-                                          calibrate=args.calibrate, max_seqs=args.max_seqs,
-                                          prefix_cache_mb=args.prefix_cache_mb,
-                                          replicas=args.replicas, stages=args.stages, **_model_options(args)))
-    elif command == "unload":
-        output = views.unloaded(client.unload(args.model, device=args.device, **_model_options(args)))
-    elif command == "export":
-        output = views.exported(client.export(args.model, args.format, **_model_options(args)))
-    elif command in ("embed", "classify"):
-        if command == "embed":
-            output = views.embedded({"embeddings": client.embed(args.model, args.texts,
-                                                                **_model_options(args))})
-        else:
-            output = views.classified(args.texts, {"predictions": client.classify(
-                args.model, args.texts, **_model_options(args))})
-    elif command == "cancel":
+    """``cancel`` and ``renice`` (the shell's ``kill`` and ``nice``, by their syscalls'
+    names)."""
+    if args.command == "cancel":
         output = views.cancelled(client.cancel(args.id))
-    elif command == "renice":
+    else:
         output = views.reniced(client.renice(args.id, args.priority))
-    else:  # job
-        output = views.job(client.job(args.id))
     render.show(output, args.json)
     return ExitStatus.OK
 
@@ -372,12 +344,6 @@ class _Parser(argparse.ArgumentParser):
                                                f"{did_you_mean(str(value), choices)}")
         raise argparse.ArgumentError(action, f"invalid choice {value!r} (choose from "
                                              f"{', '.join(choices)}){did_you_mean(str(value), choices)}")
-
-
-def did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """``"; did you mean X?"`` naming the candidates closest to ``word``, or ``""``."""
-    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 #: The longest a command's line in ``llmos --help`` is made by :func:`summary`.
@@ -475,13 +441,6 @@ def _syscall_parser(sub: argparse._SubParsersAction, path: str) -> argparse.Argu
 def _add_syscall_commands(sub: argparse._SubParsersAction) -> None:
     for name in ("ping", "info", "drivers", "devices"):
         _syscall_parser(sub, name)
-    stats = _syscall_parser(sub, "stats")
-    stats.add_argument("model", nargs="?", help="a model name: its monitoring instead")
-    stats.add_argument("--version", type=int, help="the model's version (default: the serving one)")
-    jobs = _syscall_parser(sub, "jobs")
-    jobs.add_argument("--running", action="store_true", help="only unfinished jobs")
-    jobs.add_argument("--owner", help="only this client's jobs")
-
     models = sub.add_parser("models", help="List registry versions (`models list`, the "
                             "default) or import a model (`models import`)")
     msub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
@@ -491,46 +450,10 @@ def _add_syscall_commands(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--path", help="a local Hugging Face folder (safetensors)")
     imp.add_argument("--name", help="registry name (default: the source or folder name)")
     _add_job_options(imp)
-
-    for name in ("load", "unload"):
-        p = _syscall_parser(sub, name)
-        p.add_argument("model", help="a model name")
-        p.add_argument("--version", type=int, help="the model's version (default: the serving one)")
-        p.add_argument("--device", help="driver:device, e.g. torch:cpu")
-        if name == "load":
-            _add_load_options(p)
-        _add_job_options(p)
-    export = _syscall_parser(sub, "export")
-    export.add_argument("model", help="a model name")
-    export.add_argument("--to", dest="format", required=True, choices=("onnx", "openvino"))
-    export.add_argument("--version", type=int, help="the model's version (default: the serving one)")
-    _add_job_options(export)
-    for name in ("embed", "classify"):
-        p = _syscall_parser(sub, name)
-        p.add_argument("model", help="a model name")
-        p.add_argument("texts", nargs="+", metavar="TEXT", help="the texts, one a word")
-        p.add_argument("--version", type=int, help="the model's version (default: the serving one)")
-        _add_job_options(p)
-    for name in ("job", "cancel"):
-        _syscall_parser(sub, name).add_argument("id", type=int, help="a job id (`llmos jobs`)")
+    _syscall_parser(sub, "cancel").add_argument("id", type=int, help="a job id (`llmos ps`)")
     renice = _syscall_parser(sub, "renice")
-    renice.add_argument("id", type=int, help="a job id (`llmos jobs`)")
+    renice.add_argument("id", type=int, help="a job id (`llmos ps`)")
     renice.add_argument("priority", type=int, help="nice value, -20 (first) .. 19")
-
-
-def _add_load_options(parser: argparse.ArgumentParser) -> None:
-    """The options only ``load`` has."""
-    parser.add_argument("--driver", help="only this driver (default: every driver, autotuned)")
-    parser.add_argument("--precision", choices=("f32", "bf16", "int8"),
-                        help="the lowest precision allowed (bf16, int8: OpenVINO)")
-    parser.add_argument("--calibrate", metavar="DATASET|PATH",
-                        help="int8: texts to calibrate on (default: the training data)")
-    parser.add_argument("--replicas", type=int, help="N new hosts of one driver hold it")
-    parser.add_argument("--stages", type=int, help="split its layers across N hosts")
-    parser.add_argument("--max-seqs", type=int, help="generative models: most sequences "
-                        "in the running batch (default 16)")
-    parser.add_argument("--prefix-cache-mb", type=int, help="generative models: memory for "
-                        "shared prompt prefixes (default 64; 0: off)")
 
 
 #: What a shell parameter's kind takes, said in a delegated command's help.
@@ -565,12 +488,14 @@ def _add_delegated_commands(sub: argparse._SubParsersAction, registry: CommandRe
     for name in DELEGATED:
         command = registry.find(name)
         if command is not None:
-            _add_shell_command(sub, command)
+            _add_shell_command(sub, command, name)
 
 
-def _add_shell_command(sub: argparse._SubParsersAction, command: Command) -> None:
-    aliases = f" In the shell also: {', '.join(command.aliases)}." if command.aliases else ""
-    parser = sub.add_parser(command.name, help=summary(command.help), usage=_usage(command),
+def _add_shell_command(sub: argparse._SubParsersAction, command: Command, name: str) -> None:
+    """Subcommand ``name`` (the command's name or one of its aliases) with its help."""
+    others = [n for n in (command.name, *command.aliases) if n != name]
+    aliases = f" Also: {', '.join(others)}." if others else ""
+    parser = sub.add_parser(name, help=summary(command.help), usage=_usage(command, name),
                             description=command.help + aliases)
     for param in command.params:
         names = [param.flag] if param.option else [param.name]
@@ -587,10 +512,10 @@ def _add_shell_command(sub: argparse._SubParsersAction, command: Command) -> Non
 USAGE_CHARS = 79
 
 
-def _usage(command: Command) -> str:
-    """``llmos`` and ``command``'s usage, wrapped between its words' groups (``[--name
+def _usage(command: Command, name: str) -> str:
+    """``llmos NAME`` and ``command``'s usage, wrapped between its words' groups (``[--name
     VALUE]`` stays on one line)."""
-    groups = [f"llmos {command.name}", *(p.usage for p in command.positionals),
+    groups = [f"llmos {name}", *(p.usage for p in command.positionals),
               *(p.usage for p in command.options)]
     prefix = "usage: "
     text = textwrap.fill(" ".join(g.replace(" ", "\xa0") for g in groups), USAGE_CHARS,
@@ -699,6 +624,7 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> arg
             return parser.parse_args([*argv[:index], "help", argv[index]])
         args = parser.parse_args(argv[:index + 1])
         args.rest = rest
+        _check_words(argv[index], rest)
         return args
     args, extras = parser.parse_known_args(argv)
     if extras:
@@ -708,6 +634,19 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> arg
         chosen.error(f"unknown argument(s) {' '.join(extras)}"
                      f"{did_you_mean(flag, options) if flag else ''}")
     return args
+
+
+def _check_words(name: str, words: list[str]) -> None:
+    """A delegated command's words parsed as the shell will, before any kernel is asked:
+    KernelError(BAD_REQUEST) ``llmos NAME: ...`` for a mistake (with a suggestion for a
+    mistyped option)."""
+    command = _shell_commands().find(name)
+    if command is None:
+        return
+    try:
+        command.parse(words)
+    except KernelError as exc:
+        raise KernelError(exc.code, f"llmos {exc.message}") from None
 
 
 def _help(parser: argparse.ArgumentParser, topic: list[str]) -> ExitStatus:
@@ -758,6 +697,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     with Client(resolve_address(args)) as client:
         if args.command == "models":
             return _models(args, client)
-        if args.command in ("ping", "info", "drivers", "devices", "stats", "jobs"):
+        if args.command in ("ping", "info", "drivers", "devices"):
             return _show(args, client)
         return _work(args, client)

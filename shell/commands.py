@@ -13,8 +13,9 @@ prompt_toolkit, no rich.
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,7 +70,8 @@ class Param:
         """The word as this parameter's type; KernelError(BAD_REQUEST) if it is not one."""
         if self.choices and word not in self.choices:
             raise KernelError(ErrorCode.BAD_REQUEST, f"{command}: {self.name} must be one of "
-                              f"{', '.join(self.choices)}, got {word!r}")
+                              f"{', '.join(self.choices)}, got {word!r}"
+                              f"{did_you_mean(word, self.choices)}")
         try:
             if self.kind in ("int", "job"):
                 return int(word)
@@ -152,7 +154,8 @@ class Command:
                 flag, eq, value = word.partition("=")
                 param = self.option(flag)
                 if param is None:
-                    raise self.error(f"unknown option {flag}")
+                    raise self.error(f"unknown option {flag}"
+                                     f"{did_you_mean(flag, [p.flag for p in self.options])}")
                 if param.kind == "flag":
                     args[param.name] = True
                     continue
@@ -186,6 +189,12 @@ class Command:
             module, _, name = handler.partition(":")
             handler = getattr(importlib.import_module(module), name)
         return handler(context, self.parse(words))
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """``"; did you mean X?"`` naming the candidates closest to ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 class CommandRegistry:

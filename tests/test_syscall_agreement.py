@@ -25,13 +25,12 @@ CLIENT_METHODS = {"import": "import_model"}
 #: (syscall, fixed argument, its value, {argument: parameter that carries it}).
 CLIENT_SHORTHANDS = {"embed": ("infer", "task", "embed", {"inputs": "texts"}),
                      "classify": ("infer", "task", "classify", {"inputs": "texts"})}
-#: The ``llmos`` subcommand (words after ``llmos``) of each syscall it offers directly.
+#: The ``llmos`` subcommand (words after ``llmos``) of each syscall it offers directly (the
+#: others run the shell's command of the same name: cli.DELEGATED).
 CLI_SUBCOMMANDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "ping": (("ping",),), "info": (("info",),), "drivers": (("drivers",),),
-    "devices": (("devices",),), "stats": (("stats",),), "jobs": (("jobs",),),
-    "models": (("models", "list"),), "import": (("models", "import"),), "load": (("load",),),
-    "unload": (("unload",),), "export": (("export",),), "infer": (("embed",), ("classify",)),
-    "job": (("job",),), "cancel": (("cancel",),), "renice": (("renice",),),
+    "devices": (("devices",),), "models": (("models", "list"),),
+    "import": (("models", "import"),), "cancel": (("cancel",),), "renice": (("renice",),),
 }
 #: The shell command(s) of each syscall.
 SHELL_COMMANDS: dict[str, tuple[str, ...]] = {
@@ -54,10 +53,6 @@ EXCEPTIONS: dict[tuple[str, str, str], str] = {
                              "kernel's process to exit",
     ("cli", "noop", ""): "no subcommand: a probe for benchmarks (`ping` checks the kernel)",
     ("shell", "noop", ""): "no command: a probe for benchmarks (`ping` checks the kernel)",
-    ("cli", "jobs", "finished"): "--running, the inverse: `llmos jobs` lists finished jobs "
-                                 "too by default, as the syscall does",
-    ("cli", "infer", "task"): "the subcommand is the task (`llmos embed`, `llmos classify`)",
-    ("cli", "infer", "inputs"): "TEXT... (dest `texts`)",
     ("shell", "*", "version"): "MODEL[:VERSION]: the version rides on the model's name",
     ("shell", "infer", "task"): "the command is the task (`embed`, `classify`)",
     ("shell", "infer", "inputs"): "TEXT... or --file PATH (one text a line)",
@@ -89,7 +84,8 @@ def test_every_exception_names_a_real_syscall_and_argument():
 def test_every_syscall_has_a_client_method_cli_subcommand_and_shell_command():
     assert set(SHELL_COMMANDS) == {n for n in SYSCALLS if not excused("shell", n, "")}
     delegated = {"generate", "learn", "datasets", "train", "evaluate", "compress", "promote",
-                 "update", "rollback"}
+                 "update", "rollback", "load", "unload", "export", "infer", "jobs", "job",
+                 "stats"}
     for name in SYSCALLS:
         assert hasattr(Client, CLIENT_METHODS.get(name, name)), name
         in_cli = name in CLI_SUBCOMMANDS or excused("cli", name, "")

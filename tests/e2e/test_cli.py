@@ -25,7 +25,7 @@ def test_everyday_commands(minilm_kernel):
     assert any(m["model"] == "minilm" and m["loaded_on"] == ["torch:cpu"] for m in models)
     vectors = json.loads(llmos(*address, "--json", "embed", "minilm", "hello", "world").stdout)
     assert len(vectors["embeddings"]) == 2 and len(vectors["embeddings"][0]) == 384
-    jobs = json.loads(llmos(*address, "--json", "jobs").stdout)
+    jobs = json.loads(llmos(*address, "--json", "jobs", "--all").stdout)
     assert any(j["syscall"] == "infer" and j["state"] == "DONE" for j in jobs)
     assert "torch:cpu" in llmos(*address, "devices").stdout
 

@@ -85,7 +85,7 @@ def test_version(capsys):
     (["kernel", "strat"], "did you mean start"),
     (["help", "trian"], "did you mean train"),
     (["load", "minilm", "--devcie", "torch:cpu"], "did you mean --device"),
-    (["jobs", "--runing"], "did you mean --running?"),
+    (["jobs", "--owmer"], "did you mean --owner?"),
     (["load", "minilm", "--precision", "f16"], "did you mean bf16?"),
 ])
 def test_a_typo_is_one_error_line_with_a_suggestion(capsys, argv, suggestion):
