@@ -101,7 +101,8 @@ def test_parsing_follows_the_parameters(registry):
 
 @pytest.mark.parametrize("command, words, fragment", [
     ("load", [], "load: missing MODEL[:VERSION]; usage: load MODEL[:VERSION] [--device DEVICE]"),
-    ("load", ["m", "--devise", "x"], "load: unknown option --devise; did you mean --device or --driver?; usage: load"),
+    ("load", ["m", "--devise", "x"],
+     "load: unknown option --devise; did you mean --device or --driver?; usage: load"),
     ("load", ["m", "--device"], "load: --device needs a value"),
     ("load", ["m", "--precision", "f16"], "load: precision must be one of f32, bf16, int8, got 'f16'"),
     ("kill", ["twelve"], "kill: ID must be an integer, got 'twelve'"),
