@@ -47,8 +47,10 @@ TRAIN = {"model": "minilm", "data": "reviews", "name": "reviews", "limit": 3000,
          "max_tokens": 64}
 #: The last act: labelled drug reviews sent as feedback, and the update they train.
 FEEDBACK = 300
+#: The gate is paired with a 95% bound (plugins/gate.py): the old domain is the whole
+#: validation split, and 40% of the feedback is held out (120 reviews) so a real gain shows.
 UPDATE = {"model": "reviews", "method": "lora", "limit": FEEDBACK, "max_tokens": 64,
-          "eval_limit": 500, "params": {"epochs": 2.0}}
+          "holdout": 0.4, "params": {"epochs": 2.0}}
 NEW_REVIEWS = ["A moving, beautifully acted film that stays with you.",
                "A tedious mess with a script that goes nowhere.",
                "Funny, warm and surprisingly smart.",

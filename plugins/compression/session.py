@@ -14,6 +14,12 @@ ends, the progress carries the ``report`` (the parent's measurements, one entry 
 and the Pareto ``front`` of those within the quality gate) and the ``outputs``: the saved
 folder of each front member, for the kernel to import as a new version. Nothing else is
 kept.
+
+The quality gate (:func:`_gate`) pairs parent and result on the same validation rows and
+decides with a confidence bound (:mod:`llmos.plugins.gate`: Tango's paired score interval,
+95% by default): it passes when the whole interval of the accuracy drop is within
+``max_drop`` points, is rejected when the measured drop exceeds it, and is undecided (too
+few rows to tell; no version made) otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from llmos.contract.protocol import ErrorCode, KernelError
 from llmos.drivers.sessions import PhasedSession
 from llmos.kernel import datasets
+from llmos.plugins.gate import CONFIDENCE, METHOD, drop_at_most, paired_change
 
 from .candidate import GRAPH_FILES, Candidate, Predict, StepContext
 from .structure import load_compressed, needs_rebuild
@@ -65,6 +72,7 @@ class CompressSpec:
     #: Calibrate and recover on at most this many training rows (0: all): the rows the
     #: parent was trained on, so recovery sees no data the parent did not.
     train_limit: int = 0
+    confidence: float = CONFIDENCE  # of the quality gate's interval (two-sided)
 
 
 @dataclass(slots=True)
@@ -75,6 +83,8 @@ class _Measured:
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     #: The parent's latency measured alongside (alternating rounds), for the ratios.
     baseline_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Per validation row, whether it was answered right (the gate pairs the rows).
+    right: list[bool] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "parameters": self.parameters, "bytes": self.bytes,
@@ -175,7 +185,7 @@ class CompressionSession(PhasedSession):
                                   weight_bytes(output), parent_predict)
             entry["result"] = {**after.describe(), "form": candidate.form, "drivers": drivers}
             entry["baseline_ms"] = after.baseline_ms
-            entry.update(_gate(before, after, spec.max_drop))
+            entry.update(_gate(before, after, spec.max_drop, spec.confidence))
             self.report["candidates"].append(entry)
             if entry["gate"]["passed"]:
                 self.outputs[str(number)] = str(output)
@@ -194,14 +204,13 @@ class CompressionSession(PhasedSession):
                  targets: list[int], size: int, baseline: Predict | None = None) -> _Measured:
         """Accuracy on ``texts``, then latency at batch 1 and 32; with a ``baseline`` (the
         parent), its latency too, alternating with the candidate's round by round."""
-        correct = 0
+        right: list[bool] = []
         for start in range(0, len(texts), 64):
             feeds = candidate.feeds(texts[start:start + 64], self.spec.max_tokens)
             guesses = predict(feeds).argmax(-1)
-            correct += int(sum(int(g) == t for g, t in zip(guesses, targets[start:start + 64],
-                                                          strict=True)))
+            right += [int(g) == t for g, t in zip(guesses, targets[start:start + 64], strict=True)]
         parameters = sum(p.numel() for p in candidate.model.parameters())
-        measured = _Measured(correct / max(1, len(texts)), parameters, size)
+        measured = _Measured(sum(right) / max(1, len(texts)), parameters, size, right=right)
         runtime = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[candidate.form]
         mine: dict[str, float] = {}
         theirs: dict[str, float] = {}
@@ -220,22 +229,32 @@ class CompressionSession(PhasedSession):
         return measured
 
 
-def _gate(before: _Measured, after: _Measured, limit: float | None) -> dict[str, Any]:
-    """``drop`` (accuracy points), ``ratios`` against the parent, and the ``gate`` verdict."""
+def _gate(before: _Measured, after: _Measured, limit: float | None,
+          confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """``drop`` (accuracy points, measured), ``ratios`` against the parent, and the ``gate``:
+    ``decision`` (passed, rejected, undecided; with no ``limit``, passed), ``passed``,
+    ``reason``, ``max_drop``, and the paired comparison (rows, wins, losses, the drop's
+    ``interval`` in points at ``confidence``; see :mod:`llmos.plugins.gate`)."""
+    change = paired_change(before.right, after.right, confidence)
+    check = drop_at_most(change, 100.0 if limit is None else limit)
     drop = round((before.accuracy - after.accuracy) * 100, 3)
     result_ms = next(iter(after.latency_ms.values()))["1"]
     parent_ms = (after.baseline_ms or before.latency_ms)["torch"]["1"]
     ratios = {"size": round(before.bytes / max(1, after.bytes), 3),
               "speedup_batch1": round(parent_ms / result_ms, 3)}
+    paired = {key: check.report[key] for key in ("rows", "wins", "losses", "interval")}
+    gate: dict[str, Any] = {"max_drop": limit, "confidence": confidence, "method": METHOD, **paired}
     if limit is None:
-        gate = {"max_drop": None, "passed": True, "reason": "no gate asked"}
-    elif drop <= limit:
-        gate = {"max_drop": limit, "passed": True,
-                "reason": f"accuracy dropped {drop:.2f} points <= {limit:g}"}
+        gate.update(decision="passed", passed=True, reason="no gate asked")
+    elif check.decision == "rejected":  # the measured drop alone is too large
+        gate.update(decision="rejected", passed=False,
+                    reason=f"accuracy dropped {drop:.2f} points ({before.accuracy:.4f} -> "
+                           f"{after.accuracy:.4f}), more than the max drop {limit:g}: no version "
+                           "made")
     else:
-        gate = {"max_drop": limit, "passed": False,
-                "reason": f"accuracy dropped {drop:.2f} points ({before.accuracy:.4f} -> "
-                          f"{after.accuracy:.4f}), more than the max drop {limit:g}: no version made"}
+        gate.update(decision=check.decision, passed=check.decision == "passed",
+                    reason=check.reason + ("" if check.decision == "passed" else
+                                           ": no version made"))
     return {"drop": drop, "ratios": ratios, "gate": gate}
 
 

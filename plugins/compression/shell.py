@@ -15,7 +15,9 @@ from llmos.shell.commands import JobRequest, Output, ShellContext, Table
 from llmos.shell.handlers import split_handle
 
 Args = dict[str, Any]
-QUALITY = ("VERSION", "ACCURACY", "DROP", "MB", "SMALLER", "GATE")
+QUALITY = ("VERSION", "ACCURACY", "DROP", "DROP INTERVAL", "MB", "SMALLER", "GATE")
+#: The gate's decision as the quality table shows it.
+VERDICTS = {"passed": "pass", "rejected": "FAIL", "undecided": "undecided"}
 SPEED = ("VERSION", "RUNTIME", "BATCH 1 ms", "BATCH 32 ms", "SPEED-UP")
 
 
@@ -99,9 +101,11 @@ def compressed(result: dict[str, Any], plot: Path | None = None) -> Output:
         runtime, ms = next(iter(measured["latency_ms"].items()))
         parent = entry is None
         quality.append((label, f"{measured['accuracy']:.4f}",
-                        "-" if parent else f"{entry['drop']:.2f}", f"{measured['bytes'] / 1e6:.1f}",
+                        "-" if parent else f"{entry['drop']:.2f}",
+                        "-" if parent else _interval(entry["gate"]),
+                        f"{measured['bytes'] / 1e6:.1f}",
                         "1.00x" if parent else f"{entry['ratios']['size']:.2f}x",
-                        "parent" if parent else ("pass" if entry["gate"]["passed"] else "FAIL")))
+                        "parent" if parent else _verdict(entry["gate"])))
         speed.append((label, runtime, f"{ms['1']:.1f}", f"{ms['32']:.0f}",
                       "1.00x" if parent else f"{entry['ratios']['speedup_batch1']:.2f}x"))
         if parent:
@@ -122,6 +126,18 @@ def compressed(result: dict[str, Any], plot: Path | None = None) -> Output:
     return Output(data=result, text="\n".join(notes), tables=(
         Table("accuracy (validation) and size", QUALITY, tuple(quality)),
         Table("latency, 128 tokens (parent: PyTorch fp32 eager)", SPEED, tuple(speed))))
+
+
+def _verdict(gate: dict[str, Any]) -> str:
+    return VERDICTS[gate.get("decision", "passed" if gate["passed"] else "rejected")]
+
+
+def _interval(gate: dict[str, Any]) -> str:
+    """The drop's interval and its confidence (reports since the paired gate), else ``-``."""
+    if "interval" not in gate:
+        return "-"
+    low, high = gate["interval"]
+    return f"[{low:+.2f}, {high:+.2f}] {gate['confidence']:.0%}"
 
 
 def _step(step: dict[str, Any]) -> str:

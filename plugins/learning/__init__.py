@@ -61,8 +61,10 @@ _SHELL = "llmos.plugins.learning.shell:"
 COMMANDS: tuple[Command, ...] = (
     Command("update", "Learn from MODEL's feedback buffer (llmos learn): --method lora|online|"
             "finetune with --params KEY=VALUE,..., replaying old data and distilling from the "
-            "serving version; the candidate is gated (held-out feedback must improve, old data "
-            "may drop at most --max-drop points) and promoted, or kept as rejected.",
+            "serving version; the candidate is gated row by row against the serving version at 95% "
+            "confidence (held-out feedback must improve, old data may drop at most --max-drop "
+            "points; too few rows to tell: undecided) and promoted only when it passes, else kept "
+            "as a version that does not serve.",
             _SHELL + "update",
             (Param("model", "model", required=True, metavar="MODEL[:VERSION]"),
              Param("method", option=True, choices=tuple(spec.name for spec in METHODS)),

@@ -10,11 +10,18 @@ Every epoch mixes the training part of the feedback with ``replay`` rows drawn a
 the old training data (the rows the version was trained on); the loss is cross-entropy on
 the labels plus ``distill`` times the KL divergence from the current version's predictions
 on the replayed rows, which keeps the candidate's answers on the old domain near the
-current ones. Both domains are measured for current and candidate: the
-held-out feedback (the new domain) and the old data's validation split (the old domain).
-The gate passes when the new-domain accuracy rises and the old-domain accuracy falls by at
-most ``max_drop`` points. The candidate is saved either way: the kernel keeps a rejected
-one as a version that does not serve, with the reason.
+current ones. Both domains are measured for current and candidate, on the same rows: the
+held-out feedback (the new domain) and the old data's validation split (the old domain, all
+of it unless ``eval_limit`` is set), each with accuracy, macro-F1 and balanced accuracy
+beside the majority-class baseline of the same rows.
+
+The gate (:func:`gate`) compares the two versions row by row and decides with a confidence
+bound (:mod:`llmos.plugins.gate`: Tango's paired score interval, 95% by default). It passes
+when the old-domain drop is at most ``max_drop`` points across its whole interval and the
+held-out gain is above zero across its whole interval. It is rejected when a measured
+change fails its criterion, and undecided (too few rows to tell) otherwise. Only a passed
+candidate may be promoted. The candidate is saved whatever the decision: the kernel keeps
+one that did not pass as a version that does not serve, with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from llmos.drivers.sessions import PhasedSession
 from llmos.drivers.training import evaluate_texts
 from llmos.kernel import datasets
+from llmos.plugins.gate import (
+    CONFIDENCE,
+    METHOD,
+    combine,
+    drop_at_most,
+    gain_above_zero,
+    paired_change,
+)
 
 from .methods import Trainable
 
@@ -63,6 +78,7 @@ class UpdateSpec:
     seed: int = 0
     max_tokens: int = 128
     eval_limit: int = 0  # old-domain rows measured (0: the whole validation split)
+    confidence: float = CONFIDENCE  # of the gate's intervals (two-sided)
 
 
 def read_examples(path: str) -> tuple[list[str], list[str]]:
@@ -121,7 +137,7 @@ class UpdateSession(PhasedSession):
         domains = {"new": (held_texts, [label_ids[x] for x in held_labels]),
                    "old": (old_val, old_val_targets)}
         yield "measuring the current version"
-        before = self._measure(current, tokenizer, domains)
+        before, before_rows = self._measure(current, tokenizer, domains)
         yield "preparing the method"
         torch.manual_seed(spec.seed)
         trainable: Trainable = import_method(spec.method["qualname"])(
@@ -145,7 +161,7 @@ class UpdateSession(PhasedSession):
             yield f"training: step {self.step}/{self.total_steps}"
         yield "measuring the candidate"
         trainable.module.eval()
-        after = self._measure(trainable.module, tokenizer, domains)
+        after, after_rows = self._measure(trainable.module, tokenizer, domains)
         yield "saving"
         output = Path(spec.output)
         shutil.rmtree(output, ignore_errors=True)
@@ -156,9 +172,11 @@ class UpdateSession(PhasedSession):
             "method": spec.method["method"], "params": spec.method["params"],
             "replay": replay, "distill": spec.distill, "steps": self.step,
             "examples": {"train": len(fresh), "held_out": len(held_texts), "old": len(old_val)},
-            "current": before, "candidate": after,
+            "current": {domain: scores["accuracy"] for domain, scores in before.items()},
+            "candidate": {domain: scores["accuracy"] for domain, scores in after.items()},
+            "scores": {"current": before, "candidate": after},
             "seconds": round(time.perf_counter() - started, 1),
-            **gate(before, after, spec.max_drop)}
+            **gate(before_rows, after_rows, spec.max_drop, spec.confidence)}
 
     def _train_step(self, trainable: Trainable, optimizer: torch.optim.Optimizer,
                     tokenizer: Any, teacher: torch.nn.Module | None,
@@ -185,25 +203,66 @@ class UpdateSession(PhasedSession):
         self.step += 1
 
     def _measure(self, model: torch.nn.Module, tokenizer: Any,
-                 domains: dict[str, tuple[list[str], list[int]]]) -> dict[str, float]:
+                 domains: dict[str, tuple[list[str], list[int]]]
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[bool]]]:
+        """Per domain: the scores (accuracy, macro-F1, balanced accuracy, the majority-class
+        baseline, rows) and whether each row was answered right (for the paired gate)."""
         labels = len(model.config.id2label)
-        return {name: round(evaluate_texts(model, tokenizer, texts, targets, labels,
-                                           self.spec.max_tokens)["accuracy"], 4)
-                for name, (texts, targets) in domains.items()}
+        scores: dict[str, dict[str, Any]] = {}
+        right: dict[str, list[bool]] = {}
+        for name, (texts, targets) in domains.items():
+            recorder = _Recorder(model)
+            metrics = evaluate_texts(recorder, tokenizer, texts, targets, labels,
+                                     self.spec.max_tokens)
+            right[name] = recorder.right(targets, metrics["confusion"])
+            scores[name] = {key: round(metrics[key], 4)
+                            for key in ("accuracy", "macro_f1", "balanced_accuracy")}
+            scores[name]["majority_baseline"] = {
+                key: round(value, 4) for key, value in metrics["majority_baseline"].items()}
+            scores[name]["rows"] = metrics["rows"]
+        return scores, right
 
 
-def gate(before: dict[str, float], after: dict[str, float], max_drop: float) -> dict[str, Any]:
-    """``gain`` (new domain) and ``drop`` (old domain) in points, and the ``gate`` verdict."""
-    gain = round((after["new"] - before["new"]) * 100, 2)
-    drop = round((before["old"] - after["old"]) * 100, 2)
-    if gain <= 0:
-        passed, reason = False, (f"held-out feedback accuracy did not improve ({before['new']:.4f}"
-                                 f" -> {after['new']:.4f})")
-    elif drop > max_drop:
-        passed, reason = False, (f"old-domain accuracy fell {drop:.2f} points ({before['old']:.4f}"
-                                 f" -> {after['old']:.4f}), more than the max drop {max_drop:g}")
-    else:
-        passed, reason = True, (f"held-out feedback +{gain:.2f} points, old domain "
-                                f"{-drop:+.2f} points (max drop {max_drop:g})")
-    return {"gain": gain, "drop": drop, "gate": {"passed": passed, "reason": reason,
-                                                 "max_drop": max_drop}}
+class _Recorder(torch.nn.Module):
+    """A classifier that keeps each row's predicted class as ``evaluate_texts`` runs it (in
+    order, batch after batch), so the gate can pair the rows of two versions."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.predictions: list[int] = []
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        output = self.model(**batch)
+        self.predictions += torch.softmax(output.logits.float(), dim=-1).argmax(-1).tolist()
+        return output
+
+    def right(self, targets: list[int], confusion: list[list[int]]) -> list[bool]:
+        """Per row, whether the prediction was the target; checked against the confusion
+        matrix that ``evaluate_texts`` counted from its own predictions."""
+        counted = [[0] * len(confusion) for _ in confusion]
+        for truth, guess in zip(targets, self.predictions, strict=True):
+            counted[truth][guess] += 1
+        if counted != [list(map(int, row)) for row in confusion]:
+            raise RuntimeError("the recorded predictions differ from the evaluated ones")
+        return [truth == guess for truth, guess in zip(targets, self.predictions, strict=True)]
+
+
+def gate(current: dict[str, Sequence[bool]], candidate: dict[str, Sequence[bool]],
+         max_drop: float, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """The update gate on per-row correctness (``current["new"][i]``: the current version
+    answered held-out row ``i`` right; ``"old"``: the old domain's rows), the two versions
+    paired on the same rows. Returns ``gain`` (new domain) and ``drop`` (old domain), the
+    measured changes in points, and ``gate``: ``decision`` (passed, rejected or
+    undecided), ``passed``, ``reason``, ``max_drop``, ``confidence``, ``method`` and per
+    domain (``new``, ``old``) the rows, wins, losses, both accuracies, the change and its
+    interval in points (:mod:`llmos.plugins.gate`)."""
+    new = paired_change(current["new"], candidate["new"], confidence)
+    old = paired_change(current["old"], candidate["old"], confidence)
+    gained = gain_above_zero(new, "held-out feedback accuracy")
+    kept = drop_at_most(old, max_drop, "old-domain accuracy")
+    decision, reason = combine([gained, kept])
+    return {"gain": gained.report["gain"], "drop": kept.report["drop"],
+            "gate": {"decision": decision, "passed": decision == "passed", "reason": reason,
+                     "max_drop": max_drop, "confidence": confidence, "method": METHOD,
+                     "new": gained.report, "old": kept.report}}

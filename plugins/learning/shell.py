@@ -17,6 +17,10 @@ from llmos.shell.handlers import split_handle
 
 Args = dict[str, Any]
 COLUMNS = ("VERSION", "HELD-OUT FEEDBACK", "OLD DOMAIN")
+GATE_COLUMNS = ("MEASURE (POINTS)", "ROWS", "WON", "LOST", "MEASURED", "INTERVAL", "CONFIDENCE",
+                "TO PASS")
+SCORE_COLUMNS = ("VERSION", "ROWS OF", "ACCURACY", "MACRO-F1", "BALANCED", "MAJORITY ACC",
+                 "MAJORITY F1")
 
 
 def parse_params(text: str) -> dict[str, Any]:
@@ -45,18 +49,37 @@ def update(context: ShellContext, args: Args) -> JobRequest:
 
 def updated(result: dict[str, Any]) -> Output:
     report = result["report"]
+    gate = report["gate"]
     rows = ((result["parent"], report["current"]["new"], report["current"]["old"]),
             (result["model"], report["candidate"]["new"], report["candidate"]["old"]))
     examples = report["examples"]
-    verdict = "promoted" if result["promoted"] else ("passed (not promoted)" if result["passed"]
-                                                     else "rejected")
+    decision = gate.get("decision", "passed" if result["passed"] else "rejected")
+    verdict = "promoted" if result["promoted"] else {
+        "passed": "passed (not promoted)", "rejected": "rejected",
+        "undecided": "undecided (not promoted)"}[decision]
     text = (f"{result['model']} {verdict}: {result['reason']}\n"
             f"{report['method']} on {examples['train']} feedback examples + {report['replay']} "
             f"replayed per epoch, distill {report['distill']:g}, {report['steps']} steps, "
             f"{report['seconds']:.0f} s; measured on {examples['held_out']} held-out and "
             f"{examples['old']} old-domain rows")
-    return Output(data=result, text=text,
-                  tables=(Table("accuracy: current vs candidate", COLUMNS, rows),))
+    tables = [Table("accuracy: current vs candidate", COLUMNS, rows)]
+    if "new" in gate and "old" in gate:  # intervals (reports since the paired gate)
+        confidence = f"{gate['confidence']:.0%}"
+        tables.append(Table(
+            f"paired gate ({gate['method']})", GATE_COLUMNS,
+            tuple((label, part["rows"], part["wins"], part["losses"], part[key],
+                   f"[{part['interval'][0]:+.2f}, {part['interval'][1]:+.2f}]", confidence, limit)
+                  for label, part, key, limit in (
+                      ("held-out feedback: gain", gate["new"], "gain", "> 0"),
+                      ("old domain: drop", gate["old"], "drop", f"<= {gate['max_drop']:g}")))))
+    if "scores" in report:
+        tables.append(Table("scores beside the majority class (same rows)", SCORE_COLUMNS, tuple(
+            (handle, domain, scores["accuracy"], scores["macro_f1"], scores["balanced_accuracy"],
+             scores["majority_baseline"]["accuracy"], scores["majority_baseline"]["macro_f1"])
+            for handle, side in ((result["parent"], "current"), (result["model"], "candidate"))
+            for domain, scores in (("held-out feedback", report["scores"][side]["new"]),
+                                   ("old domain", report["scores"][side]["old"])))))
+    return Output(data=result, text=text, tables=tuple(tables))
 
 
 def rollback(context: ShellContext, args: Args) -> JobRequest:

@@ -103,6 +103,9 @@ def test_a_recipe_makes_a_gated_version_with_lineage_and_a_report(kernel):
             assert {"accuracy", "parameters", "bytes", "latency_ms"} <= set(measured)
             assert all(set(ms) == {"1", "32"} for ms in measured["latency_ms"].values())
         assert report["ratios"]["size"] > 3
+        gate = report["gate"]  # paired with the parent on the 30 validation rows
+        assert gate["decision"] == "passed" and gate["rows"] == 30
+        assert gate["interval"][0] <= report["drop"] <= gate["interval"][1] <= 100.0
         row = next(m for m in client.models() if m["model"] == "tiny-int8")
         assert row["parent"] == "tiny:1" and row["recipe"]["op"] == "compress"
         assert row["metrics"]["compression"]["drop"] == report["drop"]
@@ -111,6 +114,22 @@ def test_a_recipe_makes_a_gated_version_with_lineage_and_a_report(kernel):
         assert len(client.classify("tiny-int8", ["a lovely film"])) == 1
         assert progress and progress[-1]["done"] and progress[-1]["fraction"] == 1.0
         assert {"phase", "fraction"} <= set(progress[0])
+
+
+def test_too_few_rows_to_bound_the_drop_make_no_version(kernel):
+    """30 validation rows cannot bound a drop within 2 points (even a result that changes no
+    answer needs 189 rows at 95%): the gate is undecided and no version is made."""
+    process, data = kernel
+    before = versions(process)
+    with process.client() as client:
+        result = client.compress("tiny", [{"step": "prune", "sparsity": 0.01}], version=1,
+                                 path=str(data), max_drop=2.0, name="tiny-few")
+    gate = result["report"]["gate"]
+    assert result["model"] is None and not result["servable"]
+    assert gate["decision"] == "undecided" and not gate["passed"] and gate["rows"] == 30
+    assert gate["interval"][1] > 2.0 and gate["reason"].endswith("no version made")
+    assert "too few rows to decide" in gate["reason"]
+    assert versions(process) == before
 
 
 def test_promote_under_load_fails_no_request(kernel):

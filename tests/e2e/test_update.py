@@ -29,7 +29,6 @@ from llmos.kernel.testing import (
     classify_load,
     running_kernel,
 )
-from llmos.plugins.learning.session import gate
 from tests.conftest import short_home
 
 WORDS = {
@@ -52,16 +51,19 @@ def examples(domain: str, rows: int, seed: int) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelProcess]:
-    """A kernel with ``films:1``: a tiny classifier trained on the film domain, loaded."""
+    """A kernel with ``films:1``: a tiny classifier trained on 320 rows of the film domain,
+    loaded. The file has 4,000 rows, so that the gate measures the old domain on a
+    validation split of 400 (the paired bound needs 189 rows to pass even a candidate that
+    changes no film answer; see tests/plugins/test_gate.py)."""
     folder = tmp_path_factory.mktemp("update")
     data = folder / "films.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in examples("films", 400, 0)))
+    data.write_text("".join(json.dumps(row) + "\n" for row in examples("films", 4000, 0)))
     home = short_home()
     with running_kernel(home, "--devices", "torch:cpu") as kernel, kernel.client() as client:
         client.import_model(path=str(build_tiny_classifier(folder / "tiny", _minilm_path())),
                             name="tiny")
         trained = client.train("tiny", path=str(data), name="films", epochs=4.0, batch_size=16,
-                               learning_rate=3e-3, max_tokens=16)
+                               learning_rate=3e-3, max_tokens=16, limit=320)
         assert trained["metrics"]["test"]["accuracy"] >= 0.95  # it knows films
         client.load("films")
         yield kernel
@@ -81,15 +83,6 @@ def wait_until_serving(client, handle: str) -> None:
     raise AssertionError(f"{handle} never started serving")
 
 
-def test_gate_verdicts():
-    before = {"new": 0.5, "old": 0.9}
-    assert gate(before, {"new": 0.8, "old": 0.89}, 2.0)["gate"]["passed"]
-    assert not gate(before, {"new": 0.5, "old": 0.95}, 2.0)["gate"]["passed"]
-    forgot = gate(before, {"new": 0.9, "old": 0.85}, 2.0)
-    assert not forgot["gate"]["passed"] and forgot["drop"] == 5.0
-    assert "old-domain accuracy fell 5.00 points" in forgot["gate"]["reason"]
-
-
 def test_an_update_learns_the_new_domain_is_gated_and_promoted(kernel):
     with kernel.client() as client:
         client.learn("films", examples("medicine", 120, 1))
@@ -101,9 +94,20 @@ def test_an_update_learns_the_new_domain_is_gated_and_promoted(kernel):
             "targets": ["word_embeddings", "query", "key", "value", "dense"]})
         report = result["report"]
         assert result["passed"] and result["promoted"], result["reason"]
+        assert report["gate"]["decision"] == "passed"
         assert report["candidate"]["new"] > report["current"]["new"]
-        assert report["drop"] <= 2.0
-        assert report["examples"] == {"train": 96, "held_out": 24, "old": 40}
+        # paired on the same rows: the whole interval of the drop within 2 points, and of the
+        # held-out gain above 0
+        old, new = report["gate"]["old"], report["gate"]["new"]
+        assert old["interval"][0] <= report["drop"] <= old["interval"][1] <= 2.0
+        assert 0 < new["interval"][0] <= report["gain"] <= new["interval"][1]
+        assert (old["rows"], new["rows"]) == (400, 24)
+        assert report["examples"] == {"train": 96, "held_out": 24, "old": 400}
+        for side in ("current", "candidate"):  # scores beside the majority class, same rows
+            scores = report["scores"][side]["old"]
+            assert scores["accuracy"] == report[side]["old"] and scores["rows"] == 400
+            assert {"macro_f1", "balanced_accuracy"} <= set(scores)
+            assert set(scores["majority_baseline"]) == {"accuracy", "macro_f1", "balanced_accuracy"}
         wait_until_serving(client, result["model"])
         new = client.classify("films", ["this medicine was helpful after 3 days"])[0]
         version = next(m for m in client.models() if f"{m['model']}:{m['version']}"
@@ -133,6 +137,7 @@ def test_a_candidate_that_forgets_is_rejected_and_nothing_changes(kernel):
         result = client.update("films", method="finetune", replay=0, distill=0.0,
                                params={"learning_rate": 0.05, "epochs": 2.0}, limit=30)
         assert not result["passed"] and not result["promoted"]
+        assert result["report"]["gate"]["decision"] == "rejected"
         assert "old-domain accuracy fell" in result["reason"]
         assert result["report"]["drop"] > 2.0
         assert serving(client, "films") == before
@@ -216,6 +221,13 @@ def test_updates_start_on_their_own_and_too_little_feedback_is_refused(home, tmp
     assert first["owner"] == second["owner"] == client.name
     assert made[2]["recipe"]["feedback"]["examples"] == 12
     assert made[3]["recipe"]["feedback"]["examples"] == 22
+    # 64 film rows leave 6 for the old domain and 12 examples hold out 2: too few rows for
+    # the paired bound, so neither candidate is promoted, whatever it learned
+    for number in (2, 3):
+        gate = made[number]["metrics"]["learning"]["gate"]
+        assert gate["old"]["rows"] == 6 and gate["decision"] != "passed", gate
+        assert not made[number]["serving"]
+    assert made[1]["serving"]
 
 
 def wait_for_update(client, count: int) -> dict:
@@ -242,8 +254,10 @@ def test_llmos_update_and_rollback_from_the_command_line(kernel):
     with kernel.client() as client:  # the command reports the decision the registry records
         candidate = max((m for m in client.models() if m["model"] == "films"),
                         key=lambda m: m["version"])
-    passed = candidate["metrics"]["learning"]["gate"]["passed"]
-    assert ("passed (not promoted)" if passed else "rejected") in update.stdout
+    decision = candidate["metrics"]["learning"]["gate"]["decision"]
+    assert {"passed": "passed (not promoted)", "rejected": "rejected",
+            "undecided": "undecided (not promoted)"}[decision] in update.stdout
+    assert "paired gate" in update.stdout and "MAJORITY" in update.stdout
     bad = subprocess.run([*command, "rollback", "films:2"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "give MODEL" in bad.stderr
